@@ -1,0 +1,60 @@
+"""Flax models: the LLaMA decoder, the CLIP vision tower and LLaVA, with an explicit KV cache."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmspec_jax.models.config import (LlamaConfig, LlavaConfig, ModelConfig, VisionConfig,
+                                      model_type)
+from mmspec_jax.models.kv_cache import KVCache
+from mmspec_jax.models.llama import Llama
+from mmspec_jax.models.llava import Llava
+
+__all__ = ['KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
+           'VisionConfig', 'abstract_params', 'build', 'init_params', 'model_type',
+           'parameter_count', 'text_config']
+
+
+def build(config: ModelConfig) -> nn.Module:
+  """The Flax module for a config."""
+  if isinstance(config, LlavaConfig):
+    return Llava(config)
+  if isinstance(config, LlamaConfig):
+    return Llama(config)
+  raise TypeError(f'not a model config: {type(config).__name__}')
+
+
+def text_config(config: ModelConfig) -> LlamaConfig:
+  """The language model's config (what sizes the KV cache)."""
+  return config.text if isinstance(config, LlavaConfig) else config
+
+
+def _init_inputs(config: ModelConfig):
+  # The smallest inputs that touch every parameter: one image for LLaVA.
+  if isinstance(config, LlavaConfig):
+    size = config.vision.image_size
+    tokens = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
+    return (tokens, jnp.zeros((1, size, size, config.vision.num_channels), jnp.float32))
+  return (jnp.zeros((1, 1), jnp.int32),)
+
+
+def _init(config: ModelConfig, rng: jax.Array):
+  return build(config).init(rng, *_init_inputs(config))['params']
+
+
+def abstract_params(config: ModelConfig):
+  """Parameter shapes and dtypes (boxed with their logical axis names), allocating nothing."""
+  return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+  """Randomly initialized parameters (plain arrays)."""
+  return nn.unbox(jax.jit(_init, static_argnums=0)(config, rng))
+
+
+def parameter_count(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))

@@ -1,0 +1,119 @@
+"""Building blocks shared by the LLaMA decoder and the CLIP vision tower.
+
+Axis legend: B batch, T query length, S key length, N query heads, K kv heads, G query heads per
+kv head (N = K * G), H head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmspec_jax.models import axes
+from mmspec_jax.models.config import RopeScaling
+
+
+def partitioned(init: nn.initializers.Initializer, names: Sequence[str | None]):
+  """An initializer whose parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
+          use_bias=False, dtype, param_dtype, name: str) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+  `names` names every kernel axis: the contracted input axes first, then the output axes.
+  """
+  features = tuple(features) if isinstance(features, Sequence) else (features,)
+  bias_names = tuple(names[-len(features):])
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=partitioned(nn.initializers.normal(0.02), names),
+      bias_init=partitioned(nn.initializers.zeros_init(), bias_names), name=name)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA RMSNorm: variance in float32, normalize, cast back, then scale (as transformers)."""
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', partitioned(nn.initializers.ones_init(), (axes.NORM,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
+    return scale.astype(self.dtype) * normed
+
+
+def layer_norm(eps: float, dtype, param_dtype, name: str, axis_name: str) -> nn.LayerNorm:
+  """A LayerNorm (scale and bias) whose parameters carry a logical axis name."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=partitioned(nn.initializers.ones_init(), (axis_name,)),
+      bias_init=partitioned(nn.initializers.zeros_init(), (axis_name,)))
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+  """float32[H/2] inverse frequencies, computed in float32 as transformers does."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+  kind = scaling.rope_type
+  if kind == 'default':
+    return inv_freq
+  if kind == 'linear':
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+  if kind == 'llama3':
+    # transformers' _compute_llama3_parameters: keep high frequencies, divide low ones by
+    # `factor`, and interpolate smoothly between the two wavelength bands.
+    factor = scaling.factor
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f'unsupported rope_scaling type {kind!r}; supported: default, linear, llama3 '
+                   "('dynamic' rescales with the sequence length and is not supported)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotate-half RoPE (no q/k permutation), cos/sin in float32 as transformers.
+
+  x: [B, T, N, H]; positions: int32[B, T].
+  """
+  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  first, second = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return x * cos + rotated * sin
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+  """Grouped-query attention with scores and softmax in float32.
+
+  query: [B, T, N, H]; key, value: [B, S, K, H]; mask: bool[B, T, S] (True = attend) or None.
+  Returns [B, T, N, H].
+  """
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  grouped = query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  scores = jnp.einsum('btkgh,bskh->bkgts', grouped, key,
+                      preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)  # [B, K, G, T, S]
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, value)
+  return out.reshape(batch, length, num_heads, head_dim)

@@ -1,0 +1,191 @@
+"""The LLaMA-family decoder: the LLaVA language model and the language-only draft.
+
+Axis legend: B batch, T query length, S cache length, N query heads, K kv heads, H head dim,
+D model dim, F MLP dim, V vocabulary, L layers.
+
+Entry points (call with `model.apply(variables, ..., method=...)`):
+  __call__(tokens)                     full forward without a cache (training, reference)
+  embed(tokens) / decode(x, cache)     the pieces, for models that build their own embeddings
+  prefill(tokens, lengths, cache)      fill a cache from right-padded prompts, last-token logits
+  extend(tokens, cache)                append T tokens to every row, logits for each
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmspec_jax.models import axes
+from mmspec_jax.models.config import LlamaConfig, resolve_dtype
+from mmspec_jax.models.kv_cache import KVCache, attention_mask, write
+from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention,
+                                      partitioned, rope_inverse_frequencies)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv_cache):
+    """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S];
+    kv_cache: ([B, S, K, H], [B, S, K, H]) or None (then S = T and keys are this call's).
+    Returns ([B, T, D], the updated kv_cache or None)."""
+    cfg = self.config
+    dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype)
+    query = dense((cfg.num_heads, cfg.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
+                  name='q_proj', **kwargs)(x)  # [B, T, N, H]
+    key = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                name='k_proj', **kwargs)(x)  # [B, T, K, H]
+    value = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                  name='v_proj', **kwargs)(x)  # [B, T, K, H]
+    inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    query = apply_rope(query, positions, inv_freq)
+    key = apply_rope(key, positions, inv_freq)
+    query = nn.with_logical_constraint(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+
+    if kv_cache is not None:
+      key_cache, value_cache = kv_cache
+      key_cache = write(key_cache, key, positions)  # [B, S, K, H]
+      value_cache = write(value_cache, value, positions)
+      key, value = key_cache, value_cache
+      kv_cache = (key_cache, value_cache)
+
+    out = dot_product_attention(query, key, value, mask)  # [B, T, N, H]
+    out = dense(cfg.hidden_size, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
+                name='o_proj', **kwargs)(out)
+    return out, kv_cache
+
+
+class Mlp(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):  # [B, T, D] -> [B, T, D]
+    cfg = self.config
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    gate = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='gate_proj', **kwargs)(x)
+    up = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='up_proj', **kwargs)(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    return dense(cfg.hidden_size, (axes.MLP, axes.EMBED), name='down_proj', **kwargs)(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block; the scan carry is the residual stream, the scanned input the layer's cache."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, kv_cache, positions, mask):
+    cfg = self.config
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    activation_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+    normed = RMSNorm(cfg.rms_norm_eps, name='input_layernorm', **kwargs)(x)
+    attended, kv_cache = Attention(cfg, name='self_attn')(normed, positions, mask, kv_cache)
+    x = nn.with_logical_constraint(x + attended, activation_axes)
+    normed = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm', **kwargs)(x)
+    x = nn.with_logical_constraint(x + Mlp(cfg, name='mlp')(normed), activation_axes)
+    return x, kv_cache
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM."""
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, name='embed_tokens',
+        embedding_init=partitioned(nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
+        **kwargs)
+    self.norm = RMSNorm(cfg.rms_norm_eps, name='norm', **kwargs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), name='lm_head', **kwargs)
+    # One scanned layer stack: parameters get a leading [L] axis named `layers`, the cache is
+    # scanned over its leading layer axis (a None cache scans as an empty pytree), and XLA
+    # compiles the layer body once however deep the model.
+    stack = nn.scan(DecoderLayer, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+    self.layers = stack(cfg, name='layers')
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """int32[B, T] -> [B, T, D]."""
+    x = self.embed_tokens(tokens)
+    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[..., D] final-normed hidden states -> float32[..., V]."""
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return logits.astype(jnp.float32)
+
+  def decode(self, x: jax.Array, cache: KVCache | None = None, *,
+             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+             num_new_tokens: jax.Array | None = None):
+    """Runs the layers and final norm over input embeddings.
+
+    x: [B, T, D]. With a cache, the T tokens are appended at each row's length and attend to the
+    row's prefix; the returned cache's lengths grow by `num_new_tokens` (int32[B], default T).
+    Without a cache, attention is causal over this call's tokens, within `segment_ids` (int32[B, T],
+    packed sequences) when given; `positions` (int32[B, T]) default to 0..T-1.
+    Returns ([B, T, D] hidden states, the new cache or None).
+    """
+    batch, length = x.shape[:2]
+    if cache is not None:
+      positions = cache.lengths[:, None] + jnp.arange(length)[None, :]  # [B, T]
+      mask = attention_mask(positions, cache.max_length)  # [B, T, S]
+      kv = (cache.keys, cache.values)
+    else:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
+      causal = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, T, T]
+      if segment_ids is not None:
+        causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      mask = jnp.broadcast_to(causal, (batch, length, length))
+      kv = None
+    x, kv = self.layers(x, kv, positions, mask)
+    hidden = self.norm(x)
+    if cache is None:
+      return hidden, None
+    keys, values = kv
+    grown = length if num_new_tokens is None else num_new_tokens
+    new_cache = KVCache(
+        keys=nn.with_logical_constraint(keys, KVCache.logical_axes().keys),
+        values=nn.with_logical_constraint(values, KVCache.logical_axes().values),
+        lengths=cache.lengths + grown)
+    return hidden, new_cache
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None):
+    """Full forward. tokens: int32[B, T] -> float32[B, T, V]."""
+    hidden, _ = self.decode(self.embed(tokens), positions=positions, segment_ids=segment_ids)
+    return self.logits(hidden)
+
+  def extend(self, tokens: jax.Array, cache: KVCache):
+    """Appends tokens int32[B, T] to every row. Returns (float32[B, T, V], cache)."""
+    hidden, cache = self.decode(self.embed(tokens), cache)
+    return self.logits(hidden), cache
+
+  def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+    """Appends right-padded prompts: tokens int32[B, T], lengths int32[B] valid tokens per row.
+
+    Returns (float32[B, V] logits at each row's last prompt token, cache grown by `lengths`).
+    """
+    return prefill_from_embeddings(self, self.embed(tokens), lengths, cache)
+
+
+def prefill_from_embeddings(language_model: Llama, x: jax.Array, lengths: jax.Array,
+                            cache: KVCache):
+  """Prefill shared by the text-only and multimodal models.
+
+  x: [B, T, D] right-padded prompt embeddings; padding slots are written but lie past the row's
+  length, so they are never attended and are overwritten by the next extend.
+  Only the last prompt position goes through the LM head: [B, T, V] logits are never built.
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  hidden, cache = language_model.decode(x, cache, num_new_tokens=lengths)
+  last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  return language_model.logits(last), cache

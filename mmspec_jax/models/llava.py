@@ -1,0 +1,121 @@
+"""LLaVA-1.5: CLIP vision tower, MLP projector, LLaMA language model.
+
+Axis legend: B batch, M images per row, T text length, S cache length, P image tokens per image,
+D text model dim, V vocabulary.
+
+Entry points, in the style of big_vision's PaliGemma (`model.apply(..., method=...)`):
+  embed_image(images)                                  -> image features [B, M * P, D]
+  embed_image_and_text(tokens, images | image_features) -> input embeddings [B, T, D]
+  __call__(tokens, images)                             -> logits [B, T, V] (full forward)
+  prefill(tokens, lengths, cache, images | image_features) -> last logits [B, V], cache
+  extend(tokens, cache)                                -> logits [B, T, V], cache
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmspec_jax.models import axes
+from mmspec_jax.models.clip import ClipVisionTower
+from mmspec_jax.models.config import LlavaConfig, resolve_dtype
+from mmspec_jax.models.kv_cache import KVCache
+from mmspec_jax.models.layers import dense
+from mmspec_jax.models.llama import Llama, prefill_from_embeddings
+
+
+class MultimodalProjector(nn.Module):
+  """Vision features [..., Dv] -> text embeddings [..., D]: linear, exact GELU, linear (or linear)."""
+  config: LlavaConfig
+  output_size: int | None = None  # Defaults to the text model's width.
+
+  @nn.compact
+  def __call__(self, features):
+    cfg = self.config
+    if cfg.projector_hidden_act != 'gelu':
+      raise ValueError(f"unsupported projector_hidden_act {cfg.projector_hidden_act!r}; "
+                       "expected 'gelu'")
+    width = self.output_size or cfg.text.hidden_size
+    kwargs = dict(use_bias=cfg.projector_bias, dtype=resolve_dtype(cfg.text.dtype),
+                  param_dtype=resolve_dtype(cfg.text.param_dtype))
+    x = dense(width, (axes.VISION_EMBED, axes.EMBED), name='linear_1', **kwargs)(features)
+    if cfg.projector_type == 'mlp2x_gelu':
+      x = nn.gelu(x, approximate=False)
+      x = dense(width, (axes.MLP, axes.EMBED), name='linear_2', **kwargs)(x)
+    return x
+
+
+def merge_image_features(text_embeddings: jax.Array, image_features: jax.Array,
+                         is_image: jax.Array) -> jax.Array:
+  """Places image features at the image-placeholder positions, in order, row by row.
+
+  text_embeddings: [B, T, D]; image_features: [B, M * P, D]; is_image: bool[B, T].
+  The k-th placeholder of row b takes image_features[b, k] (transformers' masked_scatter order for
+  rows that each carry their own images). Rows without placeholders are unchanged.
+  """
+  feature_index = jnp.cumsum(is_image, axis=1) - 1  # [B, T]
+  feature_index = jnp.clip(feature_index, 0, image_features.shape[1] - 1)
+  gathered = jnp.take_along_axis(image_features, feature_index[:, :, None], axis=1)  # [B, T, D]
+  return jnp.where(is_image[:, :, None], gathered.astype(text_embeddings.dtype), text_embeddings)
+
+
+class Llava(nn.Module):
+  """LlavaForConditionalGeneration."""
+  config: LlavaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vision_tower = ClipVisionTower(
+        cfg.vision, num_layers_computed=cfg.num_vision_layers_computed,
+        drop_cls=cfg.vision_feature_select_strategy == 'default')
+    self.multi_modal_projector = MultimodalProjector(cfg)
+    self.language_model = Llama(cfg.text)
+
+  def embed_image(self, images: jax.Array) -> jax.Array:
+    """images float[B, H, W, 3] or float[B, M, H, W, 3] (preprocessed, channels last)
+    -> float[B, M * P, D] projected features, images of a row in order."""
+    if images.ndim == 4:
+      images = images[:, None]
+    batch, num_images = images.shape[:2]
+    features = self.vision_tower(images.reshape(batch * num_images, *images.shape[2:]))
+    features = self.multi_modal_projector(features)  # [B * M, P, D]
+    return features.reshape(batch, num_images * features.shape[1], features.shape[2])
+
+  def embed_image_and_text(self, tokens: jax.Array, images: jax.Array | None = None,
+                           image_features: jax.Array | None = None) -> jax.Array:
+    """tokens int32[B, T] with image placeholders -> embeddings [B, T, D].
+
+    Give `images`, or `image_features` from `embed_image` to reuse them (the adapter draft and
+    repeated prompts share one vision pass). Without either, placeholders are embedded as text.
+    """
+    if images is not None and image_features is not None:
+      raise ValueError('pass images or image_features, not both')
+    is_image = tokens == self.config.image_token_index  # [B, T]
+    # The placeholder id may lie outside the text vocabulary; never look it up.
+    text = self.language_model.embed(jnp.where(is_image, 0, tokens))
+    if images is not None:
+      image_features = self.embed_image(images)
+    if image_features is None:
+      return text
+    return merge_image_features(text, image_features, is_image)
+
+  def __call__(self, tokens: jax.Array, images: jax.Array | None = None, *,
+               image_features: jax.Array | None = None, positions=None, segment_ids=None):
+    """Full forward: tokens int32[B, T] (+ images) -> float32[B, T, V]."""
+    x = self.embed_image_and_text(tokens, images, image_features)
+    hidden, _ = self.language_model.decode(x, positions=positions, segment_ids=segment_ids)
+    return self.language_model.logits(hidden)
+
+  def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+              images: jax.Array | None = None, image_features: jax.Array | None = None):
+    """Right-padded prompts int32[B, T] with int32[B] valid lengths.
+
+    Returns (float32[B, V] logits at each row's last prompt token, cache grown by `lengths`).
+    """
+    x = self.embed_image_and_text(tokens, images, image_features)
+    return prefill_from_embeddings(self.language_model, x, lengths, cache)
+
+  def extend(self, tokens: jax.Array, cache: KVCache):
+    """Appends text tokens int32[B, T] to every row. Returns (float32[B, T, V], cache)."""
+    return self.language_model.extend(tokens, cache)
