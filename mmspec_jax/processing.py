@@ -63,7 +63,8 @@ def num_image_tokens_from_config(config: dict[str, Any]) -> int | None:
   return n + 1 if config.get('vision_feature_select_strategy', 'default') == 'full' else n
 
 
-def _num_image_tokens_from_processor(processor_config: dict[str, Any], image_processor) -> int | None:
+def _num_image_tokens_from_processor(processor_config: dict[str, Any],
+                                     image_processor) -> int | None:
   # LlavaProcessor's own formula, used when config.json lacks a vision_config.
   patch = processor_config.get('patch_size')
   if image_processor is None or not patch:
@@ -239,12 +240,9 @@ class MultimodalProcessor:
     if self.image_processor is None:
       raise ValueError('this processor has no image processor (the checkpoint directory has no '
                        'preprocessor_config.json or processor_config.json "image_processor")')
-    if isinstance(images, (list, tuple)):
-      items = list(images)
-    elif isinstance(images, np.ndarray) and images.ndim == 4:
-      items = list(images)
-    else:
-      items = [images]
+    batched = (isinstance(images, (list, tuple))
+               or (isinstance(images, np.ndarray) and images.ndim == 4))
+    items = list(images) if batched else [images]
     if not items:
       raise ValueError('preprocess_images needs at least one image')
     pixels = self.image_processor([load_image(x) for x in items],
@@ -258,7 +256,8 @@ class MultimodalProcessor:
     "USER: <image>\\n{question} ASSISTANT:" ("USER: {question} ASSISTANT:" without an image).
     """
     if self.chat_template is None:
-      return (FALLBACK_IMAGE_PROMPT if has_image else FALLBACK_TEXT_PROMPT).format(question=question)
+      template = FALLBACK_IMAGE_PROMPT if has_image else FALLBACK_TEXT_PROMPT
+      return template.format(question=question)
     content = ([{'type': 'image'}] if has_image else []) + [{'type': 'text', 'text': question}]
     return self.tokenizer.apply_chat_template(
         [{'role': 'user', 'content': content}], chat_template=self.chat_template,
@@ -274,8 +273,8 @@ class MultimodalProcessor:
     ids = self.tokenizer(text)['input_ids']
     count = 0 if self.image_token_index is None else ids.count(self.image_token_index)
     if num_images is not None and count != num_images:
-      raise ValueError(f'text contains {count} <image> placeholder(s) (id {self.image_token_index}) '
-                       f'but num_images={num_images}')
+      raise ValueError(f'text contains {count} <image> placeholder(s) '
+                       f'(id {self.image_token_index}) but num_images={num_images}')
     if count == 0:
       return [int(i) for i in ids]
     if not self.num_image_tokens:
@@ -283,10 +282,7 @@ class MultimodalProcessor:
                        'num_image_tokens= to from_pretrained (no vision_config in config.json)')
     out: list[int] = []
     for i in ids:
-      if i == self.image_token_index:
-        out.extend([int(i)] * self.num_image_tokens)
-      else:
-        out.append(int(i))
+      out.extend([int(i)] * (self.num_image_tokens if i == self.image_token_index else 1))
     return out
 
   def decode(self, token_ids) -> str:

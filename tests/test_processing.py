@@ -33,7 +33,8 @@ def make_tokenizer():
   """Word-level tokenizer: ids 0-4 are <unk> <s> </s> <pad> <image>; BOS prepended."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast
-  tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token='<unk>'))
+  vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
   tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                pre_tokenizers.Punctuation()])
   tok.decoder = decoders.WordPiece()  # Joins words with spaces.
@@ -77,6 +78,9 @@ def dirs(tmp_path_factory):
   legacy = root / 'legacy'
   make_tokenizer().save_pretrained(legacy)
   write_json(legacy / 'chat_template.json', {'chat_template': CUSTOM_TEMPLATE})
+  # Hub layout (llava-hf): a standalone preprocessor_config.json rather than a nested one.
+  image_processor.save_pretrained(legacy)
+  assert (legacy / 'preprocessor_config.json').exists()
   return {'llava': str(llava), 'llama': str(llama), 'custom': str(custom), 'legacy': str(legacy),
           'root': root}
 
@@ -132,6 +136,12 @@ def test_non_rgb_images_match_llava_processor(proc, hf_proc, mode):
   expected = hf_proc.image_processor([image], return_tensors='np')['pixel_values']
   np.testing.assert_array_equal(proc.preprocess_images(image),
                                 np.asarray(expected).transpose(0, 2, 3, 1))
+
+
+def test_preprocessor_config_json_layout(dirs, proc):
+  image = random_image(45, 31)
+  legacy = MultimodalProcessor.from_pretrained(dirs['legacy'])
+  np.testing.assert_array_equal(legacy.preprocess_images(image), proc.preprocess_images(image))
 
 
 def test_batch_of_images(proc):

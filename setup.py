@@ -1,0 +1,34 @@
+"""mmspec-jax: speculative decoding for multimodal LLMs (LLaVA-1.5) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='mmspec-jax',
+    version='0.1.0',
+    description='Speculative decoding for LLaVA-1.5 with small drafts, in JAX/Flax, for TPU and GPU',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mmspec_jax', 'mmspec_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.6',
+        'flax>=0.10',
+        'optax>=0.2',
+        'orbax-checkpoint>=0.11',
+        'transformers>=5.0',
+        'tokenizers>=0.21',
+        'safetensors>=0.5',
+        'tensorflow-datasets>=4.9',
+        'tensorflow-cpu>=2.18',
+        'ml-collections>=1.0',
+        'absl-py>=2.0',
+        'numpy>=1.26',
+        'pillow>=10.0',
+    ],
+    extras_require={
+        # The torch reference for parity tests. Pinned: an unpinned torch pulls a CUDA build.
+        'test': ['pytest>=8', 'torch==2.13.0'],
+        'tpu': ['jax[tpu]'],
+        'cuda': ['jax[cuda12]'],
+    },
+)

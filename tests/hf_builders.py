@@ -1,0 +1,101 @@
+"""Tiny random Hugging Face checkpoints, built with transformers in the test (never downloaded).
+
+Weights are redrawn larger than transformers' init (std 0.02) so that logits spread over several
+units and a 1e-4 comparison means something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+TEXT_VOCAB = 140  # Padded text vocabulary, larger than the ids any prompt uses (as 32064 > 32000).
+IMAGE_TOKEN = 130
+
+
+def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15):
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      noise = torch.randn(param.shape, generator=generator)
+      if 'norm' in name and name.endswith('weight'):
+        param.copy_(1.0 + 0.1 * noise)
+      elif 'embed' in name:
+        param.copy_(noise * 0.5)
+      else:
+        param.copy_(noise * std)
+  return model.eval()
+
+
+def llama_text_config(*, num_kv_heads=2, tied=False, vocab_size=TEXT_VOCAB, rope=None, **extra):
+  return transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=12,
+      max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+      rope_parameters=rope or {'rope_type': 'default', 'rope_theta': 10000.0}, **extra)
+
+
+def tiny_llama(seed=0, **kwargs) -> transformers.LlamaForCausalLM:
+  torch.manual_seed(seed)
+  return _randomize(transformers.LlamaForCausalLM(llama_text_config(**kwargs)), seed)
+
+
+def tiny_llava(seed=0, *, num_kv_heads=2, tied=False, feature_layer=-2, strategy='default'
+               ) -> transformers.LlavaForConditionalGeneration:
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+      image_size=28, patch_size=14, layer_norm_eps=1e-5, hidden_act='quick_gelu')
+  config = transformers.LlavaConfig(
+      vision_config=vision, text_config=llama_text_config(num_kv_heads=num_kv_heads, tied=tied),
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer,
+      vision_feature_select_strategy=strategy, projector_hidden_act='gelu',
+      tie_word_embeddings=tied)
+  torch.manual_seed(seed)
+  return _randomize(transformers.LlavaForConditionalGeneration(config), seed)
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: int):
+  names = sorted(tensors)
+  if num_shards == 1:
+    save_file({n: tensors[n].contiguous() for n in names}, os.path.join(out_dir,
+                                                                        'model.safetensors'))
+    return
+  weight_map = {}
+  for shard, chunk in enumerate(np.array_split(np.array(names), num_shards)):
+    file = f'model-{shard + 1:05d}-of-{num_shards:05d}.safetensors'
+    save_file({n: tensors[n].contiguous() for n in chunk}, os.path.join(out_dir, file))
+    weight_map.update({n: file for n in chunk})
+  with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+
+
+def save(model, out_dir: str, *, layout: str = 'legacy', num_shards: int = 1) -> str:
+  """Saves `model` with its config, in the on-disk `legacy` key layout (what save_pretrained
+  writes) or the `new` in-memory one, as one file or `num_shards` indexed shards."""
+  model.save_pretrained(out_dir)
+  legacy_path = os.path.join(out_dir, 'model.safetensors')
+  if layout == 'legacy':
+    tensors = load_file(legacy_path)
+  elif layout == 'new':
+    tensors = {k: v for k, v in model.state_dict().items()}
+    if model.config.get_text_config().tie_word_embeddings:
+      tensors.pop('lm_head.weight', None)
+  else:
+    raise ValueError(layout)
+  os.remove(legacy_path)
+  _write_shards(tensors, out_dir, num_shards)
+  return out_dir
+
+
+def llava_prompts(rng: np.random.RandomState, num_image_tokens: int, lengths=(3, 9)):
+  """Two prompts of different lengths, each with one image's placeholders after the BOS."""
+  rows = []
+  for text_length in lengths:
+    text = rng.randint(3, 120, size=text_length).tolist()
+    rows.append([1] + [IMAGE_TOKEN] * num_image_tokens + text)
+  return rows
