@@ -99,3 +99,17 @@ def llava_prompts(rng: np.random.RandomState, num_image_tokens: int, lengths=(3,
     text = rng.randint(3, 120, size=text_length).tolist()
     rows.append([1] + [IMAGE_TOKEN] * num_image_tokens + text)
   return rows
+
+
+def tiny_tokenizer():
+  """A word-level fast tokenizer: <unk> <s> </s> <pad> <image>, then a few words; BOS first."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = {t: i for i, t in enumerate(['<unk>', '<s>', '</s>', '<pad>', '<image>', 'hello',
+                                       'world'])}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A',
+                                                           special_tokens=[('<s>', 1)])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+      pad_token='<pad>', additional_special_tokens=['<image>'])

@@ -76,12 +76,17 @@ def test_export_round_trip_through_transformers(tied, tmp_path):
   config = presets.get('tiny_llama')
   config = type(config)(**{**config.__dict__, 'tie_word_embeddings': tied})
   params = jax.tree.map(lambda x: x * 5, init_params(config, jax.random.key(7)))  # Spread logits.
-  out = export_llama_to_hf(params, config, str(tmp_path / 'hf'))
+  tokenizer_dir = tmp_path / 'tokenizer'
+  hf_builders.tiny_tokenizer().save_pretrained(str(tokenizer_dir))
+  out = export_llama_to_hf(params, config, str(tmp_path / 'hf'), tokenizer_dir=str(tokenizer_dir))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  assert tokenizer('hello world').input_ids == [1, 5, 6]
   hf_model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
   with torch.no_grad():
     reference = hf_model(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
   ours = _logits(config, params)
   assert reference.std() > 0.5
+  assert hf_model.config.tie_word_embeddings == tied
   np.testing.assert_allclose(ours, reference, atol=TOLERANCE)
   # And back: the exported directory converts to the same parameters.
   _, params2 = load_model(out)

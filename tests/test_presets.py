@@ -49,3 +49,17 @@ def test_cache_is_sized_and_named_without_allocating():
 def test_unknown_preset_is_named():
   with pytest.raises(ValueError, match="unknown model preset 'llava_2'"):
     presets.get('llava_2')
+
+
+def test_single_linear_projector_variant():
+  import dataclasses
+  import numpy as np
+  from mmspec_jax.models import build, init_params
+  config = dataclasses.replace(presets.get('tiny_llava'), projector_type='linear')
+  params = init_params(config, jax.random.key(0))
+  assert set(params['multi_modal_projector']) == {'linear_1'}
+  size = config.vision.image_size
+  tokens = np.array([[1] + [config.image_token_index] * config.num_image_tokens + [5]])
+  logits = build(config).apply({'params': params}, tokens, np.ones((1, size, size, 3)))
+  assert logits.shape == (1, tokens.shape[1], config.text.vocab_size)
+  assert np.isfinite(np.asarray(logits)).all()

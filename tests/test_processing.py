@@ -225,3 +225,19 @@ def test_pad_batch(proc):
   np.testing.assert_array_equal(lengths, [2, 1])
   with pytest.raises(ValueError, match='pad_to=1'):
     pad_batch([[1, 2]], 0, pad_to=1)
+
+
+def test_converted_directory_keeps_everything_the_processor_needs(dirs, tmp_path):
+  """Conversion and export copy the non-weight files; the processor must load from the copy."""
+  from mmspec_jax.convert.loading import copy_tokenizer_files
+  for name in ('llava', 'llama'):
+    source = dirs[name]
+    copy = tmp_path / name
+    copy.mkdir()
+    copy_tokenizer_files(source, str(copy))
+    original, copied = (MultimodalProcessor.from_pretrained(d) for d in (source, str(copy)))
+    prompt = original.format_prompt('what is this ?', has_image=name == 'llava')
+    assert copied.format_prompt('what is this ?', has_image=name == 'llava') == prompt
+    num_images = 1 if name == 'llava' else 0
+    assert copied.encode(prompt, num_images=num_images) == original.encode(
+        prompt, num_images=num_images)
