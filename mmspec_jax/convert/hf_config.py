@@ -133,9 +133,6 @@ def config_from_hf_dir(hf_dir: str) -> ModelConfig:
   kind = read_model_type(hf_dir)
   hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
   if kind == 'llava':
-    if hf_config.projector_hidden_act != 'gelu':
-      raise ConversionError(f'unsupported projector_hidden_act {hf_config.projector_hidden_act!r}'
-                            "; expected 'gelu'")
     return llava_config_from_hf(hf_config)
   return llama_config_from_hf(hf_config)
 

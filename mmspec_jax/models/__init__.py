@@ -8,13 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models.config import (LlamaConfig, LlavaConfig, ModelConfig, VisionConfig,
-                                      model_type)
+from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConfig, ModelConfig,
+                                      VisionConfig, model_type)
+from mmspec_jax.models.draft import AdapterDraft
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.llama import Llama
 from mmspec_jax.models.llava import Llava
 
-__all__ = ['KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
+__all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
            'VisionConfig', 'abstract_params', 'build', 'init_params', 'model_type',
            'parameter_count', 'text_config']
 
@@ -25,12 +26,14 @@ def build(config: ModelConfig) -> nn.Module:
     return Llava(config)
   if isinstance(config, LlamaConfig):
     return Llama(config)
+  if isinstance(config, AdapterDraftConfig):
+    return AdapterDraft(config)
   raise TypeError(f'not a model config: {type(config).__name__}')
 
 
 def text_config(config: ModelConfig) -> LlamaConfig:
   """The language model's config (what sizes the KV cache)."""
-  return config.text if isinstance(config, LlavaConfig) else config
+  return config if isinstance(config, LlamaConfig) else config.text
 
 
 def _init_inputs(config: ModelConfig):
@@ -39,6 +42,9 @@ def _init_inputs(config: ModelConfig):
     size = config.vision.image_size
     tokens = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
     return (tokens, jnp.zeros((1, size, size, config.vision.num_channels), jnp.float32))
+  if isinstance(config, AdapterDraftConfig):
+    tokens = jnp.array([[1, config.image_token_index]], jnp.int32)
+    return (tokens, jnp.zeros((1, 1, config.vision_hidden_size), jnp.float32))
   return (jnp.zeros((1, 1), jnp.int32),)
 
 

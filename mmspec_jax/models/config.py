@@ -103,6 +103,9 @@ class LlavaConfig:
     if self.projector_type not in ('mlp2x_gelu', 'linear'):
       raise ValueError(f'unsupported projector_type {self.projector_type!r}; '
                        "expected 'mlp2x_gelu' or 'linear'")
+    if self.projector_hidden_act != 'gelu':
+      raise ValueError(f'unsupported projector_hidden_act {self.projector_hidden_act!r}; '
+                       "expected 'gelu'")
     if self.vision_feature_select_strategy not in ('default', 'full'):
       raise ValueError('unsupported vision_feature_select_strategy '
                        f"{self.vision_feature_select_strategy!r}; expected 'default' or 'full'")
@@ -128,11 +131,28 @@ class LlavaConfig:
     return self.vision.num_patches + extra
 
 
-ModelConfig = LlamaConfig | LlavaConfig
+@dataclasses.dataclass(frozen=True)
+class AdapterDraftConfig:
+  """The paper's "compact LLaVA" draft: a small LLaMA with its own projector (the adapter) over
+  the target's frozen vision features, which it shares rather than recomputes."""
+  text: LlamaConfig = LlamaConfig()
+  vision_hidden_size: int = 1024  # Width of the target's vision-tower features.
+  image_token_index: int = 32000
+  projector_type: str = 'mlp2x_gelu'
+  projector_bias: bool = True
+
+  def __post_init__(self):
+    if self.projector_type not in ('mlp2x_gelu', 'linear'):
+      raise ValueError(f'unsupported projector_type {self.projector_type!r}; '
+                       "expected 'mlp2x_gelu' or 'linear'")
+
+
+ModelConfig = LlamaConfig | LlavaConfig | AdapterDraftConfig
+_MODEL_TYPES = {LlamaConfig: 'llama', LlavaConfig: 'llava', AdapterDraftConfig: 'adapter_draft'}
 
 
 def model_type(config: ModelConfig) -> str:
-  return 'llava' if isinstance(config, LlavaConfig) else 'llama'
+  return _MODEL_TYPES[type(config)]
 
 
 def with_dtype(config: ModelConfig, dtype: str, param_dtype: str | None = None) -> ModelConfig:
@@ -143,6 +163,9 @@ def with_dtype(config: ModelConfig, dtype: str, param_dtype: str | None = None) 
         config,
         text=dataclasses.replace(config.text, dtype=dtype, param_dtype=param_dtype),
         vision=dataclasses.replace(config.vision, dtype=dtype, param_dtype=param_dtype))
+  if isinstance(config, AdapterDraftConfig):
+    return dataclasses.replace(
+        config, text=dataclasses.replace(config.text, dtype=dtype, param_dtype=param_dtype))
   return dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -170,4 +193,8 @@ def from_dict(fields: dict[str, Any]) -> ModelConfig:
     fields['text'] = _llama_from_dict(fields['text'])
     fields['vision'] = VisionConfig(**fields['vision'])
     return LlavaConfig(**fields)
-  raise ValueError(f"unsupported model_type {kind!r} in model config; expected 'llama' or 'llava'")
+  if kind == 'adapter_draft':
+    fields['text'] = _llama_from_dict(fields['text'])
+    return AdapterDraftConfig(**fields)
+  raise ValueError(f'unsupported model_type {kind!r} in model config; expected one of '
+                   f'{sorted(_MODEL_TYPES.values())}')

@@ -26,23 +26,24 @@ from mmspec_jax.models.llama import Llama, prefill_from_embeddings
 
 
 class MultimodalProjector(nn.Module):
-  """Vision features [..., Dv] -> text embeddings [..., D]: linear, exact GELU, linear (or linear)."""
-  config: LlavaConfig
-  output_size: int | None = None  # Defaults to the text model's width.
+  """Vision features [..., Dv] -> text embeddings [..., D]: linear, exact GELU, linear (or linear).
+
+  The LLaVA projector, and the adapter draft's own projector onto its smaller width.
+  """
+  width: int
+  projector_type: str = 'mlp2x_gelu'
+  use_bias: bool = True
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, features):
-    cfg = self.config
-    if cfg.projector_hidden_act != 'gelu':
-      raise ValueError(f"unsupported projector_hidden_act {cfg.projector_hidden_act!r}; "
-                       "expected 'gelu'")
-    width = self.output_size or cfg.text.hidden_size
-    kwargs = dict(use_bias=cfg.projector_bias, dtype=resolve_dtype(cfg.text.dtype),
-                  param_dtype=resolve_dtype(cfg.text.param_dtype))
-    x = dense(width, (axes.VISION_EMBED, axes.EMBED), name='linear_1', **kwargs)(features)
-    if cfg.projector_type == 'mlp2x_gelu':
-      x = nn.gelu(x, approximate=False)
-      x = dense(width, (axes.MLP, axes.EMBED), name='linear_2', **kwargs)(x)
+    kwargs = dict(use_bias=self.use_bias, dtype=resolve_dtype(self.dtype),
+                  param_dtype=resolve_dtype(self.param_dtype))
+    x = dense(self.width, (axes.VISION_EMBED, axes.EMBED), name='linear_1', **kwargs)(features)
+    if self.projector_type == 'mlp2x_gelu':
+      x = nn.gelu(x, approximate=False)  # torch's nn.GELU(): the exact erf form.
+      x = dense(self.width, (axes.MLP, axes.EMBED), name='linear_2', **kwargs)(x)
     return x
 
 
@@ -69,18 +70,30 @@ class Llava(nn.Module):
     self.vision_tower = ClipVisionTower(
         cfg.vision, num_layers_computed=cfg.num_vision_layers_computed,
         drop_cls=cfg.vision_feature_select_strategy == 'default')
-    self.multi_modal_projector = MultimodalProjector(cfg)
+    self.multi_modal_projector = MultimodalProjector(
+        cfg.text.hidden_size, cfg.projector_type, cfg.projector_bias, cfg.text.dtype,
+        cfg.text.param_dtype)
     self.language_model = Llama(cfg.text)
 
-  def embed_image(self, images: jax.Array) -> jax.Array:
+  def encode_image(self, images: jax.Array) -> jax.Array:
     """images float[B, H, W, 3] or float[B, M, H, W, 3] (preprocessed, channels last)
-    -> float[B, M * P, D] projected features, images of a row in order."""
+    -> float[B, M * P, Dv] vision-tower features, before projection, images of a row in order.
+
+    These are what the adapter draft consumes: computed once, shared by target and draft.
+    """
     if images.ndim == 4:
       images = images[:, None]
     batch, num_images = images.shape[:2]
     features = self.vision_tower(images.reshape(batch * num_images, *images.shape[2:]))
-    features = self.multi_modal_projector(features)  # [B * M, P, D]
     return features.reshape(batch, num_images * features.shape[1], features.shape[2])
+
+  def embed_image(self, images: jax.Array) -> jax.Array:
+    """images as `encode_image` -> float[B, M * P, D] projected features."""
+    return self.multi_modal_projector(self.encode_image(images))
+
+  def project(self, vision_features: jax.Array) -> jax.Array:
+    """[B, M * P, Dv] from `encode_image` -> [B, M * P, D]."""
+    return self.multi_modal_projector(vision_features)
 
   def embed_image_and_text(self, tokens: jax.Array, images: jax.Array | None = None,
                            image_features: jax.Array | None = None) -> jax.Array:

@@ -9,8 +9,8 @@ import dataclasses
 
 import ml_collections
 
-from mmspec_jax.models.config import (LlamaConfig, LlavaConfig, ModelConfig, VisionConfig,
-                                      from_dict, to_dict)
+from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConfig, ModelConfig,
+                                      VisionConfig, from_dict, to_dict)
 
 _VICUNA_7B = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
                          num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
@@ -20,6 +20,8 @@ _VICUNA_13B = LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=
                           max_position_embeddings=4096, pad_token_id=32001)
 _CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
                            image_size=336, patch_size=14)
+_DRAFT_115M = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=4,
+                          num_heads=8, num_kv_heads=8, head_dim=128, max_position_embeddings=4096)
 _TINY_TEXT = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
 
@@ -28,9 +30,9 @@ PRESETS: dict[str, ModelConfig] = {
     'llava_1_5_7b': LlavaConfig(text=_VICUNA_7B, vision=_CLIP_L_336),
     'llava_1_5_13b': LlavaConfig(text=_VICUNA_13B, vision=_CLIP_L_336),
     # The paper's 115M language-only draft: 4 layers, width 1024, LLaMA tokenizer, untied.
-    'draft_115m': LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                              num_layers=4, num_heads=8, num_kv_heads=8, head_dim=128,
-                              max_position_embeddings=4096),
+    'draft_115m': _DRAFT_115M,
+    # The paper's "compact LLaVA": the 115M draft with an adapter over CLIP-L features.
+    'draft_115m_adapter': AdapterDraftConfig(text=_DRAFT_115M, vision_hidden_size=1024),
     # Tiny CPU presets for tests and smoke runs.
     'tiny_llama': _TINY_TEXT,
     'tiny_llava': LlavaConfig(
@@ -38,6 +40,10 @@ PRESETS: dict[str, ModelConfig] = {
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                             image_size=56, patch_size=14),
         image_token_index=256),
+    'tiny_adapter_draft': AdapterDraftConfig(
+        text=LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512),
+        vision_hidden_size=32, image_token_index=256),
 }
 
 
