@@ -1,0 +1,278 @@
+"""Batched speculative decoding as one jitted `lax.while_loop`.
+
+Axis legend: B batch, T prompt length, G draft tokens per step (gamma), V target vocabulary,
+N output capacity (max_new_tokens + G + 1).
+
+Each step: the draft proposes G tokens autoregressively from its own cache; the target scores
+all G + 1 positions in one `extend`; every row accepts its own count n; both caches roll back, per
+row, to the accepted length (arithmetic on `lengths`). No host round trip until all rows finish.
+
+Cache invariant between steps, for a row whose context is c_0 .. c_{m-1}:
+  the target cache holds c_0 .. c_{m-2}: `last_token` = c_{m-1} is fed at the next verification;
+  the draft cache holds at least c_0 .. c_{m-3} and its length says exactly that: the next draft
+  call feeds [c_{m-2}, c_{m-1}] = [previous_token, last_token]. Re-feeding c_{m-2} rewrites an
+  identical entry when the draft already had it, and supplies it when all G drafts were accepted
+  (the last draft is never fed to the draft). So every draft call is fed the same way.
+
+With `num_draft_tokens == 0` and no draft the same loop is plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmspec_jax.decoding import acceptance
+from mmspec_jax.decoding.sampling import SamplingConfig, pad_vocabulary, probabilities, sample
+from mmspec_jax.models import AdapterDraft, KVCache, Llava, text_config
+
+
+@flax.struct.dataclass
+class DecodeState:
+  step: jax.Array  # int32[]
+  rng: jax.Array
+  tokens: jax.Array  # int32[B, N]: new tokens of each row
+  num_generated: jax.Array  # int32[B]
+  done: jax.Array  # bool[B]
+  previous_token: jax.Array  # int32[B]: c_{m-2}, re-fed to the draft
+  last_token: jax.Array  # int32[B]: c_{m-1}, in neither cache yet
+  target_cache: KVCache
+  draft_cache: KVCache | None
+  num_target_calls: jax.Array  # int32[B], the prefill included
+  accepted_by_position: jax.Array  # int32[B, G]: steps in which draft position i was accepted
+
+
+@flax.struct.dataclass
+class DecodeResult:
+  tokens: jax.Array  # int32[B, max_new_tokens]; entries past num_generated are 0
+  num_generated: jax.Array  # int32[B]
+  num_target_calls: jax.Array  # int32[B]: 1 prefill + verification steps
+  accepted_by_position: jax.Array  # int32[B, G]
+
+  @property
+  def num_accepted(self) -> jax.Array:
+    """int32[B]: draft tokens accepted in all."""
+    return self.accepted_by_position.sum(axis=1)
+
+
+def _draft_token(rng: jax.Array, draft_logits: jax.Array, sampling: SamplingConfig,
+                 vocab_size: int):
+  """A draft token and the exact distribution q it was drawn from (padded to the target's V)."""
+  return sample(rng, pad_vocabulary(draft_logits, vocab_size), sampling)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeDecoder:
+  """Static description of a decoding run; `generate` is its jitted program."""
+  target: nn.Module  # Llava or Llama
+  draft: nn.Module | None  # Llama (language-only), AdapterDraft, or None (autoregressive)
+  num_draft_tokens: int
+  sampling: SamplingConfig
+  max_new_tokens: int
+  eos_token_ids: tuple[int, ...]
+
+  def __post_init__(self):
+    if self.draft is None and self.num_draft_tokens != 0:
+      raise ValueError('num_draft_tokens must be 0 without a draft model')
+    if self.draft is not None and self.num_draft_tokens < 1:
+      raise ValueError(f'num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}')
+    if self.max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
+    if self.draft is not None:
+      draft_vocab = text_config(self.draft.config).vocab_size
+      if draft_vocab > self.vocab_size:
+        raise ValueError(f'the draft vocabulary ({draft_vocab}) is larger than the target\'s '
+                         f'({self.vocab_size})')
+
+  @property
+  def vocab_size(self) -> int:
+    return text_config(self.target.config).vocab_size
+
+  @property
+  def image_token_index(self) -> int | None:
+    return self.target.config.image_token_index if isinstance(self.target, Llava) else None
+
+  @functools.cached_property
+  def generate(self):
+    """jitted (target_params, draft_params, tokens int32[B, T], lengths int32[B],
+    images float32[B, H, W, 3] | None, rng) -> DecodeResult."""
+    return jax.jit(self._generate)
+
+  # --- prefill ---------------------------------------------------------------------------------
+
+  def _prefill_target(self, params, tokens, lengths, images, cache_length):
+    cache = KVCache.init(text_config(self.target.config), tokens.shape[0], cache_length)
+    variables = {'params': params}
+    if images is None or not isinstance(self.target, Llava):
+      return self.target.apply(variables, tokens, lengths, cache, method='prefill') + (None,)
+    vision_features = self.target.apply(variables, images, method=Llava.encode_image)
+    features = self.target.apply(variables, vision_features, method=Llava.project)
+    logits, cache = self.target.apply(variables, tokens, lengths, cache, image_features=features,
+                                      method=Llava.prefill)
+    return logits, cache, vision_features
+
+  def _draft_prompt(self, tokens, lengths):
+    """The language-only draft reads the text alone: image placeholders are removed."""
+    if self.image_token_index is None or isinstance(self.draft, AdapterDraft):
+      return tokens, lengths
+    is_image = (tokens == self.image_token_index) & (
+        jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    order = jnp.argsort(is_image, axis=1, stable=True)  # Text first, in order.
+    return jnp.take_along_axis(tokens, order, axis=1), lengths - is_image.sum(axis=1)
+
+  def _prefill_draft(self, params, tokens, lengths, vision_features, cache_length):
+    """Prefills all but the last prompt token (see the cache invariant)."""
+    tokens, lengths = self._draft_prompt(tokens, lengths)
+    cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length)
+    kwargs = {}
+    if isinstance(self.draft, AdapterDraft) and vision_features is not None:
+      kwargs['vision_features'] = vision_features
+    _, cache = self.draft.apply({'params': params}, tokens, lengths - 1, cache, method='prefill',
+                                **kwargs)
+    last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
+    return cache, last_prompt_token
+
+  # --- one step --------------------------------------------------------------------------------
+
+  def _propose(self, params, state: DecodeState, rng):
+    """G draft tokens int32[B, G], their distributions float32[B, G, V], the draft cache."""
+    variables = {'params': params}
+    rngs = jax.random.split(rng, self.num_draft_tokens)
+    first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
+    logits, cache = self.draft.apply(variables, first, state.draft_cache, method='extend')
+    token, probs = _draft_token(rngs[0], logits[:, -1], self.sampling, self.vocab_size)
+
+    def draft_one(carry, step_rng):
+      cache, token = carry
+      logits, cache = self.draft.apply(variables, token[:, None], cache, method='extend')
+      new_token, probs = _draft_token(step_rng, logits[:, -1], self.sampling, self.vocab_size)
+      return (cache, new_token), (new_token, probs)
+
+    (cache, _), (tokens, all_probs) = jax.lax.scan(draft_one, (cache, token), rngs[1:])
+    tokens = jnp.concatenate([token[:, None], tokens.T], axis=1)  # [B, G]
+    all_probs = jnp.concatenate([probs[:, None], all_probs.transpose(1, 0, 2)], axis=1)
+    return tokens, all_probs, cache
+
+  def _step(self, target_params, draft_params, state: DecodeState) -> DecodeState:
+    rng = jax.random.fold_in(state.rng, state.step)
+    draft_rng, accept_rng = jax.random.split(rng)
+    batch = state.last_token.shape[0]
+    gamma = self.num_draft_tokens
+    if gamma:
+      draft_tokens, draft_probs, draft_cache = self._propose(draft_params, state, draft_rng)
+    else:
+      draft_tokens = jnp.zeros((batch, 0), jnp.int32)
+      draft_probs = jnp.zeros((batch, 0, self.vocab_size), jnp.float32)
+      draft_cache = None
+
+    verify = jnp.concatenate([state.last_token[:, None], draft_tokens], axis=1)  # [B, G + 1]
+    target_logits, target_cache = self.target.apply({'params': target_params}, verify,
+                                                    state.target_cache, method='extend')
+    if self.sampling.greedy:
+      num_accepted, emitted = acceptance.greedy_accept(draft_tokens, target_logits)
+    else:
+      num_accepted, emitted = acceptance.speculative_accept(
+          accept_rng, draft_tokens, draft_probs, probabilities(target_logits, self.sampling))
+
+    active = ~state.done
+    count = self._kept_count(emitted, num_accepted + 1, state.num_generated)
+    count = jnp.where(active, count, 0)
+    tokens = _write_rows(state.tokens, emitted, state.num_generated, count)
+    num_generated = state.num_generated + count
+    hit_eos = jnp.any(self._is_eos(emitted) & (jnp.arange(gamma + 1)[None] < count[:, None]), 1)
+    done = state.done | hit_eos | (num_generated >= self.max_new_tokens)
+
+    # Roll both caches back to the accepted context: all but the newly emitted last token.
+    grown = jnp.where(active, num_accepted + 1, 0)
+    target_cache = target_cache.with_lengths(state.target_cache.lengths + grown)
+    if draft_cache is not None:
+      draft_cache = draft_cache.with_lengths(state.draft_cache.lengths + grown)
+    take = lambda i: jnp.take_along_axis(emitted, i[:, None], axis=1)[:, 0]
+    previous = jnp.where(num_accepted > 0, take(jnp.maximum(num_accepted - 1, 0)),
+                         state.last_token)
+    positions = jnp.arange(gamma)[None, :]
+    return DecodeState(
+        step=state.step + 1, rng=state.rng, tokens=tokens, num_generated=num_generated,
+        done=done,
+        previous_token=jnp.where(active, previous, state.previous_token),
+        last_token=jnp.where(active, take(num_accepted), state.last_token),
+        target_cache=target_cache, draft_cache=draft_cache,
+        num_target_calls=state.num_target_calls + active,
+        accepted_by_position=state.accepted_by_position
+        + (active[:, None] & (positions < num_accepted[:, None])))
+
+  def _is_eos(self, tokens):
+    return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
+
+  def _kept_count(self, emitted, count, num_generated):
+    """Tokens of this step a row keeps: up to and including its first EOS, within the budget."""
+    within = jnp.arange(emitted.shape[1])[None] < count[:, None]
+    eos = self._is_eos(emitted) & within
+    count = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1) + 1, count)
+    return jnp.minimum(count, self.max_new_tokens - num_generated)
+
+  # --- the program -----------------------------------------------------------------------------
+
+  def _generate(self, target_params, draft_params, tokens, lengths, images, rng):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    batch, prompt_length = tokens.shape
+    gamma = self.num_draft_tokens
+    # Room for the prompt, every new token and one step's overshoot past the budget.
+    cache_length = prompt_length + self.max_new_tokens + gamma + 1
+    prefill_rng, loop_rng = jax.random.split(rng)
+
+    logits, target_cache, vision_features = self._prefill_target(
+        target_params, tokens, lengths, images, cache_length)
+    first, _ = sample(prefill_rng, logits, self.sampling)  # [B]
+    draft_cache, previous = None, jnp.zeros_like(first)
+    if self.draft is not None:
+      draft_cache, previous = self._prefill_draft(draft_params, tokens, lengths, vision_features,
+                                                  cache_length)
+    capacity = self.max_new_tokens + gamma + 1
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32), rng=loop_rng,
+        tokens=jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first),
+        num_generated=jnp.ones((batch,), jnp.int32),
+        done=self._is_eos(first) | (self.max_new_tokens <= 1),
+        previous_token=previous, last_token=first,
+        target_cache=target_cache, draft_cache=draft_cache,
+        num_target_calls=jnp.ones((batch,), jnp.int32),
+        accepted_by_position=jnp.zeros((batch, gamma), jnp.int32))
+
+    state = jax.lax.while_loop(
+        lambda s: jnp.any(~s.done),
+        functools.partial(self._step, target_params, draft_params), state)
+    return DecodeResult(tokens=state.tokens[:, :self.max_new_tokens],
+                        num_generated=state.num_generated,
+                        num_target_calls=state.num_target_calls,
+                        accepted_by_position=state.accepted_by_position)
+
+
+def _write_rows(buffer, values, offsets, counts):
+  """buffer int32[B, N]; writes values[b, :counts[b]] at buffer[b, offsets[b]:]."""
+  width = values.shape[1]
+  columns = offsets[:, None] + jnp.arange(width)[None, :]
+  columns = jnp.where(jnp.arange(width)[None, :] < counts[:, None], columns, buffer.shape[1])
+  rows = jnp.arange(buffer.shape[0])[:, None]
+  return buffer.at[rows, columns].set(values, mode='drop')
+
+
+def check_request(target_config, lengths: np.ndarray, max_new_tokens: int):
+  """Host-side checks, with messages naming the row, before anything is compiled."""
+  text = text_config(target_config)
+  lengths = np.asarray(lengths)
+  if np.any(lengths < 1):
+    raise ValueError(f'empty prompt in row(s) {np.flatnonzero(lengths < 1).tolist()}')
+  too_long = np.flatnonzero(lengths + max_new_tokens > text.max_position_embeddings)
+  if too_long.size:
+    row = int(too_long[0])
+    raise ValueError(f'row {row}: prompt ({int(lengths[row])} tokens) + max_new_tokens '
+                     f'({max_new_tokens}) exceeds the target\'s {text.max_position_embeddings} '
+                     'positions')

@@ -1,0 +1,93 @@
+"""Run statistics: block efficiency, acceptance by draft position, MBSU, throughput.
+
+Block efficiency tau counts the tokens each verification step produces, the target's own
+correction or bonus token included (vLLM's and SGLang's "mean acceptance length"), so
+1 <= tau <= gamma + 1. The prefill's first token is left out of tau: it is not speculative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def expected_block_efficiency(acceptance_rate: float, num_draft_tokens: int) -> float:
+  """tau when each draft token is accepted independently with probability alpha."""
+  alpha, gamma = acceptance_rate, num_draft_tokens
+  if alpha == 1:
+    return gamma + 1.0
+  return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def memory_bound_speedup(block_efficiency: float, num_draft_tokens: int,
+                         draft_parameters: int, target_parameters: int) -> float:
+  """MBSU = tau / (c * gamma + 1), c = draft parameters / target parameters."""
+  cost_ratio = draft_parameters / target_parameters
+  return block_efficiency / (cost_ratio * num_draft_tokens + 1)
+
+
+@dataclasses.dataclass
+class RunStatistics:
+  num_rows: int
+  num_draft_tokens: int
+  new_tokens: int
+  target_calls: int  # prefills included
+  verification_steps: int
+  block_efficiency: float  # tau
+  acceptance_rate_by_position: list[float]  # P(draft position i accepted | reached)
+  accepted_per_step: float
+  mbsu: float | None
+  draft_parameters: int | None
+  target_parameters: int | None
+  decode_seconds: float | None = None
+  compile_seconds: float | None = None
+  tokens_per_second: float | None = None
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def summarize(num_generated, num_target_calls, accepted_by_position, *, num_draft_tokens: int,
+              draft_parameters: int | None = None, target_parameters: int | None = None,
+              decode_seconds: float | None = None, compile_seconds: float | None = None
+              ) -> RunStatistics:
+  """Statistics over rows: num_generated, num_target_calls int[R]; accepted_by_position int[R, G]."""
+  num_generated = np.asarray(num_generated, np.int64)
+  num_target_calls = np.asarray(num_target_calls, np.int64)
+  accepted = np.asarray(accepted_by_position, np.int64).reshape(len(num_generated), -1)
+  steps = int((num_target_calls - 1).sum())
+  speculative_tokens = int((num_generated - 1).sum())
+  tau = speculative_tokens / steps if steps else 1.0
+  # Position i is reached in a step only when positions 0..i-1 were accepted.
+  reached = np.concatenate([[steps], accepted.sum(0)[:-1]]) if accepted.shape[1] else np.zeros(0)
+  rates = [float(a / r) if r else 0.0 for a, r in zip(accepted.sum(0), reached)]
+  mbsu = None
+  if draft_parameters and target_parameters:
+    mbsu = memory_bound_speedup(tau, num_draft_tokens, draft_parameters, target_parameters)
+  new_tokens = int(num_generated.sum())
+  return RunStatistics(
+      num_rows=len(num_generated), num_draft_tokens=num_draft_tokens, new_tokens=new_tokens,
+      target_calls=int(num_target_calls.sum()), verification_steps=steps,
+      block_efficiency=tau, acceptance_rate_by_position=rates,
+      accepted_per_step=float(accepted.sum() / steps) if steps else 0.0, mbsu=mbsu,
+      draft_parameters=draft_parameters, target_parameters=target_parameters,
+      decode_seconds=decode_seconds, compile_seconds=compile_seconds,
+      tokens_per_second=new_tokens / decode_seconds if decode_seconds else None)
+
+
+def format_table(stats: RunStatistics) -> str:
+  """A human-readable summary block."""
+  lines = [
+      f'rows {stats.num_rows}  new tokens {stats.new_tokens}  target calls {stats.target_calls}',
+      f'gamma {stats.num_draft_tokens}  tau (block efficiency) {stats.block_efficiency:.3f}  '
+      f'accepted/step {stats.accepted_per_step:.3f}'
+      + (f'  MBSU {stats.mbsu:.3f}' if stats.mbsu is not None else ''),
+  ]
+  if stats.acceptance_rate_by_position:
+    rates = ' '.join(f'{r:.2f}' for r in stats.acceptance_rate_by_position)
+    lines.append(f'acceptance rate by draft position: {rates}')
+  if stats.tokens_per_second is not None:
+    lines.append(f'{stats.tokens_per_second:.1f} tokens/s over {stats.decode_seconds:.2f}s '
+                 f'(compile {stats.compile_seconds or 0:.2f}s, reported apart)')
+  return '\n'.join(lines)

@@ -1,0 +1,119 @@
+"""Greedy speculative decoding is token-identical to greedy autoregressive decoding."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import decoding_fixtures as fx
+import hf_builders
+from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.models import build, init_params, presets
+
+MAX_NEW_TOKENS = 24
+GREEDY = SamplingConfig()
+NO_EOS = (-1,)
+
+
+def _rows(result):
+  return [np.asarray(result.tokens)[b, :int(result.num_generated[b])].tolist()
+          for b in range(result.tokens.shape[0])]
+
+
+def _decode(target_config, target_params, draft=None, gamma=0, inputs=None, eos=NO_EOS,
+            max_new_tokens=MAX_NEW_TOKENS, sampling=GREEDY, seed=0):
+  draft_config, draft_params = draft or (None, None)
+  decoder = SpeculativeDecoder(build(target_config),
+                               build(draft_config) if draft_config else None, gamma, sampling,
+                               max_new_tokens, eos)
+  return decoder.generate(target_params, draft_params, *inputs, jax.random.key(seed))
+
+
+@pytest.fixture(scope='module')
+def setting():
+  target_config, target_params = fx.llava_target()
+  inputs = fx.ragged_batch(target_config)
+  autoregressive = _decode(target_config, target_params, inputs=inputs)
+  return target_config, target_params, inputs, autoregressive
+
+
+@pytest.mark.parametrize('gamma', [1, 3, 5])
+@pytest.mark.parametrize('kind', ['language', 'adapter'])
+def test_greedy_speculative_equals_autoregressive(setting, kind, gamma):
+  target_config, target_params, inputs, autoregressive = setting
+  make_draft = fx.language_draft if kind == 'language' else fx.adapter_draft
+  draft = make_draft(target_config, target_params)
+  result = _decode(target_config, target_params, draft, gamma, inputs)
+  assert _rows(result) == _rows(autoregressive)
+  # Both paths were exercised: some drafts accepted, some rejected.
+  steps = int((result.num_target_calls - 1).sum())
+  accepted = int(result.num_accepted.sum())
+  assert 0 < accepted < steps * gamma
+
+
+def test_rows_stop_at_their_own_eos(setting):
+  target_config, target_params, inputs, autoregressive = setting
+  rows = _rows(autoregressive)
+  eos = rows[0][4]
+  expected = [row[:row.index(eos) + 1] if eos in row else row for row in rows]
+  assert len(expected[0]) == rows[0].index(eos) + 1 and any(len(r) == MAX_NEW_TOKENS
+                                                            for r in expected)
+  draft = fx.adapter_draft(target_config, target_params)
+  result = _decode(target_config, target_params, draft, 3, inputs, eos=(eos,))
+  assert _rows(result) == expected
+  # Finished rows no longer change: nothing is written past a row's end.
+  for b, row in enumerate(expected):
+    assert not np.asarray(result.tokens)[b, len(row):].any()
+
+
+def test_max_new_tokens_is_respected_per_row(setting):
+  target_config, target_params, inputs, autoregressive = setting
+  draft = fx.adapter_draft(target_config, target_params)
+  result = _decode(target_config, target_params, draft, 5, inputs, max_new_tokens=7)
+  assert _rows(result) == [row[:7] for row in _rows(autoregressive)]
+
+
+@pytest.mark.parametrize('sampling', [GREEDY, SamplingConfig(temperature=1.0)])
+def test_identical_draft_accepts_everything(sampling):
+  config = presets.get('tiny_llama')
+  params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(3)))
+  gamma, steps = 4, 5
+  tokens = np.array([[1, 5, 9, 0], [1, 7, 3, 8]], np.int32)
+  lengths = np.array([3, 4], np.int32)
+  result = _decode(config, params, (config, params), gamma, (tokens, lengths, None),
+                   max_new_tokens=1 + steps * (gamma + 1), sampling=sampling)
+  np.testing.assert_array_equal(result.num_target_calls, 1 + steps)
+  tau = (np.asarray(result.num_generated) - 1) / (np.asarray(result.num_target_calls) - 1)
+  np.testing.assert_array_equal(tau, gamma + 1)
+  np.testing.assert_array_equal(result.accepted_by_position, steps)
+
+
+@pytest.fixture(scope='module')
+def hf_llava(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('hf_llava'))
+  model = hf_builders.tiny_llava(seed=5)
+  hf_builders.save(model, path)
+  return model, path
+
+
+def test_matches_transformers_generate(hf_llava):
+  hf_model, path = hf_llava
+  config, params = load_model(path)
+  rng = np.random.RandomState(4)
+  prompt = hf_builders.llava_prompts(rng, config.num_image_tokens, lengths=(6,))[0]
+  image = rng.randn(1, 3, 28, 28).astype(np.float32)
+  new_tokens = 12
+  with torch.no_grad():
+    generated = hf_model.generate(
+        input_ids=torch.tensor([prompt]), pixel_values=torch.tensor(image),
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+  expected = generated[0, len(prompt):].tolist()
+  inputs = (np.array([prompt], np.int32), np.array([len(prompt)], np.int32),
+            image.transpose(0, 2, 3, 1))
+  autoregressive = _decode(config, params, inputs=inputs, max_new_tokens=new_tokens)
+  assert _rows(autoregressive) == [expected]
+  draft = fx.language_draft(config, params)
+  speculative = _decode(config, params, draft, 3, inputs, max_new_tokens=new_tokens)
+  assert _rows(speculative) == [expected]

@@ -1,0 +1,167 @@
+"""Speculative sampling follows the target's distribution exactly.
+
+The empirical joint distribution of the first three generated tokens (the first from the prefill,
+the next two from a speculative step that drafts, accepts or rejects, resamples or adds a bonus)
+over 24,000 rows is compared with the target's exact joint distribution, computed from its
+logits, by a chi-square test. The same test rejects three planted biased samplers, so it has the
+power to catch them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from decoding_fixtures import perturb
+
+from mmspec_jax.decoding import acceptance, engine
+from mmspec_jax.decoding.sampling import (SamplingConfig, pad_vocabulary, probabilities,
+                                          processed_logits, sample)
+from mmspec_jax.decoding.statistics import expected_block_efficiency
+from mmspec_jax.models import Llama, LlamaConfig, build, init_params
+
+NUM_SAMPLES = 24_000
+VOCAB = 8
+GAMMA = 2
+PROMPT = [1, 5, 3]
+P_VALUE_FLOOR = 1e-3  # Seeds are fixed, so outcomes are deterministic; this is the bar they meet.
+
+CONFIG = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
+                     num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64,
+                     eos_token_id=None, bos_token_id=None)
+SAMPLINGS = {
+    'temperature': SamplingConfig(temperature=0.7),
+    'top_k': SamplingConfig(temperature=1.0, top_k=3),
+    'top_p': SamplingConfig(temperature=1.3, top_p=0.8),
+}
+
+
+@pytest.fixture(scope='module')
+def models():
+  # A draft near the target: it is accepted often enough that a biased sampler shows (a draft that
+  # is nearly always rejected hides most biases behind the residual resampling).
+  target = jax.tree.map(lambda x: x * 3, init_params(CONFIG, jax.random.key(10)))
+  return target, perturb(target, 3, 0.5)
+
+
+def exact_joint(target_params, sampling):
+  """float64[V, V, V]: P(t0, t1, t2) under the target, by enumerating every (t0, t1)."""
+  t0, t1 = np.meshgrid(np.arange(VOCAB), np.arange(VOCAB), indexing='ij')
+  sequences = np.concatenate([np.tile(PROMPT, (VOCAB * VOCAB, 1)), t0.reshape(-1, 1),
+                              t1.reshape(-1, 1)], axis=1).astype(np.int32)
+  logits = build(CONFIG).apply({'params': target_params}, sequences)  # [V*V, T, V]
+  probs = np.asarray(probabilities(logits[:, -3:], sampling), np.float64)
+  first = probs[0, 0]  # P(t0): the same prefix for every sequence.
+  second = probs[::VOCAB, 1]  # P(t1 | t0), rows indexed by t0.
+  third = probs[:, 2].reshape(VOCAB, VOCAB, VOCAB)  # P(t2 | t0, t1)
+  return first[:, None, None] * second[:, :, None] * third
+
+
+def sampled_joint(target_params, draft_params, sampling):
+  decoder = engine.SpeculativeDecoder(build(CONFIG), build(CONFIG), GAMMA, sampling,
+                                      max_new_tokens=3, eos_token_ids=(-1,))
+  tokens = np.tile(np.array(PROMPT, np.int32), (NUM_SAMPLES, 1))
+  lengths = np.full((NUM_SAMPLES,), len(PROMPT), np.int32)
+  result = decoder.generate(target_params, draft_params, tokens, lengths, None,
+                            jax.random.key(0))
+  generated = np.asarray(result.tokens)
+  assert (np.asarray(result.num_generated) == 3).all()
+  counts = np.zeros((VOCAB,) * 3)
+  np.add.at(counts, (generated[:, 0], generated[:, 1], generated[:, 2]), 1)
+  return counts, result
+
+
+def chi_square_p_value(counts, expected_probs):
+  expected = expected_probs.reshape(-1) / expected_probs.sum() * counts.sum()  # float32 rounding
+  observed = counts.reshape(-1)
+  assert observed[expected == 0].sum() == 0, 'sampled a token the target gives zero probability'
+  # Pool cells expected fewer than 5 times, as the test's approximation requires.
+  small = expected < 5
+  if expected[small].sum() > 0:
+    expected = np.append(expected[~small], expected[small].sum())
+    observed = np.append(observed[~small], observed[small].sum())
+  else:
+    expected, observed = expected[~small], observed[~small]
+  return stats.chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize('name', list(SAMPLINGS))
+def test_sampled_tokens_follow_the_target(models, name):
+  target_params, draft_params = models
+  sampling = SAMPLINGS[name]
+  counts, result = sampled_joint(target_params, draft_params, sampling)
+  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  print(f'{name}: p = {p_value:.3f}, accepted per row {float(result.num_accepted.mean()):.2f}')
+  assert p_value > P_VALUE_FLOOR
+  # The draft disagrees with the target often enough to exercise every path.
+  accepted = np.asarray(result.accepted_by_position)
+  assert 0.1 < accepted[:, 0].mean() < 0.9
+
+
+def _greedy_drafting_with_softmax_q(rng, draft_logits, sampling, vocab_size):
+  logits = pad_vocabulary(draft_logits, vocab_size)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), probabilities(logits, sampling)
+
+
+def _raw_logit_q(rng, draft_logits, sampling, vocab_size):
+  logits = pad_vocabulary(draft_logits, vocab_size)
+  token, _ = sample(rng, logits, sampling)
+  return token, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _batch_minimum(flags):
+  counts = jnp.sum(jnp.cumprod(flags.astype(jnp.int32), axis=1), axis=1)
+  return jnp.broadcast_to(counts.min(), counts.shape)
+
+
+@pytest.mark.parametrize('bug, name', [
+    ('greedy_draft', 'temperature'),
+    ('raw_logit_q', 'top_k'),
+    ('batch_minimum', 'temperature'),
+])
+def test_planted_biased_samplers_are_caught(models, monkeypatch, bug, name):
+  if bug == 'greedy_draft':
+    monkeypatch.setattr(engine, '_draft_token', _greedy_drafting_with_softmax_q)
+  elif bug == 'raw_logit_q':
+    monkeypatch.setattr(engine, '_draft_token', _raw_logit_q)
+  else:
+    monkeypatch.setattr(acceptance, 'leading_true_count', _batch_minimum)
+  # Equal decoders share jit's trace cache; drop it so the planted function is traced.
+  jax.clear_caches()
+  target_params, draft_params = models
+  sampling = SAMPLINGS[name]
+  counts, _ = sampled_joint(target_params, draft_params, sampling)
+  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  print(f'{bug}: p = {p_value:.2e}')
+  jax.clear_caches()  # Nothing traced with the planted bug may outlive this test.
+  assert p_value < P_VALUE_FLOOR
+
+
+def test_expected_block_efficiency_with_known_acceptance():
+  """Synthetic p and q at every position: alpha = sum(min(p, q)) is each token's acceptance
+  probability, so the mean tokens per step must be (1 - alpha^(G+1)) / (1 - alpha), and the
+  emitted first token must follow p."""
+  rows, gamma = 60_000, 4
+  p = jnp.array([0.5, 0.2, 0.2, 0.1])
+  q = jnp.array([0.25, 0.25, 0.25, 0.25])
+  alpha = float(jnp.minimum(p, q).sum())
+  draft_rng, accept_rng = jax.random.split(jax.random.key(5))
+  draft_tokens = jax.random.categorical(draft_rng, jnp.log(q), shape=(rows, gamma))
+  num_accepted, emitted = acceptance.speculative_accept(
+      accept_rng, draft_tokens.astype(jnp.int32), jnp.broadcast_to(q, (rows, gamma, 4)),
+      jnp.broadcast_to(p, (rows, gamma + 1, 4)))
+  tokens_per_step = np.asarray(num_accepted + 1, np.float64)
+  expected = expected_block_efficiency(alpha, gamma)
+  assert abs(tokens_per_step.mean() - expected) < 4 * tokens_per_step.std() / np.sqrt(rows)
+  first = np.bincount(np.asarray(emitted[:, 0]), minlength=4)
+  assert chi_square_p_value(first, np.asarray(p, np.float64)) > P_VALUE_FLOOR
+
+
+def test_top_k_and_top_p_filter_as_documented():
+  logits = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1]))
+  kept = lambda s: np.isfinite(np.asarray(processed_logits(logits, s)))
+  np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_k=2)), [1, 1, 0, 0])
+  np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.65)), [1, 1, 0, 0])
+  np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.75)), [1, 1, 1, 0])
+  np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.3)), [1, 0, 0, 0])
