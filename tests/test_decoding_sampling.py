@@ -165,3 +165,37 @@ def test_top_k_and_top_p_filter_as_documented():
   np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.65)), [1, 1, 0, 0])
   np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.75)), [1, 1, 1, 0])
   np.testing.assert_array_equal(kept(SamplingConfig(1.0, top_p=0.3)), [1, 0, 0, 0])
+
+
+def test_smaller_draft_vocabulary_never_drafts_missing_ids():
+  draft_logits = jnp.array([[2.0, 1.0, 0.5], [0.1, 0.2, 0.3]])  # Vd = 3
+  padded = pad_vocabulary(draft_logits, 5)
+  probs = np.asarray(probabilities(padded, SamplingConfig(temperature=1.0)))
+  assert probs.shape == (2, 5) and (probs[:, 3:] == 0).all()
+  np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-6)
+  tokens, _ = sample(jax.random.key(0), jnp.tile(padded, (500, 1)), SamplingConfig(1.0))
+  assert int(tokens.max()) < 3
+  with pytest.raises(ValueError, match='larger than the target'):
+    pad_vocabulary(draft_logits, 2)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(temperature=-0.1), 'temperature must be >= 0'),
+    (dict(top_p=0.0), r'top_p must be in \(0, 1\]'),
+    (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
+    (dict(top_k=-1), 'top_k must be an integer >= 0'),
+])
+def test_bad_sampling_settings_are_refused(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    SamplingConfig(**kwargs)
+
+
+def test_bad_decoder_settings_are_refused():
+  model = build(CONFIG)
+  with pytest.raises(ValueError, match='gamma'):
+    engine.SpeculativeDecoder(model, model, 0, SamplingConfig(), 4, (2,))
+  with pytest.raises(ValueError, match='max_new_tokens'):
+    engine.SpeculativeDecoder(model, None, 0, SamplingConfig(), 0, (2,))
+  bigger = build(LlamaConfig(**{**CONFIG.__dict__, 'vocab_size': VOCAB + 1}))
+  with pytest.raises(ValueError, match='draft vocabulary'):
+    engine.SpeculativeDecoder(model, bigger, 2, SamplingConfig(), 4, (2,))
