@@ -25,8 +25,8 @@ FALLBACK_IMAGE_PROMPT = 'USER: <image>\n{question} ASSISTANT:'
 FALLBACK_TEXT_PROMPT = 'USER: {question} ASSISTANT:'
 
 # Any one of these means "a tokenizer lives here" (fast json, sentencepiece, or BPE/WordPiece).
-_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'vocab.json',
-                    'vocab.txt')
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json', 'vocab.json',
+                   'vocab.txt')
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -181,8 +181,8 @@ class MultimodalProcessor:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
       raise ValueError(f'checkpoint directory not found: {directory!r}')
-    if not any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
-      raise ValueError(f'no tokenizer files in {directory!r}: expected one of {_TOKENIZER_FILES}')
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+      raise ValueError(f'no tokenizer files in {directory!r}: expected one of {TOKENIZER_FILES}')
     try:
       tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

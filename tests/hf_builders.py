@@ -113,3 +113,57 @@ def tiny_tokenizer():
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
       pad_token='<pad>', additional_special_tokens=['<image>'])
+
+
+# The LLaVA-1.5 chat template llava-hf ships (chat_template.json).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def word_tokenizer(*, swap: tuple[int, int] | None = None):
+  """A word-level fast tokenizer filling ids 0..IMAGE_TOKEN: <unk> <s> </s> <pad>, the chat
+  template's words, w6 .. w129, then <image> at IMAGE_TOKEN, so it fits the tiny models' text
+  vocabulary. `swap=(i, j)` exchanges the words at two ids (an incompatible tokenizer)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  words = ['<unk>', '<s>', '</s>', '<pad>', 'USER:', 'ASSISTANT:']
+  words += [f'w{i}' for i in range(len(words), IMAGE_TOKEN)] + ['<image>']
+  if swap is not None:
+    i, j = swap
+    words[i], words[j] = words[j], words[i]
+  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<unk>'))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer.decoder = decoders.WordPiece()  # Joins words with spaces.
+  tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A',
+                                                           special_tokens=[('<s>', 1)])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+      pad_token='<pad>', additional_special_tokens=['<image>'])
+
+
+def save_llava_processor(tokenizer, out_dir: str):
+  """A LlavaProcessor for tiny_llava (28x28 images, 4 image tokens) with the chat template."""
+  image_processor = transformers.CLIPImageProcessorPil(size={'shortest_edge': 28},
+                                                       crop_size={'height': 28, 'width': 28})
+  transformers.LlavaProcessor(
+      image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+      vision_feature_select_strategy='default', num_additional_image_tokens=1,
+      chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(out_dir)
+
+
+def llama_from_llava(llava) -> transformers.LlamaForCausalLM:
+  """A LlamaForCausalLM with a LLaVA's language model weights: a text-only draft that agrees
+  with the target whenever the prompt has no image."""
+  model = transformers.LlamaForCausalLM(llava.config.text_config)
+  state = {'lm_head.weight': llava.lm_head.weight}
+  state.update({f'model.{k}': v for k, v in llava.model.language_model.state_dict().items()})
+  model.load_state_dict(state)
+  return model.eval()

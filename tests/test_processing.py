@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hf_builders import LLAVA_CHAT_TEMPLATE
 from mmspec_jax.processing import MultimodalProcessor, num_image_tokens_from_config, pad_batch
 
 IMAGE_ID = 4
 SPECIALS = ['<unk>', '<s>', '</s>', '<pad>', '<image>']
 WORDS = ['USER', ':', 'ASSISTANT', 'what', 'is', 'this', '?', 'and', 'that', 'hello', 'world', '.']
-# The chat template llava-hf/llava-1.5-7b-hf ships (chat_template.json).
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+LLAVA_TEMPLATE = LLAVA_CHAT_TEMPLATE  # What llava-hf/llava-1.5-7b-hf ships.
 CUSTOM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}"
                    "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}"
                    "{% endfor %}{% endfor %}{% if add_generation_prompt %} [bot]{% endif %}")

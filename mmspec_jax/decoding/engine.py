@@ -204,8 +204,9 @@ class SpeculativeDecoder:
         last_token=jnp.where(active, take(num_accepted), state.last_token),
         target_cache=target_cache, draft_cache=draft_cache,
         num_target_calls=state.num_target_calls + active,
+        # Accepted drafts that the row keeps: EOS or the budget may cut a step short.
         accepted_by_position=state.accepted_by_position
-        + (active[:, None] & (positions < num_accepted[:, None])))
+        + (positions < jnp.minimum(num_accepted, count)[:, None]))
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))

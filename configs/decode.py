@@ -1,0 +1,46 @@
+r"""python decode.py --config=configs/decode.py --config.target=DIR [--config.draft=DIR] \
+    --config.prompts=IN.jsonl --config.output=OUT.jsonl [--config.num_draft_tokens=5] \
+    [--config.temperature=0.0] [--config.top_k=0] [--config.top_p=1.0] \
+    [--config.max_new_tokens=128] [--config.batch_size=8] [--config.seed=0]
+
+Speculative (or, without a draft, plain autoregressive) decoding of a JSONL file of prompts.
+Input lines: {"id": ..., "prompt": "...", "image": "path"} or {"id": ..., "input_ids": [...],
+"image": "path"}; "image" is optional. Writes OUT.jsonl (one line per input line, in input order)
+and OUT.summary.json (run statistics), and prints the statistics table.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  # Target model: a Hugging Face LLaVA/LLaMA directory or a converted one (mmspec_config.json).
+  config.target = ''
+  # Draft model directory (LLaMA or adapter draft, HF or converted); '' = plain autoregressive.
+  config.draft = ''
+  # Draft tokens proposed per verification step (gamma); must be >= 1 when a draft is given.
+  config.num_draft_tokens = 5
+  # Sampling temperature; 0 = greedy (argmax).
+  config.temperature = 0.0
+  # Keep only the k most likely tokens before sampling; 0 = off.
+  config.top_k = 0
+  # Nucleus sampling mass in (0, 1]; 1 = off.
+  config.top_p = 1.0
+  # Tokens generated per prompt at most (EOS stops a row earlier).
+  config.max_new_tokens = 128
+  # Rows decoded together; the last batch is padded with copies of its first row.
+  config.batch_size = 8
+  # Base PRNG seed; batch i decodes with fold_in(key(seed), i).
+  config.seed = 0
+  # Input JSONL path. Relative "image" paths are resolved against this file's directory.
+  config.prompts = ''
+  # Output JSONL path; the summary goes next to it (OUT.jsonl -> OUT.summary.json).
+  config.output = ''
+  # True: "prompt" is the full model input (only tokenized); False: wrapped in the chat template.
+  config.raw_prompt = False
+  # Compute and parameter dtype of both models: 'float32' | 'bfloat16' | 'float16'.
+  config.dtype = 'float32'
+  # Prompts are right-padded to the smallest bucket that fits, so a run compiles a few shapes;
+  # longer prompts use their length rounded up to a multiple of 64.
+  config.length_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+  return config

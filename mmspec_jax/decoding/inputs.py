@@ -1,0 +1,179 @@
+"""Decoding requests from a JSONL file: parsing, validation and batching, all on the host.
+
+Each non-blank line is one request:
+  {"id": ..., "prompt": "...", "image": "path"}     text, wrapped in the chat template
+  {"id": ..., "input_ids": [...], "image": "path"}  token ids, used as given
+"image" is optional; relative image paths are resolved against the JSONL file's directory. Other
+keys are ignored, so annotated benchmark files can be used as they are.
+
+Everything that can be wrong with a request is found here, before a model is loaded or anything
+is compiled, and reported as a ValueError naming the file, line and id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmspec_jax.decoding import engine
+from mmspec_jax.models import LlavaConfig, ModelConfig, text_config
+from mmspec_jax.processing import MultimodalProcessor
+
+# Prompts longer than every bucket are padded to a multiple of this, so they too share shapes.
+LONG_PROMPT_MULTIPLE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  id: str | int
+  line: int  # 1-based line number in the input file
+  token_ids: tuple[int, ...]  # the full prompt, image placeholders expanded
+  image: str | None  # resolved image path, or None for a text-only request
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  index: int  # position in the run; seeds the batch's PRNG key
+  requests: tuple[Request, ...]  # batch_size rows; rows past num_real repeat the first one
+  num_real: int
+  length: int  # T: the padded prompt length (a bucket)
+
+
+def _where(path: str, line: int, request_id: Any = None) -> str:
+  return f'{path} line {line}' + ('' if request_id is None else f' (id {request_id!r})')
+
+
+def _check_image(image: Any, where: str, prompts_path: str, target: ModelConfig,
+                 processor: MultimodalProcessor) -> str:
+  """The resolved path of a request's image, refusing what cannot be decoded."""
+  if not isinstance(image, str) or not image:
+    raise ValueError(f'{where}: "image" must be a non-empty path string, got {image!r}')
+  if not isinstance(target, LlavaConfig):
+    raise ValueError(f'{where}: has an image but the target is a text-only LLaMA model (no '
+                     'vision tower); remove "image" or use a LLaVA target')
+  if processor.image_processor is None:
+    raise ValueError(f'{where}: has an image but the target directory has no image processor '
+                     '(preprocessor_config.json or processor_config.json)')
+  path = os.path.join(os.path.dirname(os.path.abspath(prompts_path)), image)
+  if not os.path.isfile(path):
+    raise ValueError(f'{where}: image file not found: {path}')
+  try:  # Reads the header only: a file that is not an image fails now, not mid-run.
+    with Image.open(path):
+      pass
+  except (OSError, Image.UnidentifiedImageError) as e:
+    raise ValueError(f'{where}: cannot read image {path}: {e}') from e
+  return path
+
+
+def _prompt_ids(row: dict[str, Any], where: str, has_image: bool, raw_prompt: bool,
+                processor: MultimodalProcessor) -> list[int]:
+  if 'prompt' in row:
+    prompt = row['prompt']
+    if not isinstance(prompt, str):
+      raise ValueError(f'{where}: "prompt" must be a string, got {type(prompt).__name__}')
+    text = prompt if raw_prompt else processor.format_prompt(prompt, has_image=has_image)
+    try:
+      return processor.encode(text, num_images=int(has_image))
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from e
+  ids = row['input_ids']
+  if (not isinstance(ids, list) or not ids
+      or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+    raise ValueError(f'{where}: "input_ids" must be a non-empty list of integers')
+  return ids
+
+
+def _check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConfig,
+               max_new_tokens: int):
+  text_ids = ids
+  if isinstance(target, LlavaConfig):
+    placeholders = sum(1 for i in ids if i == target.image_token_index)
+    expected = target.num_image_tokens if has_image else 0
+    if placeholders != expected:
+      needs = 'its image needs' if has_image else 'without an image it needs'
+      raise ValueError(f'{where}: the prompt has {placeholders} image placeholder token(s) (id '
+                       f'{target.image_token_index}) but {needs} {expected}')
+    # Placeholders are never looked up in the vocabulary, so the image id may lie outside it.
+    text_ids = [i for i in ids if i != target.image_token_index]
+  vocab_size = text_config(target).vocab_size
+  bad = [i for i in text_ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(f'{where}: token id {bad[0]} is outside the target vocabulary '
+                     f'[0, {vocab_size})')
+  try:
+    engine.check_request(target, np.asarray([len(ids)]), max_new_tokens)
+  except ValueError as e:
+    # check_request numbers rows within the array it was given (here one row): name the line.
+    raise ValueError(f'{where}: {str(e).removeprefix("row 0: ")}') from e
+
+
+def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig, *,
+                  raw_prompt: bool, max_new_tokens: int) -> list[Request]:
+  """Parses and validates every line of the JSONL file `path`, in order."""
+  if not os.path.isfile(path):
+    raise ValueError(f'prompts file not found: {path!r}')
+  requests: list[Request] = []
+  first_line_of: dict[Any, int] = {}
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = _where(path, line_number)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{where}: not valid JSON ({e})') from e
+      if not isinstance(row, dict):
+        raise ValueError(f'{where}: expected a JSON object, got {type(row).__name__}')
+      if 'id' not in row:
+        raise ValueError(f'{where}: missing "id"')
+      request_id = row['id']
+      if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise ValueError(f'{where}: "id" must be a string or an integer, got {request_id!r}')
+      where = _where(path, line_number, request_id)
+      if request_id in first_line_of:
+        raise ValueError(f'{where}: duplicate id (first on line {first_line_of[request_id]})')
+      first_line_of[request_id] = line_number
+      if ('prompt' in row) == ('input_ids' in row):
+        raise ValueError(f'{where}: needs exactly one of "prompt" and "input_ids"')
+      image = row.get('image')
+      if image is not None:
+        image = _check_image(image, where, path, target, processor)
+      ids = _prompt_ids(row, where, image is not None, raw_prompt, processor)
+      _check_ids(ids, where, image is not None, target, max_new_tokens)
+      requests.append(Request(request_id, line_number, tuple(ids), image))
+  if not requests:
+    raise ValueError(f'{path}: no requests (the file is empty)')
+  return requests
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= length, else length rounded up to LONG_PROMPT_MULTIPLE."""
+  fitting = [b for b in buckets if b >= length]
+  if fitting:
+    return min(fitting)
+  return -(-length // LONG_PROMPT_MULTIPLE) * LONG_PROMPT_MULTIPLE
+
+
+def check_buckets(buckets: Sequence[int]):
+  if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets):
+    raise ValueError(f'length_buckets must be positive integers, got {tuple(buckets)!r}')
+
+
+def make_batches(requests: Sequence[Request], batch_size: int,
+                 buckets: Sequence[int]) -> list[Batch]:
+  """Consecutive batches in input order; the last is padded with copies of its first row."""
+  batches = []
+  for index, start in enumerate(range(0, len(requests), batch_size)):
+    rows = list(requests[start:start + batch_size])
+    num_real = len(rows)
+    rows += [rows[0]] * (batch_size - num_real)
+    length = bucket_length(max(len(r.token_ids) for r in rows), buckets)
+    batches.append(Batch(index, tuple(rows), num_real, length))
+  return batches

@@ -1,0 +1,259 @@
+"""A decoding run over a JSONL file: validate, load, compile, decode, write (what decode.py runs).
+
+`run(config)` takes the ml_collections config of configs/decode.py. Everything that can be checked
+is checked before a model is loaded, anything is compiled or any output file exists; errors are
+ValueErrors naming the setting, file, line or id at fault. Output is written to a temporary file
+next to the destination and moved into place at the end, so a failed run leaves no partial file.
+
+Compilation is timed apart from decoding: every distinct batch shape (one per prompt-length
+bucket in use) is compiled ahead of time, and decode time counts only the compiled programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from mmspec_jax.convert.loading import load_model, read_config
+from mmspec_jax.decoding import inputs, statistics
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.vocabulary import check_compatible_vocabularies
+from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
+                               parameter_count, text_config)
+from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
+from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor
+
+
+def summary_path(output: str) -> str:
+  """OUT.jsonl -> OUT.summary.json."""
+  return os.path.splitext(output)[0] + '.summary.json'
+
+
+def sampling_config(config) -> SamplingConfig:
+  """The validated sampling settings (SamplingConfig raises on out-of-range values)."""
+  return SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
+
+def check_settings(config):
+  """Refuses settings that are wrong on their own, before any file is read."""
+  for name in ('target', 'prompts', 'output'):
+    if not config[name]:
+      raise ValueError(f'config.{name} is empty: pass --config.{name}=PATH')
+  sampling_config(config)
+  if config.draft and config.num_draft_tokens < 1:
+    raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
+                     f'{config.num_draft_tokens}')
+  for name in ('max_new_tokens', 'batch_size'):
+    if config[name] < 1:
+      raise ValueError(f'{name} must be >= 1, got {config[name]}')
+  if config.dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of {SUPPORTED_DTYPES}')
+  inputs.check_buckets(config.length_buckets)
+  output = os.path.abspath(config.output)
+  if os.path.isdir(output):
+    raise ValueError(f'output {config.output!r} is a directory; give a file path')
+  if not os.path.isdir(os.path.dirname(output)):
+    raise ValueError(f'the output directory {os.path.dirname(output)!r} does not exist')
+  if os.path.abspath(config.prompts) in (output, os.path.abspath(summary_path(output))):
+    raise ValueError(f'output {config.output!r} would overwrite the prompts file')
+
+
+def _model_configs(config) -> tuple[ModelConfig, ModelConfig | None]:
+  """Target and draft configs (in the run's dtype), read without loading any weights."""
+  target = with_dtype(read_config(config.target), config.dtype)
+  if not isinstance(target, (LlavaConfig, LlamaConfig)):
+    raise ValueError(f'target {config.target!r} must be a LLaVA or LLaMA model, not an adapter '
+                     'draft')
+  if not config.draft:
+    return target, None
+  draft = with_dtype(read_config(config.draft), config.dtype)
+  if not isinstance(draft, (LlamaConfig, AdapterDraftConfig)):
+    raise ValueError(f'draft {config.draft!r} must be a LLaMA or adapter draft model, not '
+                     f'{type(draft).__name__}')
+  if isinstance(draft, AdapterDraftConfig) and isinstance(target, LlavaConfig):
+    # The adapter reads the target's vision features and fills the target's placeholders.
+    if draft.vision_hidden_size != target.vision.hidden_size:
+      raise ValueError(f'adapter draft {config.draft!r} expects vision features of width '
+                       f'{draft.vision_hidden_size}, the target\'s vision tower gives '
+                       f'{target.vision.hidden_size}')
+    if draft.image_token_index != target.image_token_index:
+      raise ValueError(f'adapter draft {config.draft!r} uses image token '
+                       f'{draft.image_token_index}, the target {target.image_token_index}')
+  return target, draft
+
+
+def _check_draft_vocabulary(config, processor: MultimodalProcessor, target: ModelConfig,
+                            draft: ModelConfig):
+  directory = config.draft
+  has_tokenizer = any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+  # A draft directory without tokenizer files is taken to share the target's tokenizer.
+  draft_tokenizer = (MultimodalProcessor.from_pretrained(directory).tokenizer if has_tokenizer
+                     else processor.tokenizer)
+  try:
+    check_compatible_vocabularies(processor.tokenizer, draft_tokenizer,
+                                  text_config(draft).vocab_size, text_config(target).vocab_size)
+  except ValueError as e:
+    raise ValueError(f'draft {directory!r}: {e}') from e
+
+
+def eos_token_ids(target: ModelConfig, processor: MultimodalProcessor) -> tuple[int, ...]:
+  """The target's text EOS id(s) (several for LLaMA 3), else the tokenizer's, else none."""
+  eos = text_config(target).eos_token_id
+  if eos is None:
+    eos = processor.eos_token_id
+  if eos is None:
+    return ()
+  return tuple(int(i) for i in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
+
+
+def _check_image_size(processor: MultimodalProcessor, target: LlavaConfig, image: str):
+  """The processor must produce what the vision tower was built for; checked on one image."""
+  pixels = processor.preprocess_images([image])
+  vision = target.vision
+  expected = (vision.image_size, vision.image_size, vision.num_channels)
+  if pixels.shape[1:] != expected:
+    raise ValueError(f'the image processor of {image!r} gives pixels of shape '
+                     f'{pixels.shape[1:]}, the target\'s vision tower expects {expected}')
+
+
+def _batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
+                  image_shape: tuple[int, int, int] | None):
+  """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None)."""
+  tokens, lengths = processor.pad_batch([r.token_ids for r in batch.requests], pad_to=batch.length)
+  if image_shape is None:
+    return tokens, lengths, None
+  # Rows without an image get zeros: they have no placeholders, so the zeros are never read.
+  images = np.zeros((len(batch.requests),) + image_shape, np.float32)
+  rows = [i for i, r in enumerate(batch.requests) if r.image is not None]
+  if rows:
+    images[rows] = processor.preprocess_images([batch.requests[i].image for i in rows])
+  return tokens, lengths, images
+
+
+def _compile(decoder: SpeculativeDecoder, target_params, draft_params, batch_size: int,
+             lengths: list[int], image_shape):
+  """{T: compiled generate} for every prompt length T, and the seconds it took."""
+  start = time.perf_counter()
+  compiled = {}
+  for length in sorted(set(lengths)):
+    images = (None if image_shape is None
+              else jax.ShapeDtypeStruct((batch_size,) + image_shape, np.float32))
+    compiled[length] = decoder.generate.lower(
+        target_params, draft_params, jax.ShapeDtypeStruct((batch_size, length), np.int32),
+        jax.ShapeDtypeStruct((batch_size,), np.int32), images, jax.random.key(0)).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcessor):
+  """Writes the real rows' output lines; returns their num_generated, num_target_calls int[b]
+  and accepted_by_position int[b, G] (padding rows are decoded but discarded)."""
+  real = slice(0, batch.num_real)
+  generated = np.asarray(result.num_generated)[real]
+  calls = np.asarray(result.num_target_calls)[real]
+  accepted = np.asarray(result.accepted_by_position)[real]
+  for request, row, count, num_calls, row_accepted in zip(
+      batch.requests, np.asarray(result.tokens)[real], generated, calls, accepted):
+    token_ids = row[:count].tolist()  # New tokens only; entries past num_generated are filler.
+    out.write(json.dumps({
+        'id': request.id, 'text': processor.decode(token_ids), 'token_ids': token_ids,
+        'num_target_calls': int(num_calls), 'num_accepted': int(row_accepted.sum())},
+        ensure_ascii=False) + '\n')
+  return generated, calls, accepted
+
+
+@contextlib.contextmanager
+def _atomic_writer(path: str):
+  """A text file that appears at `path` only if the block completes."""
+  handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                  prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    # mkstemp makes the file private (0600); give it the permissions open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    with os.fdopen(handle, 'w', encoding='utf-8') as f:
+      yield f
+    os.replace(temp, path)
+  except BaseException:
+    os.unlink(temp)
+    raise
+
+
+def run(config) -> statistics.RunStatistics:
+  """Decodes config.prompts into config.output and config.output's summary; see module doc."""
+  # --- validation: nothing loaded, compiled or written yet ------------------------------------
+  check_settings(config)
+  sampling = sampling_config(config)
+  target_config, draft_config = _model_configs(config)
+  processor = MultimodalProcessor.from_pretrained(config.target)
+  if draft_config is not None:
+    _check_draft_vocabulary(config, processor, target_config, draft_config)
+  requests = inputs.read_requests(config.prompts, processor, target_config,
+                                  raw_prompt=config.raw_prompt,
+                                  max_new_tokens=config.max_new_tokens)
+  gamma = config.num_draft_tokens if draft_config is not None else 0
+  decoder = SpeculativeDecoder(
+      target=build(target_config), draft=None if draft_config is None else build(draft_config),
+      num_draft_tokens=gamma, sampling=sampling, max_new_tokens=config.max_new_tokens,
+      eos_token_ids=eos_token_ids(target_config, processor))
+  # Images is None or an array for the whole run, so each length compiles once, not twice.
+  image_rows = [r for r in requests if r.image is not None]
+  image_shape = None
+  if image_rows:
+    _check_image_size(processor, target_config, image_rows[0].image)
+    vision = target_config.vision
+    image_shape = (vision.image_size, vision.image_size, vision.num_channels)
+  batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
+
+  # --- load and compile ----------------------------------------------------------------------
+  logging.info('loading target %s', config.target)
+  _, target_params = load_model(config.target, dtype=config.dtype)
+  draft_params = None
+  if draft_config is not None:
+    logging.info('loading draft %s', config.draft)
+    _, draft_params = load_model(config.draft, dtype=config.dtype)
+  compiled, compile_seconds = _compile(decoder, target_params, draft_params, config.batch_size,
+                                       [b.length for b in batches], image_shape)
+
+  # --- decode --------------------------------------------------------------------------------
+  num_generated, num_target_calls, accepted_by_position = [], [], []
+  decode_seconds, new_tokens = 0.0, 0
+  base_key = jax.random.key(config.seed)
+  progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding')
+  with progress, _atomic_writer(config.output) as out:
+    for batch in batches:
+      tokens, lengths, images = _batch_arrays(batch, processor, image_shape)
+      rng = jax.random.fold_in(base_key, batch.index)
+      start = time.perf_counter()
+      result = jax.block_until_ready(
+          compiled[batch.length](target_params, draft_params, tokens, lengths, images, rng))
+      decode_seconds += time.perf_counter() - start
+      generated, calls, accepted = _write_batch(out, batch, result, processor)
+      num_generated.append(generated)
+      num_target_calls.append(calls)
+      accepted_by_position.append(accepted)
+      new_tokens += int(generated.sum())
+      progress.update(batch.num_real)
+      progress.set_postfix(tokens_per_s=f'{new_tokens / max(decode_seconds, 1e-9):.1f}')
+
+    stats = statistics.summarize(
+        np.concatenate(num_generated), np.concatenate(num_target_calls),
+        np.concatenate(accepted_by_position), num_draft_tokens=gamma,
+        draft_parameters=None if draft_params is None else parameter_count(draft_params),
+        target_parameters=parameter_count(target_params), decode_seconds=decode_seconds,
+        compile_seconds=compile_seconds)
+    # Inside the output's block: the summary and the output appear together or not at all.
+    with _atomic_writer(summary_path(config.output)) as f:
+      json.dump(stats.as_dict(), f, indent=2)
+  return stats
+

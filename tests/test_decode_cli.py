@@ -1,0 +1,260 @@
+"""decode.py and mmspec_jax.decoding.runner end to end on tiny LLaVA/LLaMA checkpoints."""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hf_builders
+from mmspec_jax.convert.loading import save_converted
+from mmspec_jax.decoding import runner
+from mmspec_jax.decoding.engine import DecodeResult
+from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, init_params
+from mmspec_jax.processing import MultimodalProcessor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_NEW_TOKENS = 12
+EOS_POSITION = 3  # The EOS is the target's 4th greedy token after the text-only prompt below.
+TEXT_PROMPT = 'w8 w9 w10'
+ROWS = [
+    {'id': 'a', 'prompt': 'w5 w6 w7', 'image': 'a.png'},
+    {'id': 'b', 'prompt': TEXT_PROMPT},
+    {'id': 7, 'input_ids': [1, 10, 11, 12, 13, 14]},
+    {'id': 'd', 'prompt': 'w20 w21 w22 w23 w24 w25', 'image': 'b.png'},
+    {'id': 'e', 'input_ids': [1] + [hf_builders.IMAGE_TOKEN] * 4 + [30, 31], 'image': 'a.png'},
+]
+
+
+def write_jsonl(path, rows):
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows)
+  return str(path)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _greedy_torch(model, ids, steps):
+  ids = torch.tensor([ids])
+  with torch.no_grad():
+    for _ in range(steps):
+      next_id = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+      ids = torch.cat([ids, next_id], dim=1)
+  return ids[0, -steps:].tolist()
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+  root = tmp_path_factory.mktemp('decode')
+  target = str(root / 'target')
+  hf_builders.save_llava_processor(hf_builders.word_tokenizer(), target)
+  llava = hf_builders.tiny_llava(seed=1)
+  # EOS = a token the target really emits for one prompt, so that row stops early.
+  processor = MultimodalProcessor.from_pretrained(target)
+  prompt_ids = processor.encode(processor.format_prompt(TEXT_PROMPT, has_image=False))
+  eos = _greedy_torch(llava, prompt_ids, EOS_POSITION + 1)[EOS_POSITION]
+  llava.config.text_config.eos_token_id = eos
+  hf_builders.save(llava, target)
+  draft = str(root / 'draft')
+  hf_builders.save(hf_builders.llama_from_llava(llava), draft)
+  hf_builders.word_tokenizer().save_pretrained(draft)
+  bad_draft = str(root / 'bad_draft')
+  shutil.copytree(draft, bad_draft)
+  for name in glob.glob(os.path.join(bad_draft, 'tokenizer*')):
+    os.remove(name)
+  hf_builders.word_tokenizer(swap=(5, 6)).save_pretrained(bad_draft)
+  rng = np.random.default_rng(0)
+  for name in ('a.png', 'b.png'):
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / name)
+  return {'root': root, 'target': target, 'draft': draft, 'bad_draft': bad_draft, 'eos': eos,
+          'prompts': write_jsonl(root / 'prompts.jsonl', ROWS)}
+
+
+def files_named(ckpt, stem):
+  """Files whose name holds `stem`, hidden temporary files included (glob skips those)."""
+  return [name for name in os.listdir(ckpt['root']) if stem in name]
+
+
+def make_config(ckpt, name, **overrides):
+  spec = importlib.util.spec_from_file_location('decode_config',
+                                                os.path.join(REPO, 'configs', 'decode.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.target = ckpt['target']
+  config.prompts = ckpt['prompts']
+  config.output = str(ckpt['root'] / f'{name}.jsonl')
+  config.max_new_tokens = MAX_NEW_TOKENS
+  config.batch_size = 2
+  config.num_draft_tokens = 3
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def speculative(ckpt):
+  config = make_config(ckpt, 'speculative', draft=ckpt['draft'])
+  return runner.run(config), read_jsonl(config.output), config
+
+
+@pytest.fixture(scope='module')
+def autoregressive(ckpt):
+  config = make_config(ckpt, 'autoregressive')
+  return runner.run(config), read_jsonl(config.output), config
+
+
+def test_outputs_in_input_order(speculative, autoregressive):
+  for _, lines, _ in (speculative, autoregressive):
+    assert [line['id'] for line in lines] == [row['id'] for row in ROWS]
+    for line in lines:
+      assert set(line) == {'id', 'text', 'token_ids', 'num_target_calls', 'num_accepted'}
+      assert 1 <= line['num_target_calls'] <= len(line['token_ids'])
+  assert all(line['num_accepted'] == 0 for line in autoregressive[1])
+
+
+def test_greedy_speculative_equals_autoregressive(speculative, autoregressive):
+  for spec, auto in zip(speculative[1], autoregressive[1]):
+    assert spec['token_ids'] == auto['token_ids'], spec['id']
+    assert spec['text'] == auto['text']
+  # The draft is the target's own language model: on text-only rows it is always right.
+  gamma = speculative[2].num_draft_tokens
+  for text_row in speculative[1][1:3]:
+    assert text_row['num_accepted'] == gamma * (text_row['num_target_calls'] - 1), text_row
+  assert speculative[1][2]['num_target_calls'] < autoregressive[1][2]['num_target_calls']
+
+
+def test_summary(speculative, autoregressive):
+  for stats, lines, config in (speculative, autoregressive):
+    with open(runner.summary_path(config.output)) as f:
+      summary = json.load(f)
+    assert summary == json.loads(json.dumps(stats.as_dict()))
+    assert summary['num_rows'] == len(ROWS)
+    assert summary['new_tokens'] == sum(len(line['token_ids']) for line in lines)
+    assert summary['target_calls'] == sum(line['num_target_calls'] for line in lines)
+    assert summary['block_efficiency'] >= 1
+    assert summary['compile_seconds'] > 0 and summary['tokens_per_second'] > 0
+  assert speculative[0].block_efficiency > 1 and speculative[0].mbsu is not None
+  assert autoregressive[0].block_efficiency == 1 and autoregressive[0].mbsu is None
+
+
+def test_max_new_tokens_and_eos(ckpt, speculative, autoregressive):
+  eos = ckpt['eos']
+  for _, lines, _ in (speculative, autoregressive):
+    ended_at_eos = 0
+    for line in lines:
+      ids = line['token_ids']
+      assert 1 <= len(ids) <= MAX_NEW_TOKENS
+      assert eos not in ids[:-1], line  # Nothing follows an EOS.
+      ended_at_eos += ids[-1] == eos
+      assert ids[-1] == eos or len(ids) == MAX_NEW_TOKENS, line
+    assert ended_at_eos >= 1
+    assert len(lines[1]['token_ids']) <= EOS_POSITION + 1  # The row the EOS was chosen from.
+    assert any(len(line['token_ids']) == MAX_NEW_TOKENS for line in lines)
+
+
+def test_adapter_draft(ckpt, autoregressive):
+  """A converted adapter draft (its own projector over the target's vision features), with no
+  tokenizer files of its own: greedy output is still exactly the target's."""
+  draft_config = AdapterDraftConfig(
+      text=LlamaConfig(vocab_size=hf_builders.TEXT_VOCAB, hidden_size=32, intermediate_size=64,
+                       num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                       max_position_embeddings=256),
+      vision_hidden_size=32, image_token_index=hf_builders.IMAGE_TOKEN)
+  draft = str(ckpt['root'] / 'adapter_draft')
+  save_converted(draft, draft_config, init_params(draft_config, jax.random.key(0)))
+  config = make_config(ckpt, 'adapter', draft=draft)
+  stats = runner.run(config)
+  assert stats.num_draft_tokens == 3 and stats.block_efficiency >= 1
+  assert [line['token_ids'] for line in read_jsonl(config.output)] == [
+      line['token_ids'] for line in autoregressive[1]]
+
+
+def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
+  calls = []
+
+  def generate(target_params, draft_params, tokens, lengths, images, rng):
+    calls.append(files_named(ckpt, 'interrupted'))
+    if len(calls) == 2:  # The first batch's lines are already in the temporary file.
+      raise RuntimeError('device lost')
+    batch = tokens.shape[0]
+    return DecodeResult(tokens=np.full((batch, MAX_NEW_TOKENS), 9, np.int32),
+                        num_generated=np.full((batch,), 2, np.int32),
+                        num_target_calls=np.full((batch,), 2, np.int32),
+                        accepted_by_position=np.zeros((batch, 0), np.int32))
+
+  monkeypatch.setattr(runner, '_compile',
+                      lambda *args: ({length: generate for length in args[4]}, 0.0))
+  config = make_config(ckpt, 'interrupted')
+  with pytest.raises(RuntimeError, match='device lost'):
+    runner.run(config)
+  assert len(calls) == 2 and calls[1][0].startswith('.interrupted.jsonl.')  # The temporary file.
+  assert not files_named(ckpt, 'interrupted')
+
+
+def _bad_rows(ckpt, name, rows):
+  return write_jsonl(ckpt['root'] / f'{name}.jsonl', rows)
+
+
+BAD_INPUTS = {
+    'missing image': (lambda c: {'prompts': _bad_rows(c, 'missing', [
+        ROWS[1], {'id': 'x', 'prompt': 'w5', 'image': 'nowhere.png'}])},
+                      r'missing.jsonl line 2 \(id .x.\): image file not found: .*nowhere\.png'),
+    'image with a LLaMA target': (lambda c: {'target': c['draft']},
+                                  r"line 1 \(id 'a'\): has an image but the target is a "
+                                  'text-only LLaMA'),
+    'negative temperature': (lambda c: {'temperature': -0.5}, 'temperature must be >= 0'),
+    'top_p 0': (lambda c: {'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
+    'top_p 1.5': (lambda c: {'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
+    'gamma 0 with a draft': (lambda c: {'draft': c['draft'], 'num_draft_tokens': 0},
+                             r'num_draft_tokens \(gamma\) must be >= 1'),
+    'prompt too long': (lambda c: {'prompts': _bad_rows(c, 'long', [
+        ROWS[0], {'id': 'long', 'input_ids': [1] + [5] * 249}]), 'max_new_tokens': 16},
+                        r"line 2 \(id 'long'\): prompt \(250 tokens\) \+ max_new_tokens \(16\) "
+                        'exceeds the target.s 256 positions'),
+    'incompatible draft tokenizer': (lambda c: {'draft': c['bad_draft']},
+                                     "incompatible draft vocabulary: draft id 5 is 'w6'"),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUTS))
+def test_bad_input_raises_and_writes_nothing(ckpt, case):
+  overrides, message = BAD_INPUTS[case]
+  config = make_config(ckpt, 'bad_' + case.replace(' ', '_'), **overrides(ckpt))
+  with pytest.raises(ValueError, match=message):
+    runner.run(config)
+  assert not files_named(ckpt, os.path.splitext(os.path.basename(config.output))[0])
+
+
+def _cli(ckpt, name, *flags):
+  args = [sys.executable, 'decode.py', '--config=configs/decode.py',
+          f'--config.target={ckpt["target"]}',
+          f'--config.output={ckpt["root"] / name}.jsonl', *flags]
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli(ckpt):
+  prompts = _bad_rows(ckpt, 'cli_prompts', [ROWS[1], ROWS[2]])
+  result = _cli(ckpt, 'cli', f'--config.draft={ckpt["draft"]}', f'--config.prompts={prompts}',
+                '--config.num_draft_tokens=2', '--config.max_new_tokens=4',
+                '--config.batch_size=2', '--config.seed=3')
+  assert result.returncode == 0, result.stderr
+  assert 'tau (block efficiency)' in result.stdout
+  assert [line['id'] for line in read_jsonl(ckpt['root'] / 'cli.jsonl')] == ['b', 7]
+  assert os.path.isfile(ckpt['root'] / 'cli.summary.json')
+
+  result = _cli(ckpt, 'cli_bad', f'--config.prompts={ckpt["prompts"]}', '--config.top_p=1.5')
+  assert result.returncode != 0
+  assert 'error: top_p must be in (0, 1]' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(ckpt['root'] / 'cli_bad.jsonl')
