@@ -1,5 +1,5 @@
 import os
 import sys
 
-# Tests import their helpers (hf_builders) as top-level modules.
+# Tests import their shared fixtures (decoding_fixtures) as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-import hf_builders
+from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.export import export_llama_to_hf
 from mmspec_jax.convert.hf_config import ConversionError
 from mmspec_jax.convert.loading import load_model, save_converted

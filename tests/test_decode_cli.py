@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import hf_builders
+from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import save_converted
 from mmspec_jax.decoding import runner
 from mmspec_jax.decoding.engine import DecodeResult

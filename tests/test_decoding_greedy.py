@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import decoding_fixtures as fx
-import hf_builders
+from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig

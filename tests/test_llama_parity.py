@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_builders
+from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.models import build
 from mmspec_jax.models.config import RopeScaling

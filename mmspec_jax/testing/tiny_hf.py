@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints, built with transformers in the test (never downloaded).
+"""Tiny random Hugging Face checkpoints, built with transformers at run time (never downloaded).
 
 Weights are redrawn larger than transformers' init (std 0.02) so that logits spread over several
 units and a 1e-4 comparison means something.

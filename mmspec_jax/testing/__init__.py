@@ -1,0 +1,1 @@
+"""Tiny random checkpoints for tests, the demo and benchmarks (needs torch: test extra)."""
