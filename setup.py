@@ -21,13 +21,15 @@ setup(
         'tensorflow-datasets>=4.9',
         'tensorflow-cpu>=2.18',
         'ml-collections>=1.0',
+        'tensorboard>=2.15',  # Training summaries (flax.metrics.tensorboard).
+        'tqdm>=4.60',
         'absl-py>=2.0',
         'numpy>=1.26',
         'pillow>=10.0',
     ],
     extras_require={
         # The torch reference for parity tests. Pinned: an unpinned torch pulls a CUDA build.
-        'test': ['pytest>=8', 'torch==2.13.0'],
+        'test': ['pytest>=8', 'scipy>=1.10', 'torch==2.13.0'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
     },

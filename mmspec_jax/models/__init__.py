@@ -16,7 +16,7 @@ from mmspec_jax.models.llama import Llama
 from mmspec_jax.models.llava import Llava
 
 __all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
-           'VisionConfig', 'abstract_params', 'build', 'init_params', 'model_type',
+           'VisionConfig', 'abstract_params', 'build', 'init_inputs', 'init_params', 'initialize', 'model_type',
            'parameter_count', 'text_config']
 
 
@@ -36,8 +36,8 @@ def text_config(config: ModelConfig) -> LlamaConfig:
   return config if isinstance(config, LlamaConfig) else config.text
 
 
-def _init_inputs(config: ModelConfig):
-  # The smallest inputs that touch every parameter: one image for LLaVA.
+def init_inputs(config: ModelConfig):
+  """The smallest inputs that touch every parameter (an image for LLaVA)."""
   if isinstance(config, LlavaConfig):
     size = config.vision.image_size
     tokens = jnp.full((1, config.num_image_tokens + 1), config.image_token_index, jnp.int32)
@@ -48,18 +48,19 @@ def _init_inputs(config: ModelConfig):
   return (jnp.zeros((1, 1), jnp.int32),)
 
 
-def _init(config: ModelConfig, rng: jax.Array):
-  return build(config).init(rng, *_init_inputs(config))['params']
+def initialize(config: ModelConfig, rng: jax.Array):
+  """Random parameters, boxed with their logical axis names (trace under jit or eval_shape)."""
+  return build(config).init(rng, *init_inputs(config))['params']
 
 
 def abstract_params(config: ModelConfig):
   """Parameter shapes and dtypes (boxed with their logical axis names), allocating nothing."""
-  return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+  return jax.eval_shape(functools.partial(initialize, config), jax.random.key(0))
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
   """Randomly initialized parameters (plain arrays)."""
-  return nn.unbox(jax.jit(_init, static_argnums=0)(config, rng))
+  return nn.unbox(jax.jit(initialize, static_argnums=0)(config, rng))
 
 
 def parameter_count(params) -> int:
