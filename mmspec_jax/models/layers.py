@@ -23,18 +23,44 @@ def partitioned(init: nn.initializers.Initializer, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
-def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
-          use_bias=False, dtype, param_dtype, name: str) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+class Dense(nn.Module):
+  """A linear map contracting the last `num_contracted` input axes, kernel [*in, *features].
 
-  `names` names every kernel axis: the contracted input axes first, then the output axes.
+  Written out rather than nn.DenseGeneral, whose initializer builds a flattened 2-D kernel that
+  clashes with rank-3 logical axis names once a mesh is active.
+  """
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]  # Every kernel axis: the contracted inputs, then the outputs.
+  num_contracted: int = 1
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    contracted = x.shape[-self.num_contracted:]
+    kernel = self.param('kernel', partitioned(nn.initializers.normal(0.02), self.names),
+                        contracted + self.features, self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_contracted)
+    if self.use_bias:
+      bias = self.param('bias', partitioned(nn.initializers.zeros_init(),
+                                            self.names[-len(self.features):]),
+                        self.features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
+          use_bias=False, dtype, param_dtype, name: str) -> Dense:
+  """A Dense whose kernel (and bias) carry logical axis names.
+
+  `names` names every kernel axis: the contracted input axes first, then the output axes;
+  `axis` is -1 or a tuple of trailing axes (e.g. (-2, -1) to contract heads and head_dim).
   """
   features = tuple(features) if isinstance(features, Sequence) else (features,)
-  bias_names = tuple(names[-len(features):])
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=partitioned(nn.initializers.normal(0.02), names),
-      bias_init=partitioned(nn.initializers.zeros_init(), bias_names), name=name)
+  num_contracted = len(axis) if isinstance(axis, Sequence) else 1
+  return Dense(features=features, names=tuple(names), num_contracted=num_contracted,
+               use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -77,3 +77,71 @@ def base_config() -> ml_collections.ConfigDict:
   # Call jax.distributed.initialize() (multi-host TPU pods, multi-node GPU).
   config.multihost = False
   return config
+
+
+# Per stage: the objective, the data, and the settings of each scale. `tiny` runs in a minute on
+# a CPU; `paper` is the paper's 115M draft on a TPU slice (bfloat16 compute, FSDP over the slice).
+_PAPER_RUNTIME = dict(dtype='bfloat16', log_every_steps=50, eval_every_steps=500,
+                      checkpoint_every_steps=500, mesh=dict(data=1, fsdp=-1, tensor=1))
+STAGES = {
+    'draft_pretrain': dict(
+        task='lm', kind='pretrain',
+        tiny=dict(seq_len=64, batch_size=8, num_train_steps=200, learning_rate=3e-3,
+                  warmup_steps=20, validation_fraction=0.1),
+        paper=dict(seq_len=2048, batch_size=256, num_train_steps=100_000, learning_rate=3e-4,
+                   warmup_steps=2000, log_every_steps=100, eval_every_steps=2000,
+                   checkpoint_every_steps=1000)),
+    'draft_chat': dict(
+        task='lm', kind='chat',
+        tiny=dict(seq_len=96, batch_size=8, num_train_steps=100, learning_rate=1e-3,
+                  validation_fraction=0.1),
+        paper=dict(seq_len=2048, batch_size=128, num_train_steps=5_000, learning_rate=1e-4,
+                   warmup_steps=200)),
+    'draft_distill': dict(
+        task='distill', kind='multimodal', distill_kind='tvd', distill_weight=0.9,
+        tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=5e-4),
+        paper=dict(seq_len=2048, batch_size=64, num_train_steps=5_000, learning_rate=5e-5,
+                   warmup_steps=200)),
+    'adapter_stage1': dict(
+        task='adapter', kind='multimodal', trainable='adapter',
+        tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=1e-3),
+        paper=dict(seq_len=1024, batch_size=256, num_train_steps=2_000, learning_rate=1e-3,
+                   warmup_steps=60)),
+    'adapter_stage2': dict(
+        task='adapter', kind='multimodal', trainable='',
+        tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=3e-4),
+        paper=dict(seq_len=2048, batch_size=128, num_train_steps=5_000, learning_rate=2e-5,
+                   warmup_steps=150)),
+}
+_DATA_FIELDS = ('seq_len',)
+_PREPARE_FIELDS = ('validation_fraction',)
+
+
+def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
+  """The config of a stage at a scale ('tiny' or 'paper')."""
+  from mmspec_jax.models import AdapterDraftConfig, presets
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; expected one of {sorted(STAGES)}')
+  if scale not in ('tiny', 'paper'):
+    raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'paper'")
+  spec = dict(STAGES[stage])
+  config = base_config()
+  config.stage = stage
+  config.task = spec.pop('task')
+  config.data.kind = spec.pop('kind')
+  settings = {**(_PAPER_RUNTIME if scale == 'paper' else {}), **spec.pop(scale)}
+  spec.pop('tiny' if scale == 'paper' else 'paper')
+  for name, value in {**spec, **settings}.items():
+    if name in _DATA_FIELDS:
+      config.data[name] = value
+    elif name in _PREPARE_FIELDS:
+      config.data.prepare[name] = value
+    elif name == 'mesh':
+      config.mesh.update(value)
+    else:
+      config[name] = value
+  text = presets.get('tiny_llama' if scale == 'tiny' else 'draft_115m')
+  # The adapter's input width and image token follow the target (filled in at run time).
+  model = AdapterDraftConfig(text=text) if config.task == 'adapter' else text
+  config.model = presets.as_config_dict(model)
+  return config

@@ -6,6 +6,7 @@ resumed automatically; SIGTERM (TPU preemption) saves the current step before ex
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
@@ -21,13 +22,14 @@ import jax.numpy as jnp
 
 from mmspec_jax import sharding
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
-from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, abstract_params, build,
-                               initialize, parameter_count)
+from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abstract_params,
+                               build, initialize, parameter_count)
 from mmspec_jax.models.config import from_dict, with_dtype
 from mmspec_jax.training import data_setup
 from mmspec_jax.training.checkpointing import Checkpointer, check_workdir_config
 from mmspec_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from mmspec_jax.training.step import Objective, TrainState, create_state, eval_step, train_step
+from mmspec_jax.training.step import (Objective, TrainState, create_state, eval_step,
+                                      state_shardings, train_step)
 
 TRAINABLE = {'': None, 'adapter': lambda path: path[0] == 'multi_modal_projector'}
 
@@ -82,6 +84,8 @@ class Trainer:
     check_workdir_config(workdir, {'stage': config.stage, 'task': config.task,
                                    'model': config.model.to_dict(), 'config': config.to_dict()})
     self.teacher_config, self.teacher_params = self._load_teacher()
+    if isinstance(self.model_config, AdapterDraftConfig):
+      self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
     self.data = data_setup.DataSetup(config, self.teacher_config)
     self.objective = Objective(
         build(self.model_config), task=config.task,
@@ -107,12 +111,8 @@ class Trainer:
     return load_model(self.config.target, dtype=self.config.dtype, shardings=shardings)
 
   def _build_state_shardings(self):
-    boxed = abstract_params(self.model_config)
-    abstract_state = jax.eval_shape(lambda p: create_state(p, self.optimizer), boxed)
-    self.state_shardings = sharding.param_shardings(abstract_state, self.mesh, self.rules)
-    self.abstract_state = jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        nn.unbox(abstract_state), self.state_shardings)
+    self.state_shardings, self.abstract_state = state_shardings(
+        self.model_config, self.optimizer, self.mesh, self.rules)
 
   def _initial_state(self) -> TrainState:
     config = self.config
@@ -161,7 +161,7 @@ class Trainer:
     with _Preemption() as preemption, iterator:
       while step < config.num_train_steps:
         batch = _device_batch(next(iterator), self.mesh)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
           state, metrics = step_fn(state, batch, self.teacher_params)
         step += 1
         self.checkpointer.save(step, state, iterator.get_state())
@@ -202,7 +202,7 @@ class Trainer:
     with self.data.eval_iterator() as iterator:
       for _ in range(self.config.eval_steps):
         batch = _device_batch(next(iterator), self.mesh)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
           loss_sum, tokens = eval_fn(state.params, batch, self.teacher_params)
         total, count = total + float(loss_sum), count + float(tokens)
     loss = total / max(count, 1.0)
@@ -228,6 +228,14 @@ class Trainer:
                          tokenizer_dir=self.data.tokenizer_dir)
       message += f' and {hf_dir} (Hugging Face LlamaForCausalLM)'
     _log(message)
+
+
+def _fit_adapter_to_target(config: AdapterDraftConfig, target) -> AdapterDraftConfig:
+  """The adapter reads the target's vision features and image token: take them from it."""
+  if not isinstance(target, LlavaConfig):
+    raise ValueError('the adapter draft needs config.target to be a LLaVA model')
+  return dataclasses.replace(config, vision_hidden_size=target.vision.hidden_size,
+                             image_token_index=target.image_token_index)
 
 
 def text_dims(config):

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmspec_jax.models import Llava
+from mmspec_jax import sharding
+from mmspec_jax.models import Llava, abstract_params
 from mmspec_jax.training import losses
 
 
@@ -36,6 +37,20 @@ class TrainState:
 def create_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params))
+
+
+def state_shardings(model_config, optimizer: optax.GradientTransformation, mesh, rules):
+  """(shardings, abstract state with those shardings) of a model's train state.
+
+  Parameters carry logical axis names; the optimizer's moments mirror the parameters and inherit
+  them, so both are sharded by the same rules.
+  """
+  boxed = abstract_params(model_config)
+  abstract = jax.eval_shape(lambda params: create_state(params, optimizer), boxed)
+  shardings = sharding.param_shardings(abstract, mesh, rules)
+  structs = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                         nn.unbox(abstract), shardings)
+  return shardings, structs
 
 
 def text_positions_first(tokens: jax.Array, image_token: int) -> jax.Array:

@@ -1,0 +1,207 @@
+"""train.py end to end at tiny scale: every stage, resume after kill -9, SIGTERM, bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import training_fixtures as fx
+from mmspec_jax.convert.loading import load_model
+from mmspec_jax.training.checkpointing import Checkpointer
+from mmspec_jax.training.loop import Trainer
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp('train')
+  tokenizer = str(root / 'tokenizer')
+  from mmspec_jax.testing import tiny_hf
+  tiny_hf.word_tokenizer().save_pretrained(tokenizer)
+  json_file, images = fx.write_conversations(str(root / 'conversations'))
+  return {'root': root, 'tokenizer': tokenizer,
+          'corpus': fx.write_corpus(str(root / 'corpus')),
+          'json': json_file, 'images': images,
+          'target': fx.write_target(str(root / 'target')),
+          'data_dir': str(root / 'tfds')}
+
+
+def pretrain_config(world, **overrides):
+  config = fx.load_stage_config('draft_pretrain')
+  config.model.vocab_size = fx.DRAFT_VOCAB
+  config.tokenizer = world['tokenizer']
+  config.data.data_dir = world['data_dir']
+  config.data.prepare.builder = 'text_corpus'
+  config.data.prepare.files = world['corpus']
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def conversation_config(world, stage, **overrides):
+  config = fx.load_stage_config(stage)
+  if 'text' in config.model:
+    config.model.text.vocab_size = fx.DRAFT_VOCAB
+  else:
+    config.model.vocab_size = fx.DRAFT_VOCAB
+  config.target = world['target']
+  config.data.data_dir = world['data_dir']
+  config.data.prepare.builder = 'llava_conversations'
+  config.data.prepare.config_name = 'conversations'
+  config.data.prepare.json_files = world['json']
+  config.data.prepare.image_folder = world['images']
+  config.data.prepare.validation_fraction = 0.2
+  config.data.seq_len = 32
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def pretrained(world):
+  workdir = str(world['root'] / 'pretrain')
+  trainer = Trainer(pretrain_config(world, num_train_steps=60, log_every_steps=5,
+                                    eval_every_steps=30, warmup_steps=5), workdir)
+  trainer.run()
+  return workdir, trainer.history
+
+
+def test_pretraining_loss_falls_and_exports(pretrained):
+  workdir, history = pretrained
+  losses = [loss for _, loss in history]
+  print('pretrain loss curve', [round(x, 2) for x in losses])
+  assert losses[0] > 4.0 and np.mean(losses[-3:]) < 0.6 * losses[0]
+  config, params = load_model(os.path.join(workdir, 'export'))
+  assert config.vocab_size == fx.DRAFT_VOCAB
+  import transformers
+  hf = transformers.LlamaForCausalLM.from_pretrained(os.path.join(workdir, 'export_hf'))
+  assert hf.config.vocab_size == fx.DRAFT_VOCAB
+
+
+def test_chat_then_adapter_stages(world, pretrained):
+  chat_dir = str(world['root'] / 'chat')
+  chat = Trainer(conversation_config(world, 'draft_chat', init_from=os.path.join(
+      pretrained[0], 'export'), num_train_steps=10, log_every_steps=5, eval_steps=1), chat_dir)
+  chat.run()
+  _, chat_params = load_model(os.path.join(chat_dir, 'export'))
+
+  stage1_dir = str(world['root'] / 'adapter1')
+  Trainer(conversation_config(world, 'adapter_stage1', init_from=os.path.join(chat_dir, 'export'),
+                              num_train_steps=6, log_every_steps=3, eval_steps=1,
+                              warmup_steps=1), stage1_dir).run()
+  config, stage1 = load_model(os.path.join(stage1_dir, 'export'))
+  assert config.vision_hidden_size == 32 and config.image_token_index == 130  # From the target.
+  # Stage 1 trains the adapter only: the language model is the chat draft's, bit for bit.
+  jax.tree.map(np.testing.assert_array_equal, stage1['language_model'], chat_params)
+
+  stage2_dir = str(world['root'] / 'adapter2')
+  Trainer(conversation_config(world, 'adapter_stage2', init_from=os.path.join(stage1_dir, 'export'),
+                              num_train_steps=4, log_every_steps=2, eval_steps=1,
+                              warmup_steps=1), stage2_dir).run()
+  _, stage2 = load_model(os.path.join(stage2_dir, 'export'))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), stage1, stage2)
+  assert any(jax.tree.leaves(changed['language_model']))
+  assert any(jax.tree.leaves(changed['multi_modal_projector']))
+
+
+def test_distillation_stage(world, pretrained):
+  workdir = str(world['root'] / 'distill')
+  trainer = Trainer(conversation_config(world, 'draft_distill', init_from=os.path.join(
+      pretrained[0], 'export'), num_train_steps=12, log_every_steps=3, eval_steps=1,
+      warmup_steps=1, learning_rate=3e-3), workdir)
+  trainer.run()
+  losses = [loss for _, loss in trainer.history]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def _train_command(world, workdir, *flags):
+  return [sys.executable, os.path.join(fx.REPO, 'train.py'),
+          '--config=' + os.path.join(fx.REPO, 'configs', 'draft_pretrain.py') + ':tiny',
+          f'--workdir={workdir}', f'--config.tokenizer={world["tokenizer"]}',
+          f'--config.data.data_dir={world["data_dir"]}',
+          '--config.data.prepare.builder=text_corpus',
+          f'--config.data.prepare.files={world["corpus"]}',
+          f'--config.model.vocab_size={fx.DRAFT_VOCAB}', '--config.export=False',
+          '--config.eval_every_steps=1000', *flags]
+
+
+def _final_state(workdir, step):
+  checkpointer = Checkpointer(workdir, save_every=1, keep=10, asynchronous=False)
+  # Restore without a target structure: plain numpy arrays, compared bit for bit.
+  import orbax.checkpoint as ocp
+  restored = checkpointer._manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  checkpointer.close()
+  return restored['state'], restored['data']
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(world, pretrained, tmp_path):
+  steps = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=4',
+           '--config.log_every_steps=1']
+  reference = str(tmp_path / 'reference')
+  subprocess.run(_train_command(world, reference, *steps), check=True, capture_output=True,
+                 timeout=300)
+  interrupted = str(tmp_path / 'interrupted')
+  process = subprocess.Popen(_train_command(world, interrupted, *steps),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in process.stdout:  # Kill once a few checkpoints exist, mid-run.
+    if line.startswith('step 14/'):
+      process.send_signal(signal.SIGKILL)
+      break
+  process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  resumed = subprocess.run(_train_command(world, interrupted, *steps), check=True,
+                           capture_output=True, text=True, timeout=300)
+  assert 'resumed from step' in resumed.stdout
+  resumed_from = int(resumed.stdout.split('resumed from step ')[1].split()[0])
+  assert 0 < resumed_from < 24
+  expected, expected_data = _final_state(reference, 24)
+  actual, actual_data = _final_state(interrupted, 24)
+  assert actual_data == expected_data  # Same position in the data: nothing skipped or repeated.
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+def test_sigterm_saves_the_current_step(world, pretrained, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  process = subprocess.Popen(
+      _train_command(world, workdir, '--config.num_train_steps=100000',
+                     '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1'),
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in process.stdout:
+    if line.startswith('step 7/'):
+      process.send_signal(signal.SIGTERM)
+      break
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0
+  stopped_at = int(output.split('SIGTERM at step ')[1].split(':')[0])
+  assert stopped_at >= 7
+  checkpointer = Checkpointer(workdir, save_every=1, keep=10)
+  assert checkpointer.latest_step() == stopped_at  # Not a multiple of the save interval.
+  checkpointer.close()
+
+
+def test_workdir_of_another_config_is_refused(world, pretrained):
+  config = pretrain_config(world)
+  config.model.hidden_size = 32
+  with pytest.raises(ValueError, match="holds a run of another config: its 'model' differs"):
+    Trainer(config, pretrained[0])
+
+
+def test_missing_dataset_is_named(world, tmp_path):
+  config = pretrain_config(world)
+  config.data.prepare.builder = ''
+  config.data.name = 'lm1b'
+  with pytest.raises(ValueError, match='lm1b'):
+    Trainer(config, str(tmp_path / 'run')).run()
+
+
+def test_tokenizer_that_does_not_match_the_target_is_refused(world, tmp_path):
+  from mmspec_jax.testing import tiny_hf
+  other = str(tmp_path / 'other_tokenizer')
+  tiny_hf.word_tokenizer(swap=(7, 8)).save_pretrained(other)
+  config = conversation_config(world, 'draft_chat')
+  config.tokenizer = other
+  with pytest.raises(ValueError, match='incompatible draft vocabulary'):
+    Trainer(config, str(tmp_path / 'run'))
