@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 
 from mmspec_jax.data import local_files
@@ -115,7 +114,7 @@ def _image_bytes(path: str) -> bytes:
     raise ValueError(f'cannot decode image file {path}: {e}') from e
 
 
-class LlavaConversations(tfds.core.GeneratorBasedBuilder):
+class LlavaConversations(local_files.LocalFilesBuilder):
   """LLaVA-format conversations with their images (see LlavaConversationsConfig).
 
   Features: id Text; image uint8[H, W, 3] (a 1x1 black image when the record has none);
@@ -123,16 +122,6 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
   conversations Sequence({'from': Text, 'value': Text}). Every record is validated (and every
   image file checked to exist) before anything is written.
   """
-
-  VERSION = local_files.VERSION
-  RELEASE_NOTES = local_files.RELEASE_NOTES
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS looks up the code of a builder defined in a package through importlib_resources,
-    # which may be missing; the path only serves to find a checksums file we never have.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

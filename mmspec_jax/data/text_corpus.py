@@ -8,7 +8,6 @@ import re
 from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from mmspec_jax.data import local_files
 
@@ -77,19 +76,9 @@ def _read_documents(path: str, config: TextCorpusConfig) -> Iterator[tuple[str, 
     yield f'{path}:{index}', text
 
 
-class TextCorpus(tfds.core.GeneratorBasedBuilder):
+class TextCorpus(local_files.LocalFilesBuilder):
   """Documents from local plain-text or JSONL files (see TextCorpusConfig). Splits: 'train', and
   'validation' when validation_files or validation_fraction is given."""
-
-  VERSION = local_files.VERSION
-  RELEASE_NOTES = local_files.RELEASE_NOTES
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS looks up the code of a builder defined in a package through importlib_resources,
-    # which may be missing; the path only serves to find a checksums file we never have.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
