@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = 'train_config.json'
 # Fields that define what a checkpoint is: a change here means another run, not a resume.
@@ -24,7 +25,8 @@ class Checkpointer:
   """Saves every `save_every` steps (and on demand), keeps the last `keep`."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, asynchronous: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = str(epath.Path(workdir).resolve() / 'checkpoints') if '://' not in workdir \
+        else f'{workdir.rstrip("/")}/checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                            enable_async_checkpointing=asynchronous, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -55,16 +57,15 @@ class Checkpointer:
 
 def check_workdir_config(workdir: str, config_dict: dict[str, Any]):
   """Writes the run's config on first use; refuses a workdir made by another model or stage."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      previous = json.load(f)
+  directory = epath.Path(workdir)  # Local or gs:// alike.
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / CONFIG_FILE
+  if path.exists():
+    previous = json.loads(path.read_text())
     for field in IDENTITY_FIELDS:
       if previous.get(field) != config_dict.get(field):
         raise ValueError(
             f'workdir {workdir!r} holds a run of another config: its {field!r} differs '
             f'({previous.get(field)!r} there, {config_dict.get(field)!r} now). Use a new '
             '--workdir, or the same config to resume.')
-  with open(path, 'w') as f:
-    json.dump(config_dict, f, indent=2, default=str)
+  path.write_text(json.dumps(config_dict, indent=2, default=str))
