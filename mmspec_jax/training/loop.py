@@ -183,6 +183,7 @@ class Trainer:
         if config.data.eval_split and (step % config.eval_every_steps == 0
                                        or step == config.num_train_steps):
           self._evaluate(state, step, writer)
+          window_start, window_first_step = time.time(), step  # Keep eval out of tokens/s.
         if preemption.requested.is_set():
           _log(f'SIGTERM at step {step}: saving and exiting')
           break
