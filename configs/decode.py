@@ -11,6 +11,8 @@ and OUT.summary.json (run statistics), and prints the statistics table.
 
 import ml_collections
 
+from mmspec_jax import sharding
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -43,4 +45,9 @@ def get_config():
   # Prompts are right-padded to the smallest bucket that fits, so a run compiles a few shapes;
   # longer prompts use their length rounded up to a multiple of 64.
   config.length_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
+  # Devices: mesh axis sizes (-1 takes the rest): batch over data x fsdp, heads and MLP over
+  # tensor, e.g. --config.mesh.data=2 --config.mesh.tensor=4 on 8 chips. Train and decode share
+  # the logical-axis rules (mmspec_jax/sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_axis_rules = sharding.DEFAULT_RULES
   return config

@@ -21,6 +21,8 @@ import tempfile
 import ml_collections
 import numpy as np
 
+from mmspec_jax import sharding
+
 NUM_DRAFT_TOKENS = 3
 MAX_NEW_TOKENS = 16
 PROMPTS = [
@@ -56,7 +58,8 @@ def _run(root: str, target: str, draft: str, name: str):
       target=target, draft=draft, num_draft_tokens=NUM_DRAFT_TOKENS if draft else 0,
       temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, seed=0,
       prompts=os.path.join(root, 'prompts.jsonl'), output=os.path.join(root, f'{name}.jsonl'),
-      raw_prompt=False, dtype='float32', length_buckets=(32, 64)))
+      raw_prompt=False, dtype='float32', length_buckets=(32, 64),
+      mesh=dict(data=-1, fsdp=1, tensor=1), logical_axis_rules=sharding.DEFAULT_RULES))
   stats = runner.run(config)
   with open(config.output) as f:
     rows = [json.loads(line) for line in f]

@@ -1,6 +1,6 @@
 """Device mesh and logical-axis sharding rules, shared by training and decoding.
 
-Models name their axes (`mmspec_jax.models.axes`); a config's `mesh` (axis name -> size, -1 fills
+Models name their axes (`mmspec_jax.axes`); a config's `mesh` (axis name -> size, -1 fills
 the rest) and `logical_axis_rules` (logical name -> mesh axes) turn the names into
 `NamedSharding`s. A dimension whose size the mesh axes do not divide stays replicated, so one set of
 rules serves models of every shape (e.g. 2 kv heads on a 4-way tensor axis).
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -87,6 +87,17 @@ def _fits(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpe
     size = math.prod(mesh.shape[name] for name in names)
     fitted.append(entry if names and dim % size == 0 else None)
   return PartitionSpec(*fitted)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding by logical names, under the active mesh
+  (`jax.set_mesh`) and rules (`nn.logical_axis_rules`); dimensions the mesh axes do not divide
+  stay whole. Without a mesh it does nothing (single-device runs, tests)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = nn.logical_to_mesh_axes(tuple(names), nn.get_logical_axis_rules())
+  return jax.lax.with_sharding_constraint(x, _fits(spec, x.shape, mesh))
 
 
 def logical_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

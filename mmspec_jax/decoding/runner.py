@@ -24,7 +24,8 @@ import numpy as np
 import tqdm
 
 from mmspec_jax.convert.loading import load_model, read_config
-from mmspec_jax.decoding import inputs, statistics
+from mmspec_jax import sharding
+from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.vocabulary import check_compatible_vocabularies
@@ -141,16 +142,16 @@ def _batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
 
 
 def _compile(decoder: SpeculativeDecoder, target_params, draft_params, batch_size: int,
-             lengths: list[int], image_shape):
+             lengths: list[int], image_shape, mesh, rules):
   """{T: compiled generate} for every prompt length T, and the seconds it took."""
   start = time.perf_counter()
   compiled = {}
-  for length in sorted(set(lengths)):
-    images = (None if image_shape is None
-              else jax.ShapeDtypeStruct((batch_size,) + image_shape, np.float32))
-    compiled[length] = decoder.generate.lower(
-        target_params, draft_params, jax.ShapeDtypeStruct((batch_size, length), np.int32),
-        jax.ShapeDtypeStruct((batch_size,), np.int32), images, jax.random.key(0)).compile()
+  with placement.mesh_context(mesh, rules):
+    for length in sorted(set(lengths)):
+      compiled[length] = decoder.generate.lower(
+          target_params, draft_params,
+          *placement.input_structs(batch_size, length, image_shape, mesh, rules),
+          jax.random.key(0)).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -215,15 +216,19 @@ def run(config) -> statistics.RunStatistics:
     image_shape = (vision.image_size, vision.image_size, vision.num_channels)
   batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
 
-  # --- load and compile ----------------------------------------------------------------------
+  # --- load (straight onto the mesh) and compile ----------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   logging.info('loading target %s', config.target)
-  _, target_params = load_model(config.target, dtype=config.dtype)
+  _, target_params = load_model(config.target, dtype=config.dtype,
+                                shardings=placement.param_shardings(target_config, mesh, rules))
   draft_params = None
   if draft_config is not None:
     logging.info('loading draft %s', config.draft)
-    _, draft_params = load_model(config.draft, dtype=config.dtype)
+    _, draft_params = load_model(config.draft, dtype=config.dtype,
+                                 shardings=placement.param_shardings(draft_config, mesh, rules))
   compiled, compile_seconds = _compile(decoder, target_params, draft_params, config.batch_size,
-                                       [b.length for b in batches], image_shape)
+                                       [b.length for b in batches], image_shape, mesh, rules)
 
   # --- decode --------------------------------------------------------------------------------
   num_generated, num_target_calls, accepted_by_position = [], [], []
@@ -232,7 +237,8 @@ def run(config) -> statistics.RunStatistics:
   progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding')
   with progress, _atomic_writer(config.output) as out:
     for batch in batches:
-      tokens, lengths, images = _batch_arrays(batch, processor, image_shape)
+      tokens, lengths, images = placement.place_inputs(
+          *_batch_arrays(batch, processor, image_shape), mesh, rules)
       rng = jax.random.fold_in(base_key, batch.index)
       start = time.perf_counter()
       result = jax.block_until_ready(

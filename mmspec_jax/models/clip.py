@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes, sharding
 from mmspec_jax.models.config import VisionConfig, resolve_dtype
 from mmspec_jax.models.layers import dense, dot_product_attention, layer_norm, partitioned
 
@@ -137,5 +137,5 @@ class ClipVisionTower(nn.Module):
       # Create the parameters that LLaVA never applies; XLA drops this dead computation.
       unused = x if self.unused_layers is None else self.unused_layers(x, None)[0]
       self.post_layernorm(unused)
-    x = nn.with_logical_constraint(x, (axes.BATCH, None, axes.ACT_EMBED))
+    x = sharding.constrain(x, (axes.BATCH, None, axes.ACT_EMBED))
     return x[:, 1:] if self.drop_cls else x

@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes
 from mmspec_jax.models.config import LlamaConfig, resolve_dtype
 
 # Logical names of the stacked [L, B, S, K, H] key and value arrays.

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes
 from mmspec_jax.models.config import RopeScaling
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes, sharding
 from mmspec_jax.models.config import LlamaConfig, resolve_dtype
 from mmspec_jax.models.kv_cache import KVCache, attention_mask, write
 from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention,
@@ -43,7 +43,7 @@ class Attention(nn.Module):
     inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     query = apply_rope(query, positions, inv_freq)
     key = apply_rope(key, positions, inv_freq)
-    query = nn.with_logical_constraint(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    query = sharding.constrain(query, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
 
     if kv_cache is not None:
       key_cache, value_cache = kv_cache
@@ -67,7 +67,7 @@ class Mlp(nn.Module):
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
     gate = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='gate_proj', **kwargs)(x)
     up = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='up_proj', **kwargs)(x)
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    hidden = sharding.constrain(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return dense(cfg.hidden_size, (axes.MLP, axes.EMBED), name='down_proj', **kwargs)(hidden)
 
 
@@ -82,9 +82,9 @@ class DecoderLayer(nn.Module):
     activation_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
     normed = RMSNorm(cfg.rms_norm_eps, name='input_layernorm', **kwargs)(x)
     attended, kv_cache = Attention(cfg, name='self_attn')(normed, positions, mask, kv_cache)
-    x = nn.with_logical_constraint(x + attended, activation_axes)
+    x = sharding.constrain(x + attended, activation_axes)
     normed = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm', **kwargs)(x)
-    x = nn.with_logical_constraint(x + Mlp(cfg, name='mlp')(normed), activation_axes)
+    x = sharding.constrain(x + Mlp(cfg, name='mlp')(normed), activation_axes)
     return x, kv_cache
 
 
@@ -113,7 +113,7 @@ class Llama(nn.Module):
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int32[B, T] -> [B, T, D]."""
     x = self.embed_tokens(tokens)
-    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return sharding.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[..., D] final-normed hidden states -> float32[..., V]."""
@@ -154,8 +154,8 @@ class Llama(nn.Module):
     keys, values = kv
     grown = length if num_new_tokens is None else num_new_tokens
     new_cache = KVCache(
-        keys=nn.with_logical_constraint(keys, KVCache.logical_axes().keys),
-        values=nn.with_logical_constraint(values, KVCache.logical_axes().values),
+        keys=sharding.constrain(keys, KVCache.logical_axes().keys),
+        values=sharding.constrain(values, KVCache.logical_axes().values),
         lengths=cache.lengths + grown)
     return hidden, new_cache
 

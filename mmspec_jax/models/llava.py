@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models import axes
+from mmspec_jax import axes
 from mmspec_jax.models.clip import ClipVisionTower
 from mmspec_jax.models.config import LlavaConfig, resolve_dtype
 from mmspec_jax.models.kv_cache import KVCache

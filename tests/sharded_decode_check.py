@@ -1,0 +1,86 @@
+"""Run in a subprocess with 8 fake CPU devices: speculative decoding on several (data, tensor)
+meshes against one device, and a checkpoint saved on one mesh restored onto another.
+Prints one JSON line of results."""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import decoding_fixtures as fx  # noqa: E402
+from mmspec_jax import sharding  # noqa: E402
+from mmspec_jax.convert.loading import load_model, save_converted  # noqa: E402
+from mmspec_jax.decoding import placement  # noqa: E402
+from mmspec_jax.decoding.engine import SpeculativeDecoder  # noqa: E402
+from mmspec_jax.decoding.sampling import SamplingConfig  # noqa: E402
+from mmspec_jax.models import build  # noqa: E402
+
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def batch_of_eight(config):
+  parts = [fx.ragged_batch(config, seed) for seed in range(3)]
+  width = max(p[0].shape[1] for p in parts)
+  tokens = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
+  lengths = np.concatenate([p[1] for p in parts])
+  images = np.concatenate([p[2] for p in parts])
+  return tokens[:8], lengths[:8], images[:8]
+
+
+def decode(mesh, decoder, target_config, target_params, draft_config, draft_params, inputs):
+  target_params = jax.device_put(target_params, placement.param_shardings(target_config, mesh))
+  draft_params = jax.device_put(draft_params, placement.param_shardings(draft_config, mesh))
+  with placement.mesh_context(mesh):
+    result = decoder.generate(target_params, draft_params, *placement.place_inputs(*inputs, mesh),
+                              jax.random.key(0))
+  q_proj = target_params['language_model']['layers']['self_attn']['q_proj']['kernel']
+  return jax.device_get(result), str(q_proj.sharding.spec)
+
+
+def main():
+  target_config, target_params = fx.llava_target()
+  draft_config, draft_params = fx.language_draft(target_config, target_params)
+  target_params = jax.tree.map(np.asarray, target_params)
+  draft_params = jax.tree.map(np.asarray, draft_params)
+  decoder = SpeculativeDecoder(build(target_config), build(draft_config), 3, SamplingConfig(),
+                               16, (-1,))
+  inputs = batch_of_eight(target_config)
+  single = sharding.make_mesh({'data': 1}, jax.devices()[:1])
+  reference, _ = decode(single, decoder, target_config, target_params, draft_config,
+                        draft_params, inputs)
+  results = {'accepted': int(reference.accepted_by_position.sum())}
+  for data, tensor in MESHES:
+    mesh = sharding.make_mesh({'data': data, 'tensor': tensor})
+    result, spec = decode(mesh, decoder, target_config, target_params, draft_config,
+                          draft_params, inputs)
+    results[f'{data}x{tensor}'] = {
+        'tokens_equal': bool((result.tokens == reference.tokens).all()),
+        'stats_equal': bool((result.num_generated == reference.num_generated).all()
+                            and (result.num_target_calls == reference.num_target_calls).all()
+                            and (result.accepted_by_position
+                                 == reference.accepted_by_position).all()),
+        'q_proj_spec': spec}
+
+  # A converted checkpoint saved from one mesh restores onto another.
+  save_mesh = sharding.make_mesh({'data': 4, 'tensor': 2})
+  restore_mesh = sharding.make_mesh({'data': 2, 'tensor': 4})
+  with tempfile.TemporaryDirectory() as directory:
+    saved = jax.device_put(target_params, placement.param_shardings(target_config, save_mesh))
+    save_converted(os.path.join(directory, 'ckpt'), target_config, saved)
+    restored_shardings = placement.param_shardings(target_config, restore_mesh)
+    _, restored = load_model(os.path.join(directory, 'ckpt'), shardings=restored_shardings)
+    equal = jax.tree.map(lambda a, b: bool((np.asarray(a) == b).all()), restored, target_params)
+    placed = jax.tree.map(lambda a, s: a.sharding == s, restored, restored_shardings)
+    results['restore_equal'] = all(jax.tree.leaves(equal))
+    results['restore_on_target_shardings'] = all(jax.tree.leaves(placed))
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

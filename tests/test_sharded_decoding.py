@@ -1,0 +1,34 @@
+"""Decoding on 8 fake CPU devices over (data, tensor) meshes equals one device, token for token
+and statistic for statistic; a checkpoint saved on one mesh restores onto another. (A subprocess:
+the device count is fixed when jax is imported.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), 'sharded_decode_check.py')
+
+
+@pytest.fixture(scope='module')
+def results():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
+                       env=env, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('mesh', ['8x1', '4x2', '2x4', '1x8'])
+def test_greedy_outputs_and_statistics_equal_one_device(results, mesh):
+  assert results['accepted'] > 0  # Speculation really happened.
+  assert results[mesh]['tokens_equal'] and results[mesh]['stats_equal']
+
+
+def test_heads_are_sharded_over_tensor(results):
+  assert results['4x2']['q_proj_spec'] == "P(None, 'fsdp', 'tensor', None)"
+
+
+def test_checkpoint_restores_onto_another_mesh(results):
+  assert results['restore_equal'] and results['restore_on_target_shardings']
