@@ -1,0 +1,165 @@
+r"""Will it fit? Compiles full-size programs on abstract shapes and reports per-device memory.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m mmspec_jax.plan --config=configs/plan.py --config.mesh.tensor=8
+
+Lowers and compiles, without allocating a single weight, (1) the whole speculative decoding
+program (prefill with images, the while_loop of drafting and verification) for the target and
+draft presets, and (2) the draft's train step, on the mesh of the devices present (real TPU/GPU
+devices, or fake CPU ones), then prints per-device parameter, KV cache and temporary bytes from the
+compiled programs' memory analysis and whether they fit `memory_per_device_gib`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmspec_jax import sharding
+from mmspec_jax.decoding import placement
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
+                               text_config)
+from mmspec_jax.models.config import with_dtype
+from mmspec_jax.training.optimizer import make_optimizer
+from mmspec_jax.training.step import Objective, state_shardings, train_step
+
+GIB = 1024 ** 3
+
+
+def _bytes_per_device(structs) -> int:
+  """Bytes of one device's shards of abstract arrays with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(structs):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _abstract(config, mesh, rules):
+  shardings = placement.param_shardings(config, mesh, rules)
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      nn.unbox(abstract_params(config)), shardings)
+
+
+def _memory(compiled) -> dict[str, int]:
+  analysis = compiled.memory_analysis()
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+            'alias_size_in_bytes', 'generated_code_size_in_bytes')
+  return {name: int(getattr(analysis, name, 0) or 0) for name in fields}
+
+
+def plan_decoding(config, mesh, rules) -> dict:
+  target = with_dtype(presets.get(config.target), config.dtype)
+  draft = with_dtype(presets.get(config.draft), config.dtype) if config.draft else None
+  target_params = _abstract(target, mesh, rules)
+  draft_params = _abstract(draft, mesh, rules) if draft else None
+  gamma = config.num_draft_tokens if draft else 0
+  decoder = SpeculativeDecoder(build(target), build(draft) if draft else None, gamma,
+                               SamplingConfig(temperature=config.temperature),
+                               config.max_new_tokens, (2,))
+  image_shape = None
+  if isinstance(target, LlavaConfig):
+    image_shape = (target.vision.image_size, target.vision.image_size, 3)
+  inputs = placement.input_structs(config.batch_size, config.prompt_length, image_shape, mesh,
+                                   rules)
+  start = time.time()
+  with placement.mesh_context(mesh, rules):
+    compiled = decoder.generate.lower(target_params, draft_params, *inputs,
+                                      jax.random.key(0)).compile()
+  cache_length = config.prompt_length + config.max_new_tokens + gamma + 1
+  caches = [jax.eval_shape(lambda c=c: KVCache.init(text_config(c), config.batch_size,
+                                                     cache_length))
+            for c in (target, draft) if c is not None]
+  cache_structs = [jax.tree.map(
+      lambda leaf, names: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding
+                                               .logical_sharding(names, leaf.shape, mesh, rules)),
+      cache, KVCache.logical_axes()) for cache in caches]
+  return {
+      'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
+                 f'{config.batch_size}, gamma {gamma}, {cache_length} positions',
+      'compile_seconds': round(time.time() - start, 1),
+      'parameter_bytes': _bytes_per_device([target_params, draft_params]),
+      'kv_cache_bytes': _bytes_per_device(cache_structs),
+      **_memory(compiled)}
+
+
+def plan_training(config, mesh, rules) -> dict:
+  model = with_dtype(presets.get(config.draft), config.dtype, 'float32')
+  train = config.train
+  # The optimizer's hyperparameters do not change its memory; its structure does.
+  optimizer = make_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=10, num_train_steps=1000, end_learning_rate_factor=0.1,
+      adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)))
+  shardings, abstract_state = state_shardings(model, optimizer, mesh, rules)
+  rows = (train.batch_size, train.seq_len)
+  batch = {name: jax.ShapeDtypeStruct(rows, dtype, sharding=placement.batch_sharding(rows, mesh,
+                                                                                      rules))
+           for name, dtype in (('inputs', np.int32), ('targets', np.int32),
+                               ('loss_mask', np.float32), ('positions', np.int32),
+                               ('segment_ids', np.int32))}
+  step = jax.jit(functools.partial(train_step, Objective(build(model)), optimizer,
+                                   train.num_micro_batches),
+                 out_shardings=(shardings, None), donate_argnums=0)
+  start = time.time()
+  with placement.mesh_context(mesh, rules):
+    compiled = step.lower(abstract_state, batch).compile()
+  return {
+      'program': f'train step {config.draft}, batch {train.batch_size} x {train.seq_len}, '
+                 f'{train.num_micro_batches} micro-batches',
+      'compile_seconds': round(time.time() - start, 1),
+      'parameter_bytes': _bytes_per_device(abstract_state.params),
+      'optimizer_bytes': _bytes_per_device(abstract_state.opt_state),
+      **_memory(compiled)}
+
+
+def _peak(report: dict) -> int:
+  return (report['argument_size_in_bytes'] + report['output_size_in_bytes']
+          + report['temp_size_in_bytes'] - report['alias_size_in_bytes'])
+
+
+def run(config) -> list[dict]:
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+  print(f'{len(jax.devices())} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, '
+        f'{config.dtype}', flush=True)
+  reports = [plan_decoding(config, mesh, rules)]
+  if config.draft and config.train.batch_size:
+    reports.append(plan_training(config, mesh, rules))
+  for report in reports:
+    report['peak_bytes'] = _peak(report)
+    report['fits'] = report['peak_bytes'] <= config.memory_per_device_gib * GIB
+    print(f"\n{report['program']} (compiled in {report['compile_seconds']}s)")
+    for name, value in report.items():
+      if name.endswith('bytes'):
+        print(f'  {name:32s} {value / GIB:9.3f} GiB per device')
+    verdict = 'fits' if report['fits'] else 'does NOT fit'
+    print(f"  -> {verdict} in {config.memory_per_device_gib} GiB per device")
+  return reports
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Plan config (configs/plan.py).',
+                                          lock_config=True)
+_OUTPUT = flags.DEFINE_string('output', '', 'Optional JSON file for the reports.')
+
+
+def main(argv):
+  del argv
+  reports = run(_CONFIG.value)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump(reports, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
