@@ -2,22 +2,14 @@
 and statistic for statistic; a checkpoint saved on one mesh restores onto another. (A subprocess:
 the device count is fixed when jax is imported.)"""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), 'sharded_decode_check.py')
+from multidevice import run_check
 
 
 @pytest.fixture(scope='module')
 def results():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
-                       env=env, check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return run_check('sharded_decode_check.py')
 
 
 @pytest.mark.parametrize('mesh', ['8x1', '4x2', '2x4', '1x8'])

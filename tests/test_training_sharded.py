@@ -1,22 +1,14 @@
 """The train step on an 8-device CPU mesh equals the one-device step, with parameters and
 optimizer moments really sharded (run in a subprocess: the device count is fixed at jax import)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), 'sharded_train_check.py')
+from multidevice import run_check
 
 
 @pytest.fixture(scope='module')
 def results():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
-                       env=env, check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return run_check('sharded_train_check.py')
 
 
 @pytest.mark.parametrize('mesh', ['data8', 'data4xtensor2', 'data2xtensor4',
