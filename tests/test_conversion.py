@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from mmspec_jax.testing import tiny_hf as hf_builders
-from mmspec_jax.convert.export import export_llama_to_hf
+from mmspec_jax.convert.export import export_llama_to_hf, export_to_hf
 from mmspec_jax.convert.hf_config import ConversionError
 from mmspec_jax.convert.loading import load_model, save_converted
 from mmspec_jax.models import build, init_params, presets
@@ -162,3 +162,22 @@ def test_unsupported_vision_tower_is_refused(tmp_path):
   config.save_pretrained(str(tmp_path))
   with pytest.raises(ConversionError, match="unsupported vision tower model_type 'siglip"):
     load_model(str(tmp_path))
+
+
+def test_llava_export_round_trip_through_transformers(tmp_path):
+  config = presets.get('tiny_llava')
+  params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(2)))
+  out = export_to_hf(params, config, str(tmp_path / 'llava_hf'))
+  hf_model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  rng = np.random.RandomState(0)
+  size = config.vision.image_size
+  tokens = np.array([[1] + [config.image_token_index] * config.num_image_tokens + [5, 9, 17]])
+  images = rng.rand(1, size, size, 3).astype(np.float32)
+  with torch.no_grad():
+    reference = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                         pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).logits.numpy()
+  ours = np.asarray(build(config).apply({'params': params}, tokens, images))
+  assert reference.std() > 0.5
+  np.testing.assert_allclose(ours, reference, atol=TOLERANCE)
+  _, params2 = load_model(out)  # And back, every tensor (unused CLIP layers included).
+  jax.tree.map(np.testing.assert_array_equal, params2, params)

@@ -158,3 +158,28 @@ def llama_config_to_hf(config: LlamaConfig):
       bos_token_id=token(config.bos_token_id), eos_token_id=token(config.eos_token_id),
       pad_token_id=token(config.pad_token_id), hidden_act='silu',
       architectures=['LlamaForCausalLM'], dtype=config.param_dtype)
+
+
+def llava_config_to_hf(config: LlavaConfig):
+  """A transformers LlavaConfig for our LLaVA config (for export)."""
+  import transformers
+  vision = config.vision
+  hf_vision = transformers.CLIPVisionConfig(
+      hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+      num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+      image_size=vision.image_size, patch_size=vision.patch_size,
+      num_channels=vision.num_channels, layer_norm_eps=vision.layer_norm_eps,
+      hidden_act=vision.hidden_act)
+  if config.projector_type != 'mlp2x_gelu':
+    raise ConversionError('transformers\' LLaVA has only the two-layer projector; '
+                          f'{config.projector_type!r} cannot be exported')
+  text = llama_config_to_hf(config.text)
+  return transformers.LlavaConfig(
+      vision_config=hf_vision, text_config=text, image_token_index=config.image_token_index,
+      projector_hidden_act=config.projector_hidden_act,
+      multimodal_projector_bias=config.projector_bias,
+      vision_feature_layer=config.vision_feature_layer,
+      vision_feature_select_strategy=config.vision_feature_select_strategy,
+      image_seq_length=config.num_image_tokens,
+      tie_word_embeddings=config.text.tie_word_embeddings,
+      architectures=['LlavaForConditionalGeneration'], dtype=config.text.param_dtype)

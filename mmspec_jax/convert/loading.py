@@ -34,7 +34,7 @@ PARAMS_DIR = 'params'
 Progress = Callable[[str], None]
 
 
-def _layout(config: ModelConfig):
+def layout(config: ModelConfig):
   """Our roots, the HF prefixes and the layer stacks for this kind of model."""
   if isinstance(config, LlavaConfig):
     stacks = {hf_keys.TEXT: {'layers': 0},
@@ -68,7 +68,7 @@ def convert_hf_params(hf_dir: str, config: ModelConfig, *, shardings: Any = None
   shardings: None (default device) or a pytree of `jax.sharding.Sharding` matching the params.
   """
   abstract = traverse_util.flatten_dict(nn.unbox(abstract_params(config)), sep='/')
-  roots, prefixes, stacks = _layout(config)
+  roots, prefixes, stacks = layout(config)
   entries = hf_keys.entries({p: leaf.shape for p, leaf in abstract.items()}, roots, stacks)
   flat_shardings = (traverse_util.flatten_dict(shardings, sep='/') if shardings is not None
                     else {})

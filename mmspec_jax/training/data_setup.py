@@ -15,7 +15,8 @@ from mmspec_jax.models.config import from_dict
 class DataSetup:
   """Prepares (if asked) and opens the run's dataset; one iterator per split."""
 
-  def __init__(self, config, teacher_config):
+  def __init__(self, config, image_model):
+    """image_model: the LLaVA config whose image tokens multimodal batches carry, or None."""
     from transformers import AutoTokenizer
     self.config = config
     self.tokenizer_dir = config.tokenizer or config.target
@@ -32,19 +33,19 @@ class DataSetup:
       target_tokenizer = AutoTokenizer.from_pretrained(config.target)
       check_compatible_vocabularies(target_tokenizer, self.tokenizer, model_vocab,
                                     text_config(read_config(config.target)).vocab_size)
-    self.teacher_config = teacher_config
+    self.image_model = image_model
     self.preprocess_images = None
     kind = config.data.kind
     if kind not in ('pretrain', 'chat', 'multimodal'):
       raise ValueError(f"unknown config.data.kind {kind!r}; expected 'pretrain', 'chat' or "
                        "'multimodal'")
     if kind == 'multimodal':
-      if not isinstance(teacher_config, LlavaConfig):
-        raise ValueError('multimodal data needs config.target to be a LLaVA model (its image '
-                         'tokens and image preprocessing)')
+      if not isinstance(image_model, LlavaConfig):
+        raise ValueError('multimodal data needs a LLaVA model for its image tokens and image '
+                         'preprocessing: set config.target (or train a LLaVA with task llava)')
       from mmspec_jax.processing import MultimodalProcessor
       self.preprocess_images = MultimodalProcessor.from_pretrained(
-          config.target).preprocess_images
+          config.target or self.tokenizer_dir).preprocess_images
     self.name = self._prepare()
 
   def _prepare(self) -> str:
@@ -77,8 +78,8 @@ class DataSetup:
                                   text_key=data.text_key if data.kind == 'pretrain' else None)
     extra = {}
     if data.kind == 'multimodal':
-      extra = dict(num_image_tokens=self.teacher_config.num_image_tokens,
-                   image_token_id=self.teacher_config.image_token_index,
+      extra = dict(num_image_tokens=self.image_model.num_image_tokens,
+                   image_token_id=self.image_model.image_token_index,
                    preprocess_images=self.preprocess_images)
     return make_iterator(
         data.kind, source, self.tokenizer, batch_size=config.batch_size // process_count,

@@ -58,9 +58,10 @@ def _log(message: str):
 
 def _model_config(config):
   model_config = from_dict(config.model.to_dict())
-  if not isinstance(model_config, (LlamaConfig, AdapterDraftConfig)):
-    raise ValueError('train.py trains drafts: config.model must be a LLaMA or adapter-draft '
-                     f'config, not {type(model_config).__name__}')
+  expected = (LlavaConfig,) if config.task == 'llava' else (LlamaConfig, AdapterDraftConfig)
+  if not isinstance(model_config, expected):
+    raise ValueError(f'task {config.task!r} trains {" or ".join(c.__name__ for c in expected)}'
+                     f' models; config.model is a {type(model_config).__name__}')
   # float32 parameters; compute in config.dtype (bfloat16 on TPU).
   return with_dtype(model_config, config.dtype, 'float32')
 
@@ -86,7 +87,10 @@ class Trainer:
     self.teacher_config, self.teacher_params = self._load_teacher()
     if isinstance(self.model_config, AdapterDraftConfig):
       self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
-    self.data = data_setup.DataSetup(config, self.teacher_config)
+    # Multimodal batches follow the LLaVA whose image tokens they carry: the target being
+    # trained, or the frozen target a draft learns from.
+    image_model = self.model_config if config.task == 'llava' else self.teacher_config
+    self.data = data_setup.DataSetup(config, image_model)
     self.objective = Objective(
         build(self.model_config), task=config.task,
         teacher=build(self.teacher_config) if self.teacher_config else None,
@@ -102,7 +106,7 @@ class Trainer:
     self.history: list[tuple[int, float]] = []  # (step, training loss) at each log line.
 
   def _load_teacher(self):
-    if self.config.task == 'lm':
+    if self.config.task in ('lm', 'llava'):
       return None, None
     if not self.config.target:
       raise ValueError(f'task {self.config.task!r} needs config.target (the target model)')
@@ -221,13 +225,12 @@ class Trainer:
       import shutil
       shutil.rmtree(out)
     save_converted(out, self.model_config, params, source_dir=self.data.tokenizer_dir)
-    message = f'exported {out} (decode.py --config.draft={out})'
-    if isinstance(self.model_config, LlamaConfig):
-      from mmspec_jax.convert.export import export_llama_to_hf
+    message = f'exported {out} (for decode.py and the next stage\'s init_from)'
+    if not isinstance(self.model_config, AdapterDraftConfig):  # No HF class holds an adapter.
+      from mmspec_jax.convert.export import export_to_hf
       hf_dir = os.path.join(self.workdir, 'export_hf')
-      export_llama_to_hf(params, self.model_config, hf_dir,
-                         tokenizer_dir=self.data.tokenizer_dir)
-      message += f' and {hf_dir} (Hugging Face LlamaForCausalLM)'
+      export_to_hf(params, self.model_config, hf_dir, tokenizer_dir=self.data.tokenizer_dir)
+      message += f' and {hf_dir} (Hugging Face)'
     _log(message)
 
 

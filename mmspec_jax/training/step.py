@@ -4,6 +4,7 @@ Axis legend: A gradient-accumulation micro-batches, B batch, T length, V vocabul
 
 Objectives (`task`):
   lm       next-token cross-entropy of a LLaMA draft (pretraining, chat fine-tuning);
+  llava    next-token cross-entropy of a whole LLaVA (the target), images through its own tower;
   distill  the draft against the frozen target's logits (KL or TVD) plus a weighted CE term;
            the target reads the multimodal sequence, the draft the same text with the image
            placeholders removed, and the target's logits are gathered at the draft's positions;
@@ -62,16 +63,17 @@ def text_positions_first(tokens: jax.Array, image_token: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What a stage optimizes; hashable, so it can be closed over by jit."""
-  model: nn.Module  # The trained model: Llama or AdapterDraft.
+  model: nn.Module  # The trained model: Llama, AdapterDraft or (task 'llava') Llava.
   task: str = 'lm'  # 'lm' | 'distill' | 'adapter'
   teacher: nn.Module | None = None  # The frozen target (Llava or Llama) for distill / adapter.
   distill_kind: str = 'kl'
   distill_weight: float = 1.0  # distill: loss = w * distillation + (1 - w) * cross-entropy.
 
   def __post_init__(self):
-    if self.task not in ('lm', 'distill', 'adapter'):
-      raise ValueError(f"unknown task {self.task!r}; expected 'lm', 'distill' or 'adapter'")
-    if self.task != 'lm' and self.teacher is None:
+    if self.task not in ('lm', 'llava', 'distill', 'adapter'):
+      raise ValueError(f"unknown task {self.task!r}; expected 'lm', 'llava', 'distill' or "
+                       "'adapter'")
+    if self.task in ('distill', 'adapter') and self.teacher is None:
       raise ValueError(f'task {self.task!r} needs the target model')
 
   def loss(self, params, batch: dict[str, jax.Array], frozen: Any):
@@ -80,6 +82,9 @@ class Objective:
       logits = self.model.apply({'params': params}, batch['inputs'],
                                 positions=batch.get('positions'),
                                 segment_ids=batch.get('segment_ids'))
+      return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
+    if self.task == 'llava':
+      logits = self.model.apply({'params': params}, batch['inputs'], batch['images'])
       return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
     if self.task == 'adapter':
       features = self.teacher.apply({'params': frozen}, batch['images'],
