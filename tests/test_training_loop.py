@@ -205,3 +205,22 @@ def test_tokenizer_that_does_not_match_the_target_is_refused(world, tmp_path):
   config.tokenizer = other
   with pytest.raises(ValueError, match='incompatible draft vocabulary'):
     Trainer(config, str(tmp_path / 'run'))
+
+
+def test_target_llava_trains_from_scratch_and_exports(world):
+  config = conversation_config(world, 'target', num_train_steps=30, log_every_steps=5,
+                               eval_steps=1, warmup_steps=3, learning_rate=3e-3)
+  config.target = ''
+  config.tokenizer = world['target']  # Tokenizer and image processor.
+  config.model.text.vocab_size = fx.DRAFT_VOCAB
+  config.model.image_token_index = 130  # The word tokenizer's <image>.
+  config.model.vision.image_size = 28  # What the processor produces.
+  workdir = str(world['root'] / 'target_run')
+  trainer = Trainer(config, workdir)
+  trainer.run()
+  losses = [loss for _, loss in trainer.history]
+  assert losses[-1] < 0.7 * losses[0]
+  import transformers
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(workdir,
+                                                                               'export_hf'))
+  assert hf.config.image_token_index == 130

@@ -84,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
 _PAPER_RUNTIME = dict(dtype='bfloat16', log_every_steps=50, eval_every_steps=500,
                       checkpoint_every_steps=500, mesh=dict(data=1, fsdp=-1, tensor=1))
 STAGES = {
+    # A whole LLaVA from scratch: the offline world's target (configs/world.py sizes it).
+    'target': dict(
+        task='llava', kind='multimodal',
+        tiny=dict(seq_len=128, batch_size=8, num_train_steps=400, learning_rate=2e-3,
+                  warmup_steps=40),
+        paper=None),
     'draft_pretrain': dict(
         task='lm', kind='pretrain',
         tiny=dict(seq_len=64, batch_size=8, num_train_steps=200, learning_rate=3e-3,
@@ -125,6 +131,8 @@ def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
   if scale not in ('tiny', 'paper'):
     raise ValueError(f"unknown scale {scale!r}; expected 'tiny' or 'paper'")
   spec = dict(STAGES[stage])
+  if spec.get(scale) is None:
+    raise ValueError(f'stage {stage!r} has no {scale!r} scale')
   config = base_config()
   config.stage = stage
   config.task = spec.pop('task')
@@ -143,5 +151,7 @@ def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
   text = presets.get('tiny_llama' if scale == 'tiny' else 'draft_115m')
   # The adapter's input width and image token follow the target (filled in at run time).
   model = AdapterDraftConfig(text=text) if config.task == 'adapter' else text
+  if config.task == 'llava':
+    model = presets.get('tiny_llava')
   config.model = presets.as_config_dict(model)
   return config
