@@ -16,7 +16,8 @@ from mmspec_jax import sharding
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Target model: a Hugging Face LLaVA/LLaMA directory or a converted one (mmspec_config.json).
+  # Target model: a Hugging Face LLaVA/LLaMA directory or a converted one (mmspec_config.json);
+  # '' = the checkpoints `make demo` trained (target and language-only draft).
   config.target = ''
   # Draft model directory (LLaMA or adapter draft, HF or converted); '' = plain autoregressive.
   config.draft = ''

@@ -258,3 +258,11 @@ def test_cli(ckpt):
   assert 'error: top_p must be in (0, 1]' in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(ckpt['root'] / 'cli_bad.jsonl')
+
+
+def test_no_target_and_no_demo_checkpoints_is_explained(ckpt, monkeypatch, tmp_path):
+  from mmspec_jax import artifacts
+  monkeypatch.setattr(artifacts, 'ROOT', str(tmp_path / 'artifacts'))
+  config = make_config(ckpt, 'no_target', target='')
+  with pytest.raises(ValueError, match='run `make demo` first'):
+    runner.run(config)

@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from mmspec_jax.convert.loading import load_model, read_config
-from mmspec_jax import sharding
+from mmspec_jax import artifacts, sharding
 from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
@@ -43,6 +43,20 @@ def summary_path(output: str) -> str:
 def sampling_config(config) -> SamplingConfig:
   """The validated sampling settings (SamplingConfig raises on out-of-range values)."""
   return SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
+
+def use_demo_checkpoints(config):
+  """No target given: decode with the checkpoints `make demo` trained, if there are any."""
+  if config.target:
+    return
+  if not artifacts.is_trained(artifacts.DEMO_TARGET_STAGE):
+    raise ValueError('config.target is empty and there are no demo checkpoints under '
+                     f'{artifacts.ROOT!r}: pass --config.target=DIR, or run `make demo` first')
+  config.target = artifacts.export_dir(artifacts.DEMO_TARGET_STAGE)
+  if not config.draft and artifacts.is_trained(artifacts.DEMO_DRAFT_STAGE):
+    config.draft = artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE)
+  logging.warning('no target given: using the demo checkpoints %s and %s', config.target,
+                  config.draft or '(no draft)')
 
 
 def check_settings(config):
@@ -193,6 +207,7 @@ def _atomic_writer(path: str):
 def run(config) -> statistics.RunStatistics:
   """Decodes config.prompts into config.output and config.output's summary; see module doc."""
   # --- validation: nothing loaded, compiled or written yet ------------------------------------
+  use_demo_checkpoints(config)
   check_settings(config)
   sampling = sampling_config(config)
   target_config, draft_config = _model_configs(config)
