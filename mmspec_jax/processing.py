@@ -20,6 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# The LLaVA-1.5 chat template llava-hf ships (chat_template.json).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
 # The LLaVA-1.5 conversation format, used when the checkpoint ships no chat template.
 FALLBACK_IMAGE_PROMPT = 'USER: <image>\n{question} ASSISTANT:'
 FALLBACK_TEXT_PROMPT = 'USER: {question} ASSISTANT:'

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmspec_jax.testing.tiny_hf import LLAVA_CHAT_TEMPLATE
+from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
 from mmspec_jax.processing import MultimodalProcessor, num_image_tokens_from_config, pad_batch
 
 IMAGE_ID = 4

@@ -66,17 +66,19 @@ def _request(row: dict[str, Any], where: str, json_path: str, index: int,
 
   The three helpers are private to inputs.py; a public per-row function there would replace this.
   """
+  # pylint: disable=protected-access
   image = row.get('image')
   if image is not None:
-    image = inputs._check_image(image, where, json_path, target, processor)  # pylint: disable=protected-access
-  ids = inputs._prompt_ids(row, where, image is not None, False, processor)  # pylint: disable=protected-access
-  inputs._check_ids(ids, where, image is not None, target, max_new_tokens)  # pylint: disable=protected-access
+    image = inputs._check_image(image, where, json_path, target, processor)
+  ids = inputs._prompt_ids(row, where, image is not None, False, processor)
+  inputs._check_ids(ids, where, image is not None, target, max_new_tokens)
   return inputs.Request(row['id'], index + 1, tuple(ids), image)
 
 
 def read_task(data_dir: str, task: str, processor: MultimodalProcessor, target: ModelConfig, *,
               num_examples: int, max_new_tokens: int) -> list[Example]:
-  """The first `num_examples` records of `task`, validated and tokenized, in file order."""
+  """The first `num_examples` records of `task` (all if fewer), validated and tokenized, in file
+  order."""
   path = task_path(data_dir, task)
   if not os.path.isfile(path):
     raise ValueError(f'task {task!r}: data file not found: {path}')
@@ -98,8 +100,10 @@ def read_task(data_dir: str, task: str, processor: MultimodalProcessor, target: 
     row = {'id': record_id, 'prompt': question}
     image = record.get('image')
     if image is not None:
-      # Images live under DATA_DIR/images/, and inputs resolves paths against the JSON's folder.
-      row['image'] = os.path.join(IMAGES_SUBDIR, image) if isinstance(image, str) and image else image
+      # Images live under DATA_DIR/images/; inputs resolves paths against the JSON's folder (and
+      # reports an image that is not a non-empty string itself).
+      valid = isinstance(image, str) and image
+      row['image'] = os.path.join(IMAGES_SUBDIR, image) if valid else image
     request = _request(row, where, path, index, processor, target, max_new_tokens)
     examples.append(Example(request, reference, record))
   return examples

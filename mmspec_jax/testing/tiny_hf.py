@@ -14,6 +14,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
+
 TEXT_VOCAB = 140  # Padded text vocabulary, larger than the ids any prompt uses (as 32064 > 32000).
 IMAGE_TOKEN = 130
 
@@ -113,20 +115,6 @@ def tiny_tokenizer():
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>',
       pad_token='<pad>', additional_special_tokens=['<image>'])
-
-
-# The LLaVA-1.5 chat template llava-hf ships (chat_template.json).
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 def word_tokenizer(*, swap: tuple[int, int] | None = None):

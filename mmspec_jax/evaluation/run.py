@@ -1,0 +1,297 @@
+"""The paper's evaluation: block efficiency and MBSU per task x draft x gamma x sampling.
+
+One decoder is built per (draft, gamma, sampling), plus the target alone (gamma 0, greedy) for
+its answer quality and a tokens/s baseline. Every prompt of every task is padded to one length
+and every batch to `batch_size` rows, so each decoder compiles exactly once per run; compile time
+is kept apart from decode time. The same decoder then runs every task, one cell per task.
+
+A cell is a dict: what was run (task, draft, draft_kind, gamma, sampling, temperature), the
+`statistics.RunStatistics` fields (block_efficiency = tau, mbsu, acceptance_rate_by_position,
+tokens_per_second, ...), `wallclock_speedup` over the target alone on the same task, and for the
+target-alone cells `quality` (the mean score) and `examples` (id, prediction, reference, score).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmspec_jax import sharding
+from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding import inputs, placement, runner, statistics
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.evaluation import report, tasks as task_data
+from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, build, parameter_count
+from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+from mmspec_jax.processing import MultimodalProcessor
+
+DEFAULT_TASKS = ('captioning', 'sqa', 'conversation')
+DEFAULT_GAMMAS = (1, 2, 3, 4, 5, 6, 7)
+SAMPLINGS = {'greedy': SamplingConfig(temperature=0.0), 'sample': SamplingConfig(temperature=1.0)}
+DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
+TARGET_ONLY = 'target'  # The `draft` of the target-alone cells.
+# Every prompt of the run is padded to the smallest of these that fits them all.
+LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+_DRAFT_NAME = re.compile(r'[A-Za-z0-9_.-]+')
+
+ScoreFn = Callable[[str, str, dict], float]
+
+
+def _stderr(line: str):
+  print(line, file=sys.stderr, flush=True)
+
+
+def parse_drafts(drafts: Iterable[str] | Mapping[str, str]) -> dict[str, str]:
+  """'NAME:DIR' strings (or a NAME -> DIR mapping) -> {NAME: DIR}, in order."""
+  if isinstance(drafts, Mapping):
+    pairs = list(drafts.items())
+  else:
+    pairs = []
+    for spec in drafts:
+      name, sep, directory = spec.partition(':')
+      if not sep or not directory:
+        raise ValueError(f'draft {spec!r}: expected NAME:DIR, e.g. language:runs/chat/export')
+      pairs.append((name, directory))
+  parsed = {}
+  for name, directory in pairs:
+    if not _DRAFT_NAME.fullmatch(name) or name == TARGET_ONLY:
+      raise ValueError(f'draft name {name!r}: use letters, digits, "_", "." or "-", and not '
+                       f'{TARGET_ONLY!r}')
+    if name in parsed:
+      raise ValueError(f'draft name {name!r} is given twice')
+    parsed[name] = directory
+  return parsed
+
+
+def _check_settings(tasks, gammas, samplings, max_new_tokens, batch_size, num_examples, dtype):
+  if not tasks or len(set(tasks)) != len(tasks) or not all(tasks):
+    raise ValueError(f'tasks must be distinct non-empty names, got {list(tasks)}')
+  if not gammas or len(set(gammas)) != len(gammas) or not all(
+      isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in gammas):
+    raise ValueError(f'gammas must be distinct integers >= 1 (the target alone, gamma 0, always '
+                     f'runs), got {list(gammas)}')
+  unknown = [s for s in samplings if s not in SAMPLINGS]
+  if not samplings or unknown or len(set(samplings)) != len(samplings):
+    raise ValueError(f'samplings must be distinct names among {sorted(SAMPLINGS)}, got '
+                     f'{list(samplings)}')
+  for name, value in (('max_new_tokens', max_new_tokens), ('batch_size', batch_size),
+                      ('num_examples', num_examples)):
+    if value < 1:
+      raise ValueError(f'{name} must be >= 1, got {value}')
+  if dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f'unsupported dtype {dtype!r}; expected one of {SUPPORTED_DTYPES}')
+
+
+def _default_score_fn() -> ScoreFn:
+  try:  # Imported here: the world's scorers are only needed when no score_fn is given.
+    from mmspec_jax.data.world.scoring import score
+  except ImportError as e:
+    raise ValueError('answer scoring needs mmspec_jax.data.world.scoring.score(task, prediction, '
+                     f'record); pass score_fn= instead ({e})') from e
+  return score
+
+
+def _model_configs(target: str, drafts: Mapping[str, str], dtype: str,
+                   processor: MultimodalProcessor) -> tuple[ModelConfig, dict[str, ModelConfig]]:
+  """Target and draft configs, each draft checked as decode.py checks it (no weights loaded)."""
+  # pylint: disable=protected-access
+  # runner's checks take a decode config; they read only these three fields.
+  settings = lambda draft: types.SimpleNamespace(target=target, draft=draft, dtype=dtype)
+  target_config, _ = runner._model_configs(settings(''))
+  configs = {}
+  for name, directory in drafts.items():
+    _, config = runner._model_configs(settings(directory))
+    kind = DRAFT_KINDS[type(config)]
+    if name in DRAFT_KINDS.values() and name != kind:
+      raise ValueError(f'draft {name!r} ({directory}) is of kind {kind!r}: the names '
+                       f'{sorted(DRAFT_KINDS.values())} must match the kind')
+    runner._check_draft_vocabulary(settings(directory), processor, target_config, config)
+    configs[name] = config
+  return target_config, configs
+
+
+def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequence[str]):
+  """(draft name or None, gamma, sampling name): the target alone first, for its quality."""
+  yield None, 0, 'greedy'
+  for name in drafts:
+    for sampling in samplings:
+      for gamma in sorted(gammas):
+        yield name, gamma, sampling
+
+
+def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs.Batch],
+                 processor: MultimodalProcessor, image_shape, mesh, rules, key: jax.Array):
+  """Runs one task's batches through a compiled `generate`.
+
+  Returns (new tokens: list of int32[n_i] per real row, num_generated int[R],
+  num_target_calls int[R], accepted_by_position int[R, G], decode seconds).
+  """
+  tokens, generated, calls, accepted, seconds = [], [], [], [], 0.0
+  for batch in batches:
+    arrays = runner._batch_arrays(batch, processor, image_shape)  # pylint: disable=protected-access
+    arrays = placement.place_inputs(*arrays, mesh, rules)
+    start = time.perf_counter()
+    result = jax.block_until_ready(generate(target_params, draft_params, *arrays,
+                                            jax.random.fold_in(key, batch.index)))
+    seconds += time.perf_counter() - start
+    real = slice(0, batch.num_real)  # Padding rows are decoded but not counted.
+    counts = np.asarray(result.num_generated)[real]
+    tokens += [row[:n] for row, n in zip(np.asarray(result.tokens)[real], counts)]
+    generated.append(counts)
+    calls.append(np.asarray(result.num_target_calls)[real])
+    accepted.append(np.asarray(result.accepted_by_position)[real])
+  return (tokens, np.concatenate(generated), np.concatenate(calls), np.concatenate(accepted),
+          seconds)
+
+
+def _score(examples: Sequence[task_data.Example], tokens, processor: MultimodalProcessor,
+           task: str, score_fn: ScoreFn) -> tuple[float, list[dict]]:
+  """(mean score, per-example rows) of the target's greedy answers."""
+  rows = []
+  for example, row_tokens in zip(examples, tokens):
+    prediction = processor.decode(row_tokens)
+    value = float(score_fn(task, prediction, example.record))
+    if not 0 <= value <= 1:
+      raise ValueError(f'task {task!r}, id {example.request.id!r}: score {value} is outside '
+                       '[0, 1]')
+    rows.append({'id': example.request.id, 'prediction': prediction,
+                 'reference': example.reference, 'score': value})
+  return float(np.mean([r['score'] for r in rows])), rows
+
+
+def _progress_line(number: int, total: int, cell: dict) -> str:
+  what = f'{cell["task"]} {cell["draft"]} gamma={cell["gamma"]} {cell["sampling"]}'
+  line = (f'[{number}/{total}] {what}: tau {cell["block_efficiency"]:.3f}'
+          + (f' MBSU {cell["mbsu"]:.3f}' if cell['mbsu'] is not None else ''))
+  if cell['acceptance_rate_by_position']:
+    line += ' acceptance ' + ' '.join(f'{r:.2f}' for r in cell['acceptance_rate_by_position'])
+  if 'quality' in cell:
+    line += f' quality {cell["quality"]:.3f}'
+  return line + (f' | {cell["tokens_per_second"] or 0:.1f} tokens/s '
+                 f'(compile {cell["compile_seconds"]:.1f}s)')
+
+
+def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: str, *,
+             tasks: Sequence[str] = DEFAULT_TASKS, gammas: Sequence[int] = DEFAULT_GAMMAS,
+             samplings: Sequence[str] = tuple(SAMPLINGS), max_new_tokens: int = 64,
+             batch_size: int = 16, num_examples: int = 32, out_dir: str | None = None,
+             seed: int = 0, dtype: str = 'float32',
+             mesh_shape: Mapping[str, int] | None = None, score_fn: ScoreFn | None = None,
+             log: Callable[[str], None] = _stderr) -> list[dict[str, Any]]:
+  """Evaluates every draft at every gamma and sampling on every task; see the module docstring.
+
+  Args:
+    target: the LLaVA (or LLaMA) target's directory, Hugging Face or converted.
+    drafts: 'NAME:DIR' strings or {NAME: DIR}. A draft named 'language' must be a LLaMA
+      (language-only) draft and one named 'adapter' an adapter draft; other names may be either.
+    data_dir: holds test_{task}.json and images/ (see mmspec_jax/evaluation/tasks.py).
+    tasks, gammas, samplings: the grid; samplings among 'greedy' (temperature 0) and 'sample'
+      (temperature 1).
+    max_new_tokens, batch_size: as decode.py's.
+    num_examples: the first this many records of each task.
+    out_dir: where results.json, results.md and tau_vs_gamma.png go (created if missing);
+      results.json is rewritten after every cell, so an interrupted run keeps what it finished.
+    seed: batch i of task t decodes with fold_in(fold_in(key(seed), t), i), for every decoder.
+    dtype: compute and parameter dtype of all models.
+    mesh_shape: decode.py's mesh (axis -> size, -1 fills); default all devices on `data`.
+    score_fn: score(task, prediction, record) -> float in [0, 1]; default
+      mmspec_jax.data.world.scoring.score.
+    log: receives one progress line per cell.
+
+  Returns:
+    The cells, target-alone cells first.
+  """
+  # --- validation: nothing loaded or compiled yet ------------------------------------------------
+  tasks, gammas, samplings = list(tasks), list(gammas), list(samplings)
+  _check_settings(tasks, gammas, samplings, max_new_tokens, batch_size, num_examples, dtype)
+  drafts = parse_drafts(drafts)
+  score_fn = score_fn or _default_score_fn()
+  if out_dir is not None:
+    report.prepare_out_dir(out_dir)
+  processor = MultimodalProcessor.from_pretrained(target)
+  target_config, draft_configs = _model_configs(target, drafts, dtype, processor)
+  examples = {task: task_data.read_task(data_dir, task, processor, target_config,
+                                        num_examples=num_examples, max_new_tokens=max_new_tokens)
+              for task in tasks}
+  # One prompt length and one image shape for the whole run: one compile per decoder.
+  requests = [e.request for task in tasks for e in examples[task]]
+  length = inputs.bucket_length(max(len(r.token_ids) for r in requests), LENGTH_BUCKETS)
+  image_shape = None
+  with_image = [r.image for r in requests if r.image is not None]
+  if with_image:
+    runner._check_image_size(  # pylint: disable=protected-access
+        processor, target_config, with_image[0])
+    vision = target_config.vision
+    image_shape = (vision.image_size, vision.image_size, vision.num_channels)
+  batches = {task: inputs.make_batches([e.request for e in examples[task]], batch_size, (length,))
+             for task in tasks}
+
+  # --- load every model once ---------------------------------------------------------------------
+  mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
+  rules = sharding.DEFAULT_RULES
+  load = lambda path, config: load_model(
+      path, dtype=dtype, shardings=placement.param_shardings(config, mesh, rules))[1]
+  target_params = load(target, target_config)
+  target_parameters = parameter_count(target_params)
+  draft_params = {name: load(drafts[name], config) for name, config in draft_configs.items()}
+  settings = {
+      'target': target, 'target_parameters': target_parameters, 'data_dir': data_dir,
+      'drafts': {name: {'dir': drafts[name], 'kind': DRAFT_KINDS[type(config)],
+                        'parameters': parameter_count(draft_params[name])}
+                 for name, config in draft_configs.items()},
+      'tasks': tasks, 'gammas': sorted(gammas), 'samplings': samplings,
+      'max_new_tokens': max_new_tokens, 'batch_size': batch_size, 'num_examples': num_examples,
+      'prompt_length': length, 'seed': seed, 'dtype': dtype}
+
+  # --- decode: one compile per decoder, then every task ------------------------------------------
+  target_model = build(target_config)
+  eos = runner.eos_token_ids(target_config, processor)
+  specs = list(_decoder_specs(list(drafts), gammas, samplings))
+  cells, baseline_speed = [], {}
+  base_key = jax.random.key(seed)
+  for name, gamma, sampling in specs:
+    decoder = SpeculativeDecoder(
+        target=target_model, draft=None if name is None else build(draft_configs[name]),
+        num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
+        eos_token_ids=eos)
+    params = None if name is None else draft_params[name]
+    compiled, compile_seconds = runner._compile(  # pylint: disable=protected-access
+        decoder, target_params, params, batch_size, [length], image_shape, mesh, rules)
+    decode = functools.partial(_decode_task, compiled[length], target_params, params,
+                               processor=processor, image_shape=image_shape, mesh=mesh,
+                               rules=rules)
+    for task_index, task in enumerate(tasks):
+      tokens, generated, calls, accepted, seconds = decode(
+          batches[task], key=jax.random.fold_in(base_key, task_index))
+      stats = statistics.summarize(
+          generated, calls, accepted, num_draft_tokens=gamma,
+          draft_parameters=None if name is None else settings['drafts'][name]['parameters'],
+          target_parameters=target_parameters, decode_seconds=seconds,
+          compile_seconds=compile_seconds)
+      cell = {'task': task, 'draft': name or TARGET_ONLY,
+              'draft_kind': None if name is None else settings['drafts'][name]['kind'],
+              'gamma': gamma, 'sampling': sampling,
+              'temperature': SAMPLINGS[sampling].temperature, **stats.as_dict()}
+      if name is None:
+        baseline_speed[task] = stats.tokens_per_second
+        cell['quality'], cell['examples'] = _score(examples[task], tokens, processor, task,
+                                                   score_fn)
+      # Wall-clock, so only meaningful on an accelerator with realistic model sizes.
+      cell['wallclock_speedup'] = (stats.tokens_per_second / baseline_speed[task]
+                                   if stats.tokens_per_second and baseline_speed[task] else None)
+      cells.append(cell)
+      log(_progress_line(len(cells), len(specs) * len(tasks), cell))
+      if out_dir is not None:
+        report.write_json(out_dir, settings, cells, complete=False)
+  if out_dir is not None:
+    report.write_outputs(out_dir, settings, cells)
+  return cells
