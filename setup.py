@@ -23,6 +23,7 @@ setup(
         'ml-collections>=1.0',
         'tensorboard>=2.15',  # Training summaries (flax.metrics.tensorboard).
         'tqdm>=4.60',
+        'matplotlib>=3.7',  # The evaluation's plots.
         'absl-py>=2.0',
         'numpy>=1.26',
         'pillow>=10.0',

@@ -193,7 +193,7 @@ def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
                         num_target_calls=np.full((batch,), 2, np.int32),
                         accepted_by_position=np.zeros((batch, 0), np.int32))
 
-  monkeypatch.setattr(runner, '_compile',
+  monkeypatch.setattr(runner, 'compile_programs',
                       lambda *args: ({length: generate for length in args[4]}, 0.0))
   config = make_config(ckpt, 'interrupted')
   with pytest.raises(RuntimeError, match='device lost'):

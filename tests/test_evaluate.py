@@ -16,7 +16,7 @@ from PIL import Image
 from decoding_fixtures import adapter_draft
 from mmspec_jax import evaluate as evaluate_cli
 from mmspec_jax.convert.loading import load_model, save_converted
-from mmspec_jax.evaluation import evaluate, report, run
+from mmspec_jax.evaluation import evaluate, report
 from mmspec_jax.testing import tiny_hf
 
 # (max_new_tokens - 1) is a multiple of every gamma + 1 below: with no EOS, every verification

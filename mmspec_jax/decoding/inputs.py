@@ -49,7 +49,7 @@ def _where(path: str, line: int, request_id: Any = None) -> str:
   return f'{path} line {line}' + ('' if request_id is None else f' (id {request_id!r})')
 
 
-def _check_image(image: Any, where: str, prompts_path: str, target: ModelConfig,
+def check_image(image: Any, where: str, prompts_path: str, target: ModelConfig,
                  processor: MultimodalProcessor) -> str:
   """The resolved path of a request's image, refusing what cannot be decoded."""
   if not isinstance(image, str) or not image:
@@ -71,7 +71,7 @@ def _check_image(image: Any, where: str, prompts_path: str, target: ModelConfig,
   return path
 
 
-def _prompt_ids(row: dict[str, Any], where: str, has_image: bool, raw_prompt: bool,
+def prompt_ids(row: dict[str, Any], where: str, has_image: bool, raw_prompt: bool,
                 processor: MultimodalProcessor) -> list[int]:
   if 'prompt' in row:
     prompt = row['prompt']
@@ -89,7 +89,7 @@ def _prompt_ids(row: dict[str, Any], where: str, has_image: bool, raw_prompt: bo
   return ids
 
 
-def _check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConfig,
+def check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConfig,
                max_new_tokens: int):
   text_ids = ids
   if isinstance(target, LlavaConfig):
@@ -144,9 +144,9 @@ def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig
         raise ValueError(f'{where}: needs exactly one of "prompt" and "input_ids"')
       image = row.get('image')
       if image is not None:
-        image = _check_image(image, where, path, target, processor)
-      ids = _prompt_ids(row, where, image is not None, raw_prompt, processor)
-      _check_ids(ids, where, image is not None, target, max_new_tokens)
+        image = check_image(image, where, path, target, processor)
+      ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
+      check_ids(ids, where, image is not None, target, max_new_tokens)
       requests.append(Request(request_id, line_number, tuple(ids), image))
   if not requests:
     raise ValueError(f'{path}: no requests (the file is empty)')

@@ -83,7 +83,7 @@ def check_settings(config):
     raise ValueError(f'output {config.output!r} would overwrite the prompts file')
 
 
-def _model_configs(config) -> tuple[ModelConfig, ModelConfig | None]:
+def model_configs(config) -> tuple[ModelConfig, ModelConfig | None]:
   """Target and draft configs (in the run's dtype), read without loading any weights."""
   target = with_dtype(read_config(config.target), config.dtype)
   if not isinstance(target, (LlavaConfig, LlamaConfig)):
@@ -107,7 +107,7 @@ def _model_configs(config) -> tuple[ModelConfig, ModelConfig | None]:
   return target, draft
 
 
-def _check_draft_vocabulary(config, processor: MultimodalProcessor, target: ModelConfig,
+def check_draft_vocabulary(config, processor: MultimodalProcessor, target: ModelConfig,
                             draft: ModelConfig):
   directory = config.draft
   has_tokenizer = any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
@@ -131,7 +131,7 @@ def eos_token_ids(target: ModelConfig, processor: MultimodalProcessor) -> tuple[
   return tuple(int(i) for i in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
 
 
-def _check_image_size(processor: MultimodalProcessor, target: LlavaConfig, image: str):
+def check_image_size(processor: MultimodalProcessor, target: LlavaConfig, image: str):
   """The processor must produce what the vision tower was built for; checked on one image."""
   pixels = processor.preprocess_images([image])
   vision = target.vision
@@ -141,7 +141,7 @@ def _check_image_size(processor: MultimodalProcessor, target: LlavaConfig, image
                      f'{pixels.shape[1:]}, the target\'s vision tower expects {expected}')
 
 
-def _batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
+def batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
                   image_shape: tuple[int, int, int] | None):
   """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None)."""
   tokens, lengths = processor.pad_batch([r.token_ids for r in batch.requests], pad_to=batch.length)
@@ -155,7 +155,7 @@ def _batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
   return tokens, lengths, images
 
 
-def _compile(decoder: SpeculativeDecoder, target_params, draft_params, batch_size: int,
+def compile_programs(decoder: SpeculativeDecoder, target_params, draft_params, batch_size: int,
              lengths: list[int], image_shape, mesh, rules):
   """{T: compiled generate} for every prompt length T, and the seconds it took."""
   start = time.perf_counter()
@@ -187,7 +187,7 @@ def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcesso
 
 
 @contextlib.contextmanager
-def _atomic_writer(path: str):
+def atomic_writer(path: str):
   """A text file that appears at `path` only if the block completes."""
   handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                   prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
@@ -210,10 +210,10 @@ def run(config) -> statistics.RunStatistics:
   use_demo_checkpoints(config)
   check_settings(config)
   sampling = sampling_config(config)
-  target_config, draft_config = _model_configs(config)
+  target_config, draft_config = model_configs(config)
   processor = MultimodalProcessor.from_pretrained(config.target)
   if draft_config is not None:
-    _check_draft_vocabulary(config, processor, target_config, draft_config)
+    check_draft_vocabulary(config, processor, target_config, draft_config)
   requests = inputs.read_requests(config.prompts, processor, target_config,
                                   raw_prompt=config.raw_prompt,
                                   max_new_tokens=config.max_new_tokens)
@@ -226,7 +226,7 @@ def run(config) -> statistics.RunStatistics:
   image_rows = [r for r in requests if r.image is not None]
   image_shape = None
   if image_rows:
-    _check_image_size(processor, target_config, image_rows[0].image)
+    check_image_size(processor, target_config, image_rows[0].image)
     vision = target_config.vision
     image_shape = (vision.image_size, vision.image_size, vision.num_channels)
   batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
@@ -242,7 +242,7 @@ def run(config) -> statistics.RunStatistics:
     logging.info('loading draft %s', config.draft)
     _, draft_params = load_model(config.draft, dtype=config.dtype,
                                  shardings=placement.param_shardings(draft_config, mesh, rules))
-  compiled, compile_seconds = _compile(decoder, target_params, draft_params, config.batch_size,
+  compiled, compile_seconds = compile_programs(decoder, target_params, draft_params, config.batch_size,
                                        [b.length for b in batches], image_shape, mesh, rules)
 
   # --- decode --------------------------------------------------------------------------------
@@ -250,10 +250,10 @@ def run(config) -> statistics.RunStatistics:
   decode_seconds, new_tokens = 0.0, 0
   base_key = jax.random.key(config.seed)
   progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding')
-  with progress, _atomic_writer(config.output) as out:
+  with progress, atomic_writer(config.output) as out:
     for batch in batches:
       tokens, lengths, images = placement.place_inputs(
-          *_batch_arrays(batch, processor, image_shape), mesh, rules)
+          *batch_arrays(batch, processor, image_shape), mesh, rules)
       rng = jax.random.fold_in(base_key, batch.index)
       start = time.perf_counter()
       result = jax.block_until_ready(
@@ -274,7 +274,7 @@ def run(config) -> statistics.RunStatistics:
         target_parameters=parameter_count(target_params), decode_seconds=decode_seconds,
         compile_seconds=compile_seconds)
     # Inside the output's block: the summary and the output appear together or not at all.
-    with _atomic_writer(summary_path(config.output)) as f:
+    with atomic_writer(summary_path(config.output)) as f:
       json.dump(stats.as_dict(), f, indent=2)
   return stats
 

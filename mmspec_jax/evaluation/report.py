@@ -113,7 +113,7 @@ def plot(settings: dict[str, Any], cells: Sequence[Cell], path: str):
 
 def write_json(out_dir: str, settings: dict[str, Any], cells: Sequence[Cell], *, complete: bool):
   # pylint: disable=protected-access
-  with runner._atomic_writer(os.path.join(out_dir, JSON_FILE)) as f:
+  with runner.atomic_writer(os.path.join(out_dir, JSON_FILE)) as f:
     json.dump({'complete': complete, 'settings': settings, 'cells': list(cells)}, f, indent=2,
               ensure_ascii=False)
 
@@ -121,7 +121,7 @@ def write_json(out_dir: str, settings: dict[str, Any], cells: Sequence[Cell], *,
 def write_outputs(out_dir: str, settings: dict[str, Any], cells: Sequence[Cell]):
   """All three files; results.json is marked complete last."""
   # pylint: disable=protected-access
-  with runner._atomic_writer(os.path.join(out_dir, MARKDOWN_FILE)) as f:
+  with runner.atomic_writer(os.path.join(out_dir, MARKDOWN_FILE)) as f:
     f.write(markdown(settings, cells))
   plot(settings, cells, os.path.join(out_dir, PLOT_FILE))
   write_json(out_dir, settings, cells, complete=True)

@@ -9,6 +9,7 @@ A cell is a dict: what was run (task, draft, draft_kind, gamma, sampling, temper
 `statistics.RunStatistics` fields (block_efficiency = tau, mbsu, acceptance_rate_by_position,
 tokens_per_second, ...), `wallclock_speedup` over the target alone on the same task, and for the
 target-alone cells `quality` (the mean score) and `examples` (id, prediction, reference, score).
+`compile_seconds` is the decoder's (compile plus one warm-up batch), shared by all its tasks.
 """
 
 from __future__ import annotations
@@ -100,21 +101,21 @@ def _default_score_fn() -> ScoreFn:
   return score
 
 
-def _model_configs(target: str, drafts: Mapping[str, str], dtype: str,
+def model_configs(target: str, drafts: Mapping[str, str], dtype: str,
                    processor: MultimodalProcessor) -> tuple[ModelConfig, dict[str, ModelConfig]]:
   """Target and draft configs, each draft checked as decode.py checks it (no weights loaded)."""
-  # pylint: disable=protected-access
+
   # runner's checks take a decode config; they read only these three fields.
   settings = lambda draft: types.SimpleNamespace(target=target, draft=draft, dtype=dtype)
-  target_config, _ = runner._model_configs(settings(''))
+  target_config, _ = runner.model_configs(settings(''))
   configs = {}
   for name, directory in drafts.items():
-    _, config = runner._model_configs(settings(directory))
+    _, config = runner.model_configs(settings(directory))
     kind = DRAFT_KINDS[type(config)]
     if name in DRAFT_KINDS.values() and name != kind:
       raise ValueError(f'draft {name!r} ({directory}) is of kind {kind!r}: the names '
                        f'{sorted(DRAFT_KINDS.values())} must match the kind')
-    runner._check_draft_vocabulary(settings(directory), processor, target_config, config)
+    runner.check_draft_vocabulary(settings(directory), processor, target_config, config)
     configs[name] = config
   return target_config, configs
 
@@ -137,7 +138,7 @@ def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs
   """
   tokens, generated, calls, accepted, seconds = [], [], [], [], 0.0
   for batch in batches:
-    arrays = runner._batch_arrays(batch, processor, image_shape)  # pylint: disable=protected-access
+    arrays = runner.batch_arrays(batch, processor, image_shape)
     arrays = placement.place_inputs(*arrays, mesh, rules)
     start = time.perf_counter()
     result = jax.block_until_ready(generate(target_params, draft_params, *arrays,
@@ -218,7 +219,7 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   if out_dir is not None:
     report.prepare_out_dir(out_dir)
   processor = MultimodalProcessor.from_pretrained(target)
-  target_config, draft_configs = _model_configs(target, drafts, dtype, processor)
+  target_config, draft_configs = model_configs(target, drafts, dtype, processor)
   examples = {task: task_data.read_task(data_dir, task, processor, target_config,
                                         num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks}
@@ -228,7 +229,7 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   image_shape = None
   with_image = [r.image for r in requests if r.image is not None]
   if with_image:
-    runner._check_image_size(  # pylint: disable=protected-access
+    runner.check_image_size(
         processor, target_config, with_image[0])
     vision = target_config.vision
     image_shape = (vision.image_size, vision.image_size, vision.num_channels)
@@ -264,11 +265,14 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
         num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
         eos_token_ids=eos)
     params = None if name is None else draft_params[name]
-    compiled, compile_seconds = runner._compile(  # pylint: disable=protected-access
+    compiled, compile_seconds = runner.compile_programs(
         decoder, target_params, params, batch_size, [length], image_shape, mesh, rules)
     decode = functools.partial(_decode_task, compiled[length], target_params, params,
                                processor=processor, image_shape=image_shape, mesh=mesh,
                                rules=rules)
+    # A compiled program's first run is several times slower (allocations, thread pools): one
+    # warm-up batch, counted with the compile, keeps the first task's tokens/s comparable.
+    compile_seconds += decode(batches[tasks[0]][:1], key=base_key)[-1]
     for task_index, task in enumerate(tasks):
       tokens, generated, calls, accepted, seconds = decode(
           batches[task], key=jax.random.fold_in(base_key, task_index))

@@ -69,9 +69,9 @@ def _request(row: dict[str, Any], where: str, json_path: str, index: int,
   # pylint: disable=protected-access
   image = row.get('image')
   if image is not None:
-    image = inputs._check_image(image, where, json_path, target, processor)
-  ids = inputs._prompt_ids(row, where, image is not None, False, processor)
-  inputs._check_ids(ids, where, image is not None, target, max_new_tokens)
+    image = inputs.check_image(image, where, json_path, target, processor)
+  ids = inputs.prompt_ids(row, where, image is not None, False, processor)
+  inputs.check_ids(ids, where, image is not None, target, max_new_tokens)
   return inputs.Request(row['id'], index + 1, tuple(ids), image)
 
 

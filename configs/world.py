@@ -1,0 +1,79 @@
+r"""The offline world's models and training stages: `--config=configs/world.py:STAGE`.
+
+  python -m mmspec_jax.data.world --out_dir=artifacts/world
+  python train.py --config=configs/world.py:target --workdir=artifacts/runs/target
+  python train.py --config=configs/world.py:draft_pretrain --workdir=artifacts/runs/draft_pretrain
+  ... draft_chat, draft_distill, adapter_stage1, adapter_stage2 (in this order)
+
+`make demo` runs all of it (and caches it under artifacts/). Paths follow
+mmspec_jax/artifacts.py; the world's tokenizer has 512 ids with `<image>` = 4.
+"""
+
+from mmspec_jax import artifacts
+from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, LlavaConfig, VisionConfig, presets
+from mmspec_jax.training.defaults import stage_config
+
+VOCAB = 512
+IMAGE_TOKEN = 4
+# The target: a small LLaVA (CLIP-style ViT on 64 px images, 8 px patches: 64 image tokens).
+TARGET = LlavaConfig(
+    text=LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=344, num_layers=4,
+                     num_heads=4, num_kv_heads=4, head_dim=32, max_position_embeddings=512,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=3),
+    vision=VisionConfig(hidden_size=96, intermediate_size=384, num_layers=4, num_heads=4,
+                        image_size=64, patch_size=8),
+    image_token_index=IMAGE_TOKEN)
+# The language-only draft: several times smaller than the target's language model.
+DRAFT = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_layers=2,
+                    num_heads=2, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+# stage -> (previous stage to start from, conversations file or None for the text corpus,
+#           steps, learning rate)
+STAGES = {
+    'target': (None, 'train_all.json', 600, 2e-3),
+    'draft_pretrain': (None, None, 400, 3e-3),
+    'draft_chat': ('draft_pretrain', 'train_all.json', 300, 1e-3),
+    'draft_distill': ('draft_chat', 'train_all.json', 150, 3e-4),
+    'adapter_stage1': ('draft_chat', 'train_captioning.json', 150, 2e-3),
+    'adapter_stage2': ('adapter_stage1', 'train_all.json', 200, 5e-4),
+}
+
+
+def get_config(stage: str = 'target'):
+  if stage not in STAGES:
+    raise ValueError(f'unknown world stage {stage!r}; expected one of {list(STAGES)}')
+  previous, conversations, steps, learning_rate = STAGES[stage]
+  config = stage_config(stage, 'tiny')
+  world = artifacts.world_dir()
+  config.tokenizer = f'{world}/tokenizer'
+  config.num_train_steps = steps
+  config.learning_rate = learning_rate
+  config.warmup_steps = max(10, steps // 20)
+  config.batch_size = 16
+  config.log_every_steps = 25
+  config.eval_every_steps = steps
+  config.eval_steps = 4
+  config.checkpoint_every_steps = 100
+  if previous:
+    config.init_from = artifacts.export_dir(previous)
+  if config.task in ('distill', 'adapter'):
+    config.target = artifacts.export_dir('target')
+  model = {'llava': TARGET, 'adapter': AdapterDraftConfig(text=DRAFT)}.get(config.task, DRAFT)
+  config.model = presets.as_config_dict(model)
+
+  data = config.data
+  data.data_dir = f'{artifacts.ROOT}/tfds'
+  data.prepare.validation_fraction = 0.05
+  if conversations is None:
+    data.seq_len = 128
+    data.prepare.builder = 'text_corpus'
+    data.prepare.config_name = 'world_text'
+    data.prepare.files = f'{world}/text_corpus.txt'
+  else:
+    data.seq_len = 160  # 64 image tokens and the text; long conversations are cut.
+    data.prepare.builder = 'llava_conversations'
+    data.prepare.config_name = conversations.removesuffix('.json')
+    data.prepare.json_files = f'{world}/{conversations}'
+    data.prepare.image_folder = f'{world}/images'
+  return config
