@@ -31,7 +31,7 @@ DRAFT = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num
 # stage -> (previous stage to start from, conversations file or None for the text corpus,
 #           steps, learning rate)
 STAGES = {
-    'target': (None, 'train_all.json', 600, 2e-3),
+    'target': (None, 'train_all.json', 1500, 3e-3),
     'draft_pretrain': (None, None, 400, 3e-3),
     'draft_chat': ('draft_pretrain', 'train_all.json', 300, 1e-3),
     'draft_distill': ('draft_chat', 'train_all.json', 150, 3e-4),
@@ -71,7 +71,7 @@ def get_config(stage: str = 'target'):
     data.prepare.config_name = 'world_text'
     data.prepare.files = f'{world}/text_corpus.txt'
   else:
-    data.seq_len = 160  # 64 image tokens and the text; long conversations are cut.
+    data.seq_len = 128  # 64 image tokens and the text; long conversations are cut.
     data.prepare.builder = 'llava_conversations'
     data.prepare.config_name = conversations.removesuffix('.json')
     data.prepare.json_files = f'{world}/{conversations}'

@@ -103,6 +103,11 @@ def decode_examples(world: str):
   print('\n' + statistics.format_table(stats))
 
 
+def _complete(summary: str) -> bool:
+  with open(summary) as f:
+    return bool(json.load(f).get('complete'))
+
+
 def evaluate_models(world: str):
   from mmspec_jax.evaluation import evaluate
   results = artifacts.results_dir()
@@ -110,15 +115,18 @@ def evaluate_models(world: str):
   summary = os.path.join(results, 'results.json')
   newest_model = max(os.path.getmtime(artifacts.export_dir(s)) for s in STAGES)
   if (os.path.isfile(markdown) and os.path.getmtime(markdown) > newest_model
-      and json.load(open(summary)).get('complete')):
+      and _complete(summary)):
     _banner(f'evaluation (cached: {markdown})')
-    print(open(markdown).read())
+    with open(markdown) as f:
+      print(f.read())
     return
   _banner('the paper\'s evaluation: tau and MBSU per task, gamma, draft and sampling')
   evaluate(artifacts.export_dir('target'),
            {name: artifacts.export_dir(stage) for name, stage in DRAFTS.items()}, world,
            gammas=tuple(range(1, 8)), samplings=('greedy', 'sample'), max_new_tokens=64,
            batch_size=16, num_examples=32, out_dir=results)
+  print(open(markdown).read())
+  print(f'(also {summary} and {os.path.join(results, "tau_vs_gamma.png")})')
 
 
 def main():
