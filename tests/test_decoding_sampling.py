@@ -19,7 +19,7 @@ from mmspec_jax.decoding import acceptance, engine
 from mmspec_jax.decoding.sampling import (SamplingConfig, pad_vocabulary, probabilities,
                                           processed_logits, sample)
 from mmspec_jax.decoding.statistics import expected_block_efficiency
-from mmspec_jax.models import Llama, LlamaConfig, build, init_params
+from mmspec_jax.models import LlamaConfig, build, init_params
 
 NUM_SAMPLES = 24_000
 VOCAB = 8

@@ -10,7 +10,6 @@ different model or stage is refused rather than silently mixed.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
