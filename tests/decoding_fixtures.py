@@ -7,7 +7,6 @@ scaled up so logits spread and greedy choices are not near-ties.
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 
