@@ -47,9 +47,8 @@ def _bytes_per_device(structs) -> int:
 
 
 def _abstract(config, mesh, rules):
-  shardings = placement.param_shardings(config, mesh, rules)
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      nn.unbox(abstract_params(config)), shardings)
+  return sharding.placed_structs(nn.unbox(abstract_params(config)),
+                                 placement.param_shardings(config, mesh, rules))
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -81,10 +80,9 @@ def plan_decoding(config, mesh, rules) -> dict:
   caches = [jax.eval_shape(lambda c=c: KVCache.init(text_config(c), config.batch_size,
                                                      cache_length))
             for c in (target, draft) if c is not None]
-  cache_structs = [jax.tree.map(
-      lambda leaf, names: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding
-                                               .logical_sharding(names, leaf.shape, mesh, rules)),
-      cache, KVCache.logical_axes()) for cache in caches]
+  cache_structs = [sharding.placed_structs(
+      cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, rules))
+                   for cache in caches]
   return {
       'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
                  f'{config.batch_size}, gamma {gamma}, {cache_length} positions',

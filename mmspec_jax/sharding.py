@@ -125,6 +125,13 @@ def tree_shardings(tree, logical_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES)
                       tree, logical_tree)
 
 
+def placed_structs(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` (arrays or structs) carrying `shardings` (a matching tree):
+  targets for ahead-of-time compilation and for orbax restores straight onto the devices."""
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """A batch-major array: the leading axis over data x fsdp, the rest whole."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

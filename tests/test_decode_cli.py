@@ -66,9 +66,7 @@ def ckpt(tmp_path_factory):
   eos = _greedy_torch(llava, prompt_ids, EOS_POSITION + 1)[EOS_POSITION]
   llava.config.text_config.eos_token_id = eos
   hf_builders.save(llava, target)
-  draft = str(root / 'draft')
-  hf_builders.save(hf_builders.llama_from_llava(llava), draft)
-  hf_builders.word_tokenizer().save_pretrained(draft)
+  draft = hf_builders.save_language_draft(llava, str(root / 'draft'))
   bad_draft = str(root / 'bad_draft')
   shutil.copytree(draft, bad_draft)
   for name in glob.glob(os.path.join(bad_draft, 'tokenizer*')):

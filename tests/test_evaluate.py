@@ -70,9 +70,7 @@ def models(tmp_path_factory):
   # An EOS id past the vocabulary: no row stops early, so every answer is MAX_NEW_TOKENS long.
   llava.config.text_config.eos_token_id = tiny_hf.TEXT_VOCAB
   tiny_hf.save(llava, target)
-  language = str(root / 'language')
-  tiny_hf.save(tiny_hf.llama_from_llava(llava), language)
-  tiny_hf.word_tokenizer().save_pretrained(language)
+  language = tiny_hf.save_language_draft(llava, str(root / 'language'))
   copy = str(root / 'copy')
   save_converted(copy, *adapter_draft(*load_model(target), noise=0.0))
   return {'root': root, 'target': target, 'language': language, 'copy': copy,

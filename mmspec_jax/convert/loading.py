@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from mmspec_jax.convert import hf_keys
+from mmspec_jax.sharding import placed_structs
 from mmspec_jax.convert.checkpoint_files import WEIGHT_FILE_PATTERNS, CheckpointFiles
 from mmspec_jax.convert.hf_config import ConversionError, config_from_hf_dir
 from mmspec_jax.models import abstract_params
@@ -175,9 +176,7 @@ def load_model(path: str, *, dtype: str | None = None, shardings: Any = None,
     shardings = jax.tree.map(lambda _: device, abstract)
   # Restoring into this target casts to the requested dtype and places every leaf straight onto
   # its sharding.
-  target = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract, shardings)
+  target = placed_structs(abstract, shardings)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
   return config, params

@@ -147,6 +147,13 @@ def save_llava_processor(tokenizer, out_dir: str):
       chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(out_dir)
 
 
+def save_language_draft(llava, out_dir: str) -> str:
+  """The LLaVA's language model as a LLaMA draft directory, with the word tokenizer."""
+  save(llama_from_llava(llava), out_dir)
+  word_tokenizer().save_pretrained(out_dir)
+  return out_dir
+
+
 def llama_from_llava(llava) -> transformers.LlamaForCausalLM:
   """A LlamaForCausalLM with a LLaVA's language model weights: a text-only draft that agrees
   with the target whenever the prompt has no image."""

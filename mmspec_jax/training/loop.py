@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -222,7 +223,6 @@ class Trainer:
     params = jax.device_get(state.params)
     out = os.path.join(self.workdir, 'export')
     if os.path.exists(out):
-      import shutil
       shutil.rmtree(out)
     save_converted(out, self.model_config, params, source_dir=self.data.tokenizer_dir)
     message = f'exported {out} (for decode.py and the next stage\'s init_from)'

@@ -49,9 +49,7 @@ def state_shardings(model_config, optimizer: optax.GradientTransformation, mesh,
   boxed = abstract_params(model_config)
   abstract = jax.eval_shape(lambda params: create_state(params, optimizer), boxed)
   shardings = sharding.param_shardings(abstract, mesh, rules)
-  structs = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                         nn.unbox(abstract), shardings)
-  return shardings, structs
+  return shardings, sharding.placed_structs(nn.unbox(abstract), shardings)
 
 
 def text_positions_first(tokens: jax.Array, image_token: int) -> jax.Array:
