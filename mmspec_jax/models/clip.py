@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from mmspec_jax import axes, sharding
 from mmspec_jax.models.config import VisionConfig, resolve_dtype
-from mmspec_jax.models.layers import dense, dot_product_attention, layer_norm, partitioned
+from mmspec_jax.models.layers import (dense, dot_product_attention, layer_norm, partitioned,
+                                      residual_init_scale)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -44,7 +45,8 @@ class ClipAttention(nn.Module):
                          for proj in ('q_proj', 'k_proj', 'v_proj'))  # each [B, P, N, H]
     attended = dot_product_attention(query, key, value, mask=None)  # [B, P, N, H]
     return dense(cfg.hidden_size, (axes.VISION_HEADS, axes.HEAD_DIM, axes.VISION_EMBED),
-                 axis=(-2, -1), use_bias=True, name='out_proj', **kwargs)(attended)
+                 axis=(-2, -1), use_bias=True, init_scale=residual_init_scale(cfg.num_layers),
+                 name='out_proj', **kwargs)(attended)
 
 
 class ClipMlp(nn.Module):
@@ -58,7 +60,7 @@ class ClipMlp(nn.Module):
                    name='fc1', **kwargs)(x)
     hidden = activation(cfg.hidden_act)(hidden)
     return dense(cfg.hidden_size, (axes.VISION_MLP, axes.VISION_EMBED), use_bias=True,
-                 name='fc2', **kwargs)(hidden)
+                 init_scale=residual_init_scale(cfg.num_layers), name='fc2', **kwargs)(hidden)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -88,7 +90,7 @@ class ClipEmbeddings(nn.Module):
         cfg.hidden_size, kernel_size=(cfg.patch_size, cfg.patch_size),
         strides=(cfg.patch_size, cfg.patch_size), padding='VALID', use_bias=False,
         dtype=dtype, param_dtype=param_dtype, name='patch_embedding',
-        kernel_init=partitioned(nn.initializers.normal(0.02),
+        kernel_init=partitioned(nn.initializers.lecun_normal(),
                                 (None, None, None, axes.VISION_EMBED)))(images.astype(dtype))
     batch, _, _, width = patches.shape  # [B, h, w, D]
     patches = patches.reshape(batch, -1, width)  # [B, P, D], row-major as CLIP flattens

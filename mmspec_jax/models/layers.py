@@ -23,23 +23,39 @@ def partitioned(init: nn.initializers.Initializer, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+def residual_init_scale(num_layers: int) -> float:
+  """Init scale of a layer's output projection back into the residual stream (GPT-2's
+  1/sqrt(2L)): the stream then grows by O(1) over all 2L branches, not O(sqrt(L))."""
+  return 1.0 / np.sqrt(2 * num_layers)
+
+
 class Dense(nn.Module):
   """A linear map contracting the last `num_contracted` input axes, kernel [*in, *features].
 
   Written out rather than nn.DenseGeneral, whose initializer builds a flattened 2-D kernel that
   clashes with rank-3 logical axis names once a mesh is active.
+
+  Kernels start at variance init_scale^2 / fan_in (LeCun), not HF's fixed std 0.02: converted
+  checkpoints never see the init, but models trained from scratch do, and at the small widths of
+  tests and the offline world a fixed 0.02 shrinks the signal ~5x per matmul, which starves the
+  vision tower of gradient (its features then blow up instead of learning; see configs/world.py).
   """
   features: tuple[int, ...]
   names: tuple[str | None, ...]  # Every kernel axis: the contracted inputs, then the outputs.
   num_contracted: int = 1
   use_bias: bool = False
+  init_scale: float = 1.0  # residual_init_scale(L) for projections into a residual stream.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     contracted = x.shape[-self.num_contracted:]
-    kernel = self.param('kernel', partitioned(nn.initializers.normal(0.02), self.names),
+    rank = self.num_contracted + len(self.features)
+    init = nn.initializers.variance_scaling(
+        self.init_scale ** 2, 'fan_in', 'normal', in_axis=tuple(range(self.num_contracted)),
+        out_axis=tuple(range(self.num_contracted, rank)))
+    kernel = self.param('kernel', partitioned(init, self.names),
                         contracted + self.features, self.param_dtype)
     y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_contracted)
     if self.use_bias:
@@ -51,7 +67,7 @@ class Dense(nn.Module):
 
 
 def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
-          use_bias=False, dtype, param_dtype, name: str) -> Dense:
+          use_bias=False, init_scale: float = 1.0, dtype, param_dtype, name: str) -> Dense:
   """A Dense whose kernel (and bias) carry logical axis names.
 
   `names` names every kernel axis: the contracted input axes first, then the output axes;
@@ -60,7 +76,7 @@ def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1
   features = tuple(features) if isinstance(features, Sequence) else (features,)
   num_contracted = len(axis) if isinstance(axis, Sequence) else 1
   return Dense(features=features, names=tuple(names), num_contracted=num_contracted,
-               use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+               use_bias=use_bias, init_scale=init_scale, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,7 @@ from mmspec_jax import axes, sharding
 from mmspec_jax.models.config import LlamaConfig, resolve_dtype
 from mmspec_jax.models.kv_cache import KVCache, attention_mask, write
 from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention,
-                                      partitioned, rope_inverse_frequencies)
+                                      partitioned, residual_init_scale, rope_inverse_frequencies)
 
 
 class Attention(nn.Module):
@@ -54,7 +54,7 @@ class Attention(nn.Module):
 
     out = dot_product_attention(query, key, value, mask)  # [B, T, N, H]
     out = dense(cfg.hidden_size, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
-                name='o_proj', **kwargs)(out)
+                init_scale=residual_init_scale(cfg.num_layers), name='o_proj', **kwargs)(out)
     return out, kv_cache
 
 
@@ -68,7 +68,9 @@ class Mlp(nn.Module):
     gate = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='gate_proj', **kwargs)(x)
     up = dense(cfg.intermediate_size, (axes.EMBED, axes.MLP), name='up_proj', **kwargs)(x)
     hidden = sharding.constrain(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
-    return dense(cfg.hidden_size, (axes.MLP, axes.EMBED), name='down_proj', **kwargs)(hidden)
+    return dense(cfg.hidden_size, (axes.MLP, axes.EMBED),
+                 init_scale=residual_init_scale(cfg.num_layers), name='down_proj',
+                 **kwargs)(hidden)
 
 
 class DecoderLayer(nn.Module):
