@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: setup
 
 demo: setup
 	$(PY) -m mmspec_jax.demo
+
+# Decoding speed (not part of `make test`): results/bench.{json,md} and plots under artifacts/.
+bench: setup
+	$(PY) -m mmspec_jax.bench
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

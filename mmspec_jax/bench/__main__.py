@@ -1,0 +1,150 @@
+r"""`make bench`: decoding speed against the memory roofline, transformers and our own baseline.
+
+  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4]
+
+Sections (each writes its figures into bench.json as soon as it finishes):
+  1  a random 1.1B LLaMA, batch 1: our autoregressive tokens/s, transformers `generate` on the same
+     weights, and the memory-bandwidth roofline measured in the same run;
+  2  batch scaling 1/4/16/64 of autoregressive and speculative decoding (the demo pair);
+  3  speculative against autoregressive decoding, measured and predicted, on the demo pair and on
+     its target widened function-preservingly to ~1B parameters;
+  4  transformers assisted generation on the demo pair's HF exports, text and image prompts.
+Sections 2-4 need the demo's trained models: they are trained first if missing (`make demo`'s
+training, about 10 minutes, not counted in any figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+
+from mmspec_jax import artifacts
+from mmspec_jax.bench import assisted, autoregressive, report, speculative, widen
+from mmspec_jax.bench.timing import read_bandwidth
+
+DEMO_DRAFT_STAGE = artifacts.DEMO_DRAFT_STAGE
+TASKS = ('captioning', 'sqa', 'conversation')
+
+
+def _log(line: str):
+  print(line, file=sys.stderr, flush=True)
+
+
+def machine(repeats: int, bandwidth: float) -> dict:
+  import torch
+  import transformers
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30
+  return {'cpu': cpu, 'cores': len(os.sched_getaffinity(0)), 'memory_gib': memory,
+          'platform': jax.devices()[0].platform, 'jax': jax.__version__,
+          'torch': torch.__version__, 'transformers': transformers.__version__,
+          'read_bandwidth_gb_s': bandwidth / 1e9, 'repeats': repeats}
+
+
+def ensure_demo_models():
+  """The demo's world and trained pair, trained now if missing (not timed by the benchmark)."""
+  from mmspec_jax import demo
+  if all(artifacts.is_trained(stage) for stage in demo.STAGES):
+    return
+  _log('the demo models are not trained yet: training them first (make demo\'s training)')
+  demo.build_world()
+  demo.train_models()
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog='python -m mmspec_jax.bench', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out_dir', default=os.path.join(artifacts.results_dir(), 'bench'))
+  parser.add_argument('--sections', default='1,2,3,4', help='comma-separated, among 1,2,3,4')
+  parser.add_argument('--repeats', type=int, default=3, help='timed runs per figure')
+  parser.add_argument('--work_dir', default=None,
+                      help='where the 1.1B checkpoint is written (default: a temporary dir)')
+  args = parser.parse_args(argv)
+  try:
+    args.sections = sorted({int(s) for s in args.sections.split(',')})
+  except ValueError:
+    parser.error(f'--sections: expected comma-separated numbers, got {args.sections!r}')
+  if not args.sections or not set(args.sections) <= {1, 2, 3, 4}:
+    parser.error(f'--sections: choose among 1,2,3,4, got {args.sections}')
+  if args.repeats < 1:
+    parser.error(f'--repeats must be >= 1, got {args.repeats}')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  report.write({}, args.out_dir, final=False)  # A bad --out_dir fails before any work.
+  if set(args.sections) & {2, 3, 4}:
+    ensure_demo_models()
+  start = time.perf_counter()
+  bandwidth, _ = read_bandwidth()
+  results = {'machine': machine(args.repeats, bandwidth)}
+  _log(f'read bandwidth {bandwidth / 1e9:.1f} GB/s')
+  threads = results['machine']['cores']
+
+  if 1 in args.sections:
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
+      results['autoregressive'] = autoregressive.run_section(
+          work_dir, repeats=args.repeats, bandwidth=bandwidth, log=_log)
+    report.write(results, args.out_dir, final=False)
+
+  if set(args.sections) & {2, 3, 4}:
+    pair = speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
+                                 artifacts.export_dir(DEMO_DRAFT_STAGE),
+                                 artifacts.world_dir(), TASKS, num_examples=22,
+                                 max_new_tokens=64)
+  if 2 in args.sections:
+    results['batch_scaling'] = speculative.batch_scaling(
+        pair, (1, 4, 16, 64), gamma=3, num_prompts=64, max_new_tokens=64,
+        repeats=args.repeats, log=_log)
+    report.write(results, args.out_dir, final=False)
+  if 3 in args.sections:
+    comparisons = {'demo target': speculative.compare(
+        pair, (3, 5), num_prompts=16, max_new_tokens=64, repeats=args.repeats, log=_log,
+        label='[3/4] demo target')}
+    wide_config, wide_params = widen.widen_to_parameters(
+        pair.target_config, pair.target_params, 1e9, jax.random.key(0))
+    wide = pair.with_target(wide_config, wide_params)
+    comparisons['widened target'] = speculative.compare(
+        wide, (3, 5), num_prompts=3, max_new_tokens=32, repeats=args.repeats, log=_log,
+        label='[3/4] widened target')
+    _check_widened(comparisons, pair, wide)
+    results['speculative'] = comparisons
+    del wide, wide_params
+    report.write(results, args.out_dir, final=False)
+  if 4 in args.sections:
+    results['assisted'] = assisted.run_section(
+        pair, os.path.join(artifacts.run_dir(artifacts.DEMO_TARGET_STAGE), 'export_hf'),
+        os.path.join(artifacts.run_dir(DEMO_DRAFT_STAGE), 'export_hf'), num_prompts=8,
+        max_new_tokens=64, gamma=3, repeats=args.repeats, threads=threads, log=_log)
+
+  results['seconds'] = time.perf_counter() - start
+  report.write(results, args.out_dir, final=True)
+  print(report.markdown(results))
+  _log(f'bench finished in {results["seconds"]:.0f}s; results in {args.out_dir}/')
+
+
+def _check_widened(comparisons, pair, wide):
+  """The widened target must decode exactly as the original: same greedy tokens, same tau."""
+  original = speculative.decode(pair, 0, 1, 3, 32, repeats=1)['tokens']
+  widened = comparisons['widened target']['autoregressive']['tokens']
+  identical = all(a.tolist() == b.tolist() for a, b in zip(original, widened))
+  comparisons['widened target']['outputs_identical_to_original'] = identical
+  comparisons['widened target']['logits_max_abs_difference'] = speculative.logits_difference(
+      pair, wide)
+  _log(f'[3/4] widened target decodes exactly as the original: {identical}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,139 @@
+"""Section 1: autoregressive decoding of a 1.1B LLaMA against the roofline and transformers.
+
+A TinyLlama-1.1B-shaped model with random weights is saved with transformers, converted, and
+decoded greedily (batch 1, 64-token prompt, 128 new tokens, EOS off so every run makes all 128)
+by our jitted loop and by transformers' `generate` on the same weights, float32, with torch held
+to the threads JAX uses. The roofline is the memory-bandwidth bound: bytes a decode step must read
+(every weight but the embedding table, of which it gathers one row, plus the KV cache) divided by
+the read bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmspec_jax.bench.timing import compile_timed, parameter_bytes, time_runs
+from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.models import build
+
+# TinyLlama-1.1B's shape.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def save_random_llama(out_dir: str, shape: dict[str, Any], seed: int = 0) -> float:
+  """A random LlamaForCausalLM of `shape` saved with transformers; returns the seconds taken."""
+  import torch
+  import transformers
+  start = time.perf_counter()
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+  model.save_pretrained(out_dir)
+  return time.perf_counter() - start
+
+
+def kv_cache_bytes(config, length: int, batch: int = 1, itemsize: int = 4) -> int:
+  return 2 * config.num_layers * batch * length * config.num_kv_heads * config.head_dim * itemsize
+
+
+def bytes_per_token(config, params, prompt_length: int, new_tokens: int) -> int:
+  """Bytes one batch-1 decode step reads on average: the weights it uses plus the KV cache."""
+  embedding = params['embed_tokens']['embedding']
+  weights = parameter_bytes(params) - embedding.size * embedding.dtype.itemsize
+  if config.tie_word_embeddings:  # The table is then read whole, as the output projection.
+    weights += embedding.size * embedding.dtype.itemsize
+  mean_context = prompt_length + new_tokens / 2
+  return weights + embedding.shape[1] * embedding.dtype.itemsize + kv_cache_bytes(
+      config, int(mean_context))
+
+
+def ours(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict[str, Any]:
+  """Our greedy tokens/s (compile apart) and the tokens of one run."""
+  config, params = load_model(model_dir, dtype='float32')
+  decoder = SpeculativeDecoder(target=build(config), draft=None, num_draft_tokens=0,
+                               sampling=GREEDY, max_new_tokens=new_tokens, eos_token_ids=())
+  tokens = prompt[None].astype(np.int32)  # [1, T]
+  lengths = np.array([prompt.size], np.int32)
+  args = (params, None, tokens, lengths, None, jax.random.key(0))
+  compiled, compile_seconds = compile_timed(decoder.generate, *args)
+  run = lambda: jax.block_until_ready(compiled(*args))
+  result = run()  # The warm-up run (first runs of a program are slower), kept for its tokens.
+  timing = time_runs(run, repeats=repeats, warmup=0)
+  assert int(result.num_generated[0]) == new_tokens
+  return {'config': config, 'params': params, 'timing': timing,
+          'compile_seconds': compile_seconds, 'tokens': np.asarray(result.tokens[0])}
+
+
+def transformers_generate(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int,
+                          threads: int) -> dict[str, Any]:
+  """transformers' greedy `generate` (torch, CPU, `threads` threads) on the same weights."""
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  start = time.perf_counter()
+  model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+  load_seconds = time.perf_counter() - start
+  input_ids = torch.as_tensor(prompt[None], dtype=torch.long)
+  kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+  def run():
+    with torch.inference_mode():
+      return model.generate(input_ids, **kwargs)
+  start = time.perf_counter()
+  output = run()[0, prompt.size:].numpy()  # The warm-up, reported apart like a compile.
+  warmup_seconds = time.perf_counter() - start
+  timing = time_runs(run, repeats=repeats, warmup=0)
+  return {'timing': timing, 'warmup_seconds': warmup_seconds, 'load_seconds': load_seconds,
+          'tokens': output}
+
+
+def run_section(work_dir: str, *, prompt_length: int = 64, new_tokens: int = 128,
+                repeats: int = 3, bandwidth: float, log) -> dict[str, Any]:
+  model_dir = os.path.join(work_dir, 'llama_1b_hf')
+  log(f'[1/4] saving a random 1.1B LLaMA with transformers to {model_dir}')
+  save_seconds = save_random_llama(model_dir, LLAMA_1B)
+  prompt = np.random.default_rng(0).integers(3, LLAMA_1B['vocab_size'], prompt_length)
+  log(f'[1/4] ours: batch 1, {prompt_length}-token prompt, {new_tokens} new tokens, '
+      f'{repeats} runs')
+  mine = ours(model_dir, prompt, new_tokens, repeats)
+  config, params = mine.pop('config'), mine.pop('params')
+  step_bytes = bytes_per_token(config, params, prompt_length, new_tokens)
+  parameters = int(sum(x.size for x in jax.tree.leaves(params)))
+  del params
+  log(f'[1/4] transformers generate, {repeats} runs')
+  threads = len(os.sched_getaffinity(0))
+  theirs = transformers_generate(model_dir, prompt, new_tokens, repeats, threads)
+  ours_rate = mine['timing'].rate(new_tokens)
+  theirs_rate = theirs['timing'].rate(new_tokens)
+  roofline = bandwidth / step_bytes
+  same = mine['tokens'] == theirs['tokens']
+  first_difference = int(np.argmin(same)) if not same.all() else None
+  return {
+      'model': {**LLAMA_1B, 'parameters': parameters, 'dtype': 'float32'},
+      'prompt_length': prompt_length, 'new_tokens': new_tokens, 'batch': 1,
+      'save_seconds': save_seconds, 'threads': threads,
+      'bytes_per_token': step_bytes, 'roofline_tokens_per_second': roofline,
+      'ours': {'tokens_per_second': ours_rate, 'timing': mine['timing'].as_dict(),
+               'compile_seconds': mine['compile_seconds']},
+      'transformers': {'tokens_per_second': theirs_rate, 'timing': theirs['timing'].as_dict(),
+                       'warmup_seconds': theirs['warmup_seconds'],
+                       'load_seconds': theirs['load_seconds']},
+      'fraction_of_roofline': ours_rate['median'] / roofline,
+      'speedup_over_transformers': ours_rate['median'] / theirs_rate['median'],
+      # Greedy tokens of both on random weights: equal unless float noise flips a near-tie.
+      'same_tokens_as_transformers': int(same.sum()),
+      'first_difference': first_difference,
+  }
+
+

@@ -1,0 +1,171 @@
+"""The benchmark's outputs: bench.json (every figure), bench.md (the tables the README shows) and
+two plots, batch_scaling.png and speedup.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+JSON_FILE = 'bench.json'
+MARKDOWN_FILE = 'bench.md'
+BATCH_PLOT = 'batch_scaling.png'
+SPEEDUP_PLOT = 'speedup.png'
+GOALS = {'fraction_of_roofline': 0.85, 'speedup_over_transformers': 1.6,
+         'measured_over_predicted': 0.9}
+
+
+def _rate(rate: dict[str, float]) -> str:
+  """'median [slowest-fastest]' tokens/s."""
+  digits = 1 if rate['median'] < 100 else 0
+  return f'{rate["median"]:.{digits}f} [{rate["low"]:.{digits}f}-{rate["high"]:.{digits}f}]'
+
+
+def _goal(value: float, goal: float) -> str:
+  return f'{value:.2f} (goal >= {goal}: {"met" if value >= goal else "not met"})'
+
+
+def _machine(machine: dict[str, Any]) -> list[str]:
+  return [f'Machine: {machine["cpu"]}, {machine["cores"]} cores, {machine["memory_gib"]:.0f} GiB; '
+          f'jax {machine["jax"]}, torch {machine["torch"]}, transformers '
+          f'{machine["transformers"]}. Read bandwidth measured in this run: '
+          f'{machine["read_bandwidth_gb_s"]:.1f} GB/s. Figures are medians of '
+          f'{machine["repeats"]} runs after warm-up, [slowest-fastest]; compile time apart.', '']
+
+
+def _autoregressive(section: dict[str, Any]) -> list[str]:
+  model = section['model']
+  lines = [f'### 1. Autoregressive decoding, {model["parameters"] / 1e9:.2f}B LLaMA (float32, '
+           f'batch 1, {section["prompt_length"]}-token prompt, {section["new_tokens"]} new '
+           'tokens)', '',
+           '| | tokens/s | of roofline | compile / warm-up s |', '|---|---|---|---|',
+           f'| memory roofline ({section["bytes_per_token"] / 1e9:.2f} GB read per token) | '
+           f'{section["roofline_tokens_per_second"]:.2f} | 100% | |']
+  for name, label, extra in (('ours', 'mmspec-jax (jitted while_loop)', 'compile_seconds'),
+                             ('transformers', 'transformers `generate` (torch, '
+                              f'{section["threads"]} threads)', 'warmup_seconds')):
+    run = section[name]
+    lines.append(f'| {label} | {_rate(run["tokens_per_second"])} | '
+                 f'{run["tokens_per_second"]["median"] / section["roofline_tokens_per_second"]:.0%}'
+                 f' | {run[extra]:.1f} |')
+  lines += ['', f'- fraction of roofline: '
+            f'{_goal(section["fraction_of_roofline"], GOALS["fraction_of_roofline"])}',
+            f'- speedup over transformers: '
+            f'{_goal(section["speedup_over_transformers"], GOALS["speedup_over_transformers"])}',
+            f'- greedy tokens equal to transformers\': {section["same_tokens_as_transformers"]}/'
+            f'{section["new_tokens"]}', '']
+  return lines
+
+
+def _batch_scaling(rows: list[dict[str, Any]]) -> list[str]:
+  lines = ['### 2. Batch scaling (demo pair, greedy)', '',
+           '| batch | autoregressive tokens/s | speculative tokens/s (gamma) | tau | speedup |',
+           '|---|---|---|---|---|']
+  by_batch = {}
+  for row in rows:
+    by_batch.setdefault(row['batch_size'], {})[row['gamma'] > 0] = row
+  for batch, pair in by_batch.items():
+    ar, spec = pair[False], pair[True]
+    speedup = spec['tokens_per_second']['median'] / ar['tokens_per_second']['median']
+    lines.append(f'| {batch} | {_rate(ar["tokens_per_second"])} | '
+                 f'{_rate(spec["tokens_per_second"])} ({spec["gamma"]}) | {spec["tau"]:.2f} | '
+                 f'{speedup:.2f}x |')
+  return lines + ['']
+
+
+def _speculative(comparisons: dict[str, dict[str, Any]]) -> list[str]:
+  lines = ['### 3. Speculative against autoregressive decoding (batch 1, greedy)', '',
+           'Predicted from the measured cost of each call (prefills, one target step, one '
+           'verification, one draft step) and the run\'s token and step counts; "decode phase" '
+           'leaves the prefills out: tau * t_target / (gamma * t_draft + t_verify).', '',
+           '| target | gamma | tau | draft/target step cost | AR tokens/s | speculative tokens/s '
+           '| predicted (decode phase) | measured | measured / predicted | same tokens |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for label, comparison in comparisons.items():
+    ar = comparison['autoregressive']
+    for row in comparison['speculative']:
+      lines.append(
+          f'| {label} ({comparison["target_parameters"] / 1e6:,.1f}M) | {row["gamma"]} | '
+          f'{row["tau"]:.2f} | {row["cost_ratio"]:.3f} | {_rate(ar["tokens_per_second"])} | '
+          f'{_rate(row["tokens_per_second"])} | {row["predicted_speedup"]:.2f}x '
+          f'({row["predicted_steady_state_speedup"]:.2f}x) | '
+          f'{row["measured_speedup"]:.2f}x | '
+          f'{_goal(row["measured_over_predicted"], GOALS["measured_over_predicted"])} | '
+          f'{"yes" if row["tokens_identical_to_autoregressive"] else "NO"} |')
+  return lines + ['']
+
+
+def _assisted(section: dict[str, Any]) -> list[str]:
+  lines = ['### 4. Against transformers assisted generation (demo pair, batch 1, greedy)', '',
+           '| prompts | run | tokens/s | rows identical to ours (autoregressive) |',
+           '|---|---|---|---|']
+  for kind, runs in section.items():
+    for name, run in runs.items():
+      figure = _rate(run['tokens_per_second']) if 'tokens_per_second' in run else (
+          f'error: `{run["error"]}`')
+      same = run.get('rows_identical_to_ours_autoregressive', '')
+      lines.append(f'| {kind} | {name} | {figure} | {same} |')
+  return lines + ['']
+
+
+def markdown(results: dict[str, Any]) -> str:
+  lines = _machine(results['machine'])
+  if 'autoregressive' in results:
+    lines += _autoregressive(results['autoregressive'])
+  if 'batch_scaling' in results:
+    lines += _batch_scaling(results['batch_scaling'])
+  if 'speculative' in results:
+    lines += _speculative(results['speculative'])
+  if 'assisted' in results:
+    lines += _assisted(results['assisted'])
+  return '\n'.join(lines)
+
+
+def _plots(results: dict[str, Any], out_dir: str):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  if 'batch_scaling' in results:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for speculative, label in ((False, 'autoregressive'), (True, 'speculative')):
+      rows = [r for r in results['batch_scaling'] if (r['gamma'] > 0) == speculative]
+      ax.errorbar([r['batch_size'] for r in rows],
+                  [r['tokens_per_second']['median'] for r in rows],
+                  yerr=[[r['tokens_per_second']['median'] - r['tokens_per_second']['low']
+                         for r in rows],
+                        [r['tokens_per_second']['high'] - r['tokens_per_second']['median']
+                         for r in rows]], marker='o', capsize=3, label=label)
+    ax.set(xscale='log', yscale='log', xlabel='batch size', ylabel='tokens/s',
+           title='Demo pair: throughput by batch size')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, BATCH_PLOT), dpi=120)
+    plt.close(fig)
+  if 'speculative' in results:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, comparison in results['speculative'].items():
+      rows = comparison['speculative']
+      ax.plot([r['predicted_speedup'] for r in rows], [r['measured_speedup'] for r in rows],
+              'o', label=label)
+    limit = max([1.0] + [max(r['predicted_speedup'], r['measured_speedup'])
+                         for c in results['speculative'].values() for r in c['speculative']])
+    ax.plot([0, limit * 1.1], [0, limit * 1.1], 'k--', linewidth=1, label='measured = predicted')
+    ax.set(xlabel='predicted speedup', ylabel='measured speedup',
+           title='Speculative vs autoregressive (batch 1)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, SPEEDUP_PLOT), dpi=120)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out_dir: str, *, final: bool):
+  """bench.json always (so an interrupted run keeps its sections); markdown and plots at the end."""
+  os.makedirs(out_dir, exist_ok=True)
+  temporary = os.path.join(out_dir, JSON_FILE + '.tmp')
+  with open(temporary, 'w') as f:
+    json.dump({**results, 'complete': final}, f, indent=1, default=float)
+  os.replace(temporary, os.path.join(out_dir, JSON_FILE))
+  if final:
+    with open(os.path.join(out_dir, MARKDOWN_FILE), 'w') as f:
+      f.write(markdown(results) + '\n')
+    _plots(results, out_dir)

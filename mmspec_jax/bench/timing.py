@@ -1,0 +1,75 @@
+"""Timing primitives: medians with their spread, compile time kept apart, read bandwidth.
+
+Every figure the benchmark reports is a `Timing`: the median of several runs of an already
+compiled (or already warmed-up) function, with the fastest and slowest run, so a reader sees the
+noise. Compilation (or, for torch, the first warm-up call) is timed once, separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Seconds per run over `runs` runs (after warm-up)."""
+  median: float
+  low: float
+  high: float
+  runs: int
+
+  @classmethod
+  def of(cls, seconds: list[float]) -> Timing:
+    return cls(median=statistics.median(seconds), low=min(seconds), high=max(seconds),
+               runs=len(seconds))
+
+  def rate(self, amount: float) -> dict[str, float]:
+    """amount per second at the median, and at the slowest and fastest run."""
+    return {'median': amount / self.median, 'low': amount / self.high,
+            'high': amount / self.low}
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def time_runs(run: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timing:
+  """Times `run()` (which must block until its result is ready) `repeats` times."""
+  for _ in range(warmup):
+    run()
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    seconds.append(time.perf_counter() - start)
+  return Timing.of(seconds)
+
+
+def compile_timed(jitted, *args) -> tuple[Any, float]:
+  """(compiled executable, seconds to lower and compile) of a jitted function."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, *, repeats: int = 7) -> tuple[float, Timing]:
+  """Bytes/s XLA reads from memory on this machine: a jitted sum over a float32 array of
+  `num_bytes` (large enough to defeat the caches), the same executor the decoder runs on.
+
+  Returns (median bytes/s, the timing of one pass).
+  """
+  array = jnp.ones((num_bytes // 4,), jnp.float32)  # [N]
+  reduce = jax.jit(lambda x: jnp.sum(x))
+  timing = time_runs(lambda: reduce(array).block_until_ready(), repeats=repeats, warmup=2)
+  return num_bytes / timing.median, timing
+
+
+def parameter_bytes(params) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params)))

@@ -1,0 +1,99 @@
+"""The benchmark's arithmetic and reporting (the timed runs themselves are `make bench`, not tests)."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from mmspec_jax.bench import __main__ as bench_main
+from mmspec_jax.bench import assisted, autoregressive, report, speculative
+from mmspec_jax.bench.timing import Timing
+from mmspec_jax.decoding import inputs
+from mmspec_jax.models import initialize, presets
+
+
+def test_timing_rate_orders_slowest_and_fastest():
+  timing = Timing.of([2.0, 1.0, 4.0])
+  assert timing.median == 2.0
+  assert timing.rate(8) == {'median': 4.0, 'low': 2.0, 'high': 8.0}
+
+
+def test_bytes_per_token_counts_one_embedding_row_and_the_cache():
+  config = presets.get('tiny_llama')
+  params = jax.tree.map(np.asarray, initialize(config, jax.random.key(0)))
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  total = sum(x.size * 4 for x in jax.tree.leaves(params))
+  table = params['embed_tokens']['embedding']
+  cache = 2 * config.num_layers * (10 + 4) * config.num_kv_heads * config.head_dim * 4
+  expected = total - table.size * 4 + table.shape[1] * 4 + cache
+  if config.tie_word_embeddings:
+    expected += table.size * 4
+  assert autoregressive.bytes_per_token(config, params, 10, 8) == expected
+
+
+def test_predicted_speedup_is_tau_when_drafts_and_prefills_are_free():
+  ar = {'new_tokens': 33}
+  spec = {'gamma': 3, 'num_prompts': 1, 'new_tokens': 33, 'verification_steps': 8, 'tau': 4.0}
+  costs = {'target_prefill': 0.0, 'draft_prefill': 0.0, 'target_1': 1.0, 'target_verify': 1.0,
+           'draft_1': 0.0}
+  predicted = speculative.predicted_speedup(ar, spec, costs)
+  assert predicted['end_to_end'] == pytest.approx(4.0)
+  assert predicted['steady_state'] == pytest.approx(4.0)
+  # A draft step at a tenth of a target step, and a prefill worth 10 steps.
+  costs.update(draft_1=0.1, target_prefill=10.0)
+  predicted = speculative.predicted_speedup(ar, spec, costs)
+  assert predicted['steady_state'] == pytest.approx(4.0 / 1.3)
+  assert predicted['end_to_end'] == pytest.approx((10 + 32) / (10 + 8 * 1.3))
+
+
+def test_text_only_prompts_drop_placeholders_and_images():
+  request = inputs.Request(id=0, line=1, token_ids=(1, 7, 4, 4, 9), image='x.png')
+  pair = types.SimpleNamespace(target_config=types.SimpleNamespace(image_token_index=4),
+                               requests=[request])
+  pair = speculative.Pair(**{f: getattr(pair, f, None) for f in speculative.Pair.__annotations__})
+  [text] = assisted.text_only(pair).requests
+  assert text.token_ids == (1, 7, 9) and text.image is None
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--sections=1,5'], 'choose among'), (['--sections=a'], 'comma-separated'),
+    (['--repeats=0'], 'repeats')])
+def test_bad_arguments_are_named(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    bench_main.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def _rate(median):
+  return {'median': median, 'low': median * 0.9, 'high': median * 1.1}
+
+
+def test_markdown_reports_goals_met_and_missed(tmp_path):
+  results = {
+      'machine': {'cpu': 'test cpu', 'cores': 2, 'memory_gib': 24, 'jax': '0', 'torch': '0',
+                  'transformers': '0', 'read_bandwidth_gb_s': 10.0, 'repeats': 3},
+      'autoregressive': {
+          'model': {'parameters': 1.1e9}, 'prompt_length': 64, 'new_tokens': 128, 'threads': 2,
+          'bytes_per_token': 4.4e9, 'roofline_tokens_per_second': 2.0,
+          'ours': {'tokens_per_second': _rate(1.8), 'compile_seconds': 3.0},
+          'transformers': {'tokens_per_second': _rate(1.5), 'warmup_seconds': 1.0},
+          'fraction_of_roofline': 0.9, 'speedup_over_transformers': 1.2,
+          'same_tokens_as_transformers': 128},
+      'speculative': {'demo': {'target_parameters': 1e6, 'autoregressive': {
+          'tokens_per_second': _rate(100)}, 'speculative': [{
+              'gamma': 3, 'tau': 2.5, 'cost_ratio': 0.1, 'tokens_per_second': _rate(150),
+              'predicted_speedup': 2.0, 'predicted_steady_state_speedup': 2.2,
+              'measured_speedup': 1.5, 'measured_over_predicted': 0.75,
+              'tokens_identical_to_autoregressive': True}]}},
+      'assisted': {'image': {'transformers_assisted_default': {'error': 'ValueError: boom'}}},
+  }
+  text = report.markdown(results)
+  assert 'fraction of roofline: 0.90 (goal >= 0.85: met)' in text
+  assert 'speedup over transformers: 1.20 (goal >= 1.6: not met)' in text
+  assert '0.75 (goal >= 0.9: not met)' in text
+  assert 'error: `ValueError: boom`' in text
+  report.write(results, str(tmp_path), final=True)
+  assert (tmp_path / report.MARKDOWN_FILE).read_text().startswith('Machine: test cpu')
+  assert (tmp_path / report.SPEEDUP_PLOT).stat().st_size > 0
