@@ -26,7 +26,7 @@ def perturb(params, seed, scale):
 
 def llava_target():
   config = presets.get('tiny_llava')
-  params = jax.tree.map(lambda x: x * 4, init_params(config, jax.random.key(0)))
+  params = jax.tree.map(lambda x: x * 1.5, init_params(config, jax.random.key(0)))
   return config, params
 
 

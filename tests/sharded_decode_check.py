@@ -10,6 +10,7 @@ import tempfile
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import jax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,10 +37,16 @@ def batch_of_eight(config):
 def decode(mesh, decoder, target_config, target_params, draft_config, draft_params, inputs):
   target_params = jax.device_put(target_params, placement.param_shardings(target_config, mesh))
   draft_params = jax.device_put(draft_params, placement.param_shardings(draft_config, mesh))
+  q_proj = target_params['language_model']['layers']['self_attn']['q_proj']['kernel']
+  # The layout decode.py uses off TPU: unstacked layers, each keeping its shards.
+  target_params = placement.decoding_params(target_config, target_params)
+  draft_params = placement.decoding_params(draft_config, draft_params)
+  layer_q_proj = target_params['language_model']['unstacked_layers']['0']['self_attn']['q_proj']
+  assert layer_q_proj['kernel'].sharding.spec == P(*q_proj.sharding.spec[1:]), (
+      layer_q_proj['kernel'].sharding.spec, q_proj.sharding.spec)
   with placement.mesh_context(mesh):
     result = decoder.generate(target_params, draft_params, *placement.place_inputs(*inputs, mesh),
                               jax.random.key(0))
-  q_proj = target_params['language_model']['layers']['self_attn']['q_proj']['kernel']
   return jax.device_get(result), str(q_proj.sharding.spec)
 
 

@@ -41,7 +41,7 @@ SAMPLINGS = {
 def models():
   # A draft near the target: it is accepted often enough that a biased sampler shows (a draft that
   # is nearly always rejected hides most biases behind the residual resampling).
-  target = jax.tree.map(lambda x: x * 3, init_params(CONFIG, jax.random.key(10)))
+  target = init_params(CONFIG, jax.random.key(10))  # Logits of std ~1.
   return target, perturb(target, 3, 0.5)
 
 

@@ -5,19 +5,26 @@ import jax
 import numpy as np
 import pytest
 
-from mmspec_jax.models import KVCache, Llama, Llava, build, init_params, presets
+from mmspec_jax.models import (KVCache, Llama, Llava, build, init_params, presets,
+                               unstack_layers)
 
 TOLERANCE = 1e-4
 PROMPT_LENGTHS = np.array([3, 7], np.int32)
 
 
-@pytest.fixture(scope='module')
-def llama():
+@pytest.fixture(scope='module', params=['scanned', 'unstacked'])
+def llama(request):
+  """The cache methods run on the scanned layer weights or on the decoder's unstacked layout
+  (unstack_layers); the full forward, the ground truth, always on the scanned ones."""
   config = presets.get('tiny_llama')
   params = init_params(config, jax.random.key(0))
+  decoding = params if request.param == 'scanned' else unstack_layers(config, params)
   model = build(config)
-  apply = jax.jit(lambda method, *args: model.apply({'params': params}, *args, method=method),
-                  static_argnums=0)
+  jitted = jax.jit(lambda p, method, *args: model.apply({'params': p}, *args, method=method),
+                   static_argnums=1)
+
+  def apply(method, *args):
+    return jitted(params if method is Llama.__call__ else decoding, method, *args)
   return config, apply
 
 
@@ -103,9 +110,11 @@ def test_rollback_is_needed(llama):
   assert np.abs(np.asarray(logits[0]) - expected).max() > 100 * TOLERANCE
 
 
-def test_llava_prefill_with_images_then_extends():
+@pytest.mark.parametrize('layout', ['scanned', 'unstacked'])
+def test_llava_prefill_with_images_then_extends(layout):
   config = presets.get('tiny_llava')
   params = init_params(config, jax.random.key(1))
+  decoding = params if layout == 'scanned' else unstack_layers(config, params)
   model = build(config)
   rng = np.random.RandomState(3)
   size = config.vision.image_size
@@ -120,10 +129,10 @@ def test_llava_prefill_with_images_then_extends():
   full = [np.asarray(model.apply({'params': params}, row[None], images[b:b + 1]))[0]
           for b, row in enumerate(rows)]
   cache = KVCache.init(config.text, 2, 64)
-  last, cache = model.apply({'params': params}, prompts, lengths, cache, images,
+  last, cache = model.apply({'params': decoding}, prompts, lengths, cache, images,
                             method=Llava.prefill)
   tokens = np.stack([rows[b][n:n + 4] for b, n in enumerate(lengths)])
-  logits, cache = model.apply({'params': params}, tokens, cache, method=Llava.extend)
+  logits, cache = model.apply({'params': decoding}, tokens, cache, method=Llava.extend)
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(last[b], full[b][n - 1], atol=TOLERANCE)
     np.testing.assert_allclose(logits[b], full[b][n:n + 4], atol=TOLERANCE)

@@ -17,8 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmspec_jax.bench.timing import compile_timed, parameter_bytes, time_runs
+from mmspec_jax.bench.timing import (Timed, bandwidth_probe, compile_timed, interleaved,
+                                     parameter_bytes)
 from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import build
@@ -57,9 +59,10 @@ def bytes_per_token(config, params, prompt_length: int, new_tokens: int) -> int:
       config, int(mean_context))
 
 
-def ours(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> dict[str, Any]:
-  """Our greedy tokens/s (compile apart) and the tokens of one run."""
+def ours(model_dir: str, prompt: np.ndarray, new_tokens: int) -> tuple[Timed, dict[str, Any]]:
+  """Our greedy decoding, compiled and warmed up: (its timer, config/params/tokens/compile)."""
   config, params = load_model(model_dir, dtype='float32')
+  params = placement.decoding_params(config, params)
   decoder = SpeculativeDecoder(target=build(config), draft=None, num_draft_tokens=0,
                                sampling=GREEDY, max_new_tokens=new_tokens, eos_token_ids=())
   tokens = prompt[None].astype(np.int32)  # [1, T]
@@ -68,15 +71,15 @@ def ours(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int) -> d
   compiled, compile_seconds = compile_timed(decoder.generate, *args)
   run = lambda: jax.block_until_ready(compiled(*args))
   result = run()  # The warm-up run (first runs of a program are slower), kept for its tokens.
-  timing = time_runs(run, repeats=repeats, warmup=0)
   assert int(result.num_generated[0]) == new_tokens
-  return {'config': config, 'params': params, 'timing': timing,
-          'compile_seconds': compile_seconds, 'tokens': np.asarray(result.tokens[0])}
+  return Timed(run), {'config': config, 'params': params, 'compile_seconds': compile_seconds,
+                      'tokens': np.asarray(result.tokens[0])}
 
 
-def transformers_generate(model_dir: str, prompt: np.ndarray, new_tokens: int, repeats: int,
-                          threads: int) -> dict[str, Any]:
-  """transformers' greedy `generate` (torch, CPU, `threads` threads) on the same weights."""
+def transformers_generate(model_dir: str, prompt: np.ndarray, new_tokens: int,
+                          threads: int) -> tuple[Timed, dict[str, Any]]:
+  """transformers' greedy `generate` (torch, CPU, `threads` threads) on the same weights, loaded
+  and warmed up: (its timer, load/warm-up seconds and tokens)."""
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -93,47 +96,52 @@ def transformers_generate(model_dir: str, prompt: np.ndarray, new_tokens: int, r
   start = time.perf_counter()
   output = run()[0, prompt.size:].numpy()  # The warm-up, reported apart like a compile.
   warmup_seconds = time.perf_counter() - start
-  timing = time_runs(run, repeats=repeats, warmup=0)
-  return {'timing': timing, 'warmup_seconds': warmup_seconds, 'load_seconds': load_seconds,
-          'tokens': output}
+  return Timed(run), {'warmup_seconds': warmup_seconds, 'load_seconds': load_seconds,
+                      'tokens': output}
 
 
 def run_section(work_dir: str, *, prompt_length: int = 64, new_tokens: int = 128,
-                repeats: int = 3, bandwidth: float, log) -> dict[str, Any]:
+                repeats: int = 3, log) -> dict[str, Any]:
+  """Both decoders and the bandwidth probe, prepared, then timed round-robin `repeats` times
+  (the roofline's bandwidth is measured between the very runs it bounds)."""
   model_dir = os.path.join(work_dir, 'llama_1b_hf')
   log(f'[1/4] saving a random 1.1B LLaMA with transformers to {model_dir}')
   save_seconds = save_random_llama(model_dir, LLAMA_1B)
   prompt = np.random.default_rng(0).integers(3, LLAMA_1B['vocab_size'], prompt_length)
-  log(f'[1/4] ours: batch 1, {prompt_length}-token prompt, {new_tokens} new tokens, '
-      f'{repeats} runs')
-  mine = ours(model_dir, prompt, new_tokens, repeats)
-  config, params = mine.pop('config'), mine.pop('params')
+  log('[1/4] compiling ours, loading transformers')
+  mine, mine_info = ours(model_dir, prompt, new_tokens)
+  config, params = mine_info.pop('config'), mine_info.pop('params')
   step_bytes = bytes_per_token(config, params, prompt_length, new_tokens)
   parameters = int(sum(x.size for x in jax.tree.leaves(params)))
-  del params
-  log(f'[1/4] transformers generate, {repeats} runs')
   threads = len(os.sched_getaffinity(0))
-  theirs = transformers_generate(model_dir, prompt, new_tokens, repeats, threads)
-  ours_rate = mine['timing'].rate(new_tokens)
-  theirs_rate = theirs['timing'].rate(new_tokens)
-  roofline = bandwidth / step_bytes
-  same = mine['tokens'] == theirs['tokens']
-  first_difference = int(np.argmin(same)) if not same.all() else None
+  theirs, theirs_info = transformers_generate(model_dir, prompt, new_tokens, threads)
+  probe_bytes = 1 << 30
+  probe = bandwidth_probe(probe_bytes)
+  log(f'[1/4] batch 1, {prompt_length}-token prompt, {new_tokens} new tokens: ours, '
+      f'transformers and the bandwidth probe, {repeats} interleaved runs')
+  interleaved([probe, mine, theirs], repeats)
+  bandwidth = probe.timing().rate(probe_bytes)
+  ours_rate = mine.timing().rate(new_tokens)
+  theirs_rate = theirs.timing().rate(new_tokens)
+  roofline = bandwidth['median'] / step_bytes
+  same = mine_info['tokens'] == theirs_info['tokens']
+  log(f'[1/4] ours {ours_rate["median"]:.2f} tokens/s, transformers '
+      f'{theirs_rate["median"]:.2f}, roofline {roofline:.2f} '
+      f'({bandwidth["median"] / 1e9:.1f} GB/s)')
   return {
       'model': {**LLAMA_1B, 'parameters': parameters, 'dtype': 'float32'},
       'prompt_length': prompt_length, 'new_tokens': new_tokens, 'batch': 1,
       'save_seconds': save_seconds, 'threads': threads,
-      'bytes_per_token': step_bytes, 'roofline_tokens_per_second': roofline,
-      'ours': {'tokens_per_second': ours_rate, 'timing': mine['timing'].as_dict(),
-               'compile_seconds': mine['compile_seconds']},
-      'transformers': {'tokens_per_second': theirs_rate, 'timing': theirs['timing'].as_dict(),
-                       'warmup_seconds': theirs['warmup_seconds'],
-                       'load_seconds': theirs['load_seconds']},
+      'read_bandwidth': bandwidth, 'bytes_per_token': step_bytes,
+      'roofline_tokens_per_second': roofline,
+      'ours': {'tokens_per_second': ours_rate, 'timing': mine.timing().as_dict(),
+               'compile_seconds': mine_info['compile_seconds']},
+      'transformers': {'tokens_per_second': theirs_rate, 'timing': theirs.timing().as_dict(),
+                       'warmup_seconds': theirs_info['warmup_seconds'],
+                       'load_seconds': theirs_info['load_seconds']},
       'fraction_of_roofline': ours_rate['median'] / roofline,
       'speedup_over_transformers': ours_rate['median'] / theirs_rate['median'],
       # Greedy tokens of both on random weights: equal unless float noise flips a near-tie.
       'same_tokens_as_transformers': int(same.sum()),
-      'first_difference': first_difference,
+      'first_difference': int(np.argmin(same)) if not same.all() else None,
   }
-
-

@@ -28,8 +28,9 @@ def _goal(value: float, goal: float) -> str:
 def _machine(machine: dict[str, Any]) -> list[str]:
   return [f'Machine: {machine["cpu"]}, {machine["cores"]} cores, {machine["memory_gib"]:.0f} GiB; '
           f'jax {machine["jax"]}, torch {machine["torch"]}, transformers '
-          f'{machine["transformers"]}. Read bandwidth measured in this run: '
-          f'{machine["read_bandwidth_gb_s"]:.1f} GB/s. Figures are medians of '
+          f'{machine["transformers"]}. Read bandwidth measured in this run (a jitted sum over '
+          f'1 GiB): {machine["read_bandwidth_gb_s"]:.1f} GB/s. Runs compared with each other '
+          'are timed round-robin. Figures are medians of '
           f'{machine["repeats"]} runs after warm-up, [slowest-fastest]; compile time apart.', '']
 
 
@@ -39,8 +40,11 @@ def _autoregressive(section: dict[str, Any]) -> list[str]:
            f'batch 1, {section["prompt_length"]}-token prompt, {section["new_tokens"]} new '
            'tokens)', '',
            '| | tokens/s | of roofline | compile / warm-up s |', '|---|---|---|---|',
-           f'| memory roofline ({section["bytes_per_token"] / 1e9:.2f} GB read per token) | '
-           f'{section["roofline_tokens_per_second"]:.2f} | 100% | |']
+           f'| memory roofline ({section["bytes_per_token"] / 1e9:.2f} GB read per token'
+           + (' at {median:.1f} [{low:.1f}-{high:.1f}] GB/s'.format(
+               **{k: v / 1e9 for k, v in section['read_bandwidth'].items()})
+              if 'read_bandwidth' in section else '')
+           + f') | {section["roofline_tokens_per_second"]:.2f} | 100% | |']
   for name, label, extra in (('ours', 'mmspec-jax (jitted while_loop)', 'compile_seconds'),
                              ('transformers', 'transformers `generate` (torch, '
                               f'{section["threads"]} threads)', 'warmup_seconds')):
@@ -163,7 +167,8 @@ def write(results: dict[str, Any], out_dir: str, *, final: bool):
   os.makedirs(out_dir, exist_ok=True)
   temporary = os.path.join(out_dir, JSON_FILE + '.tmp')
   with open(temporary, 'w') as f:
-    json.dump({**results, 'complete': final}, f, indent=1, default=float)
+    json.dump({**results, 'complete': final}, f, indent=1,
+              default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o))
   os.replace(temporary, os.path.join(out_dir, JSON_FILE))
   if final:
     with open(os.path.join(out_dir, MARKDOWN_FILE), 'w') as f:

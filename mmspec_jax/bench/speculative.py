@@ -16,6 +16,7 @@ of a short generation); see `predicted_speedup`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmspec_jax.bench.timing import compile_timed, time_runs
+from mmspec_jax.bench.timing import Timing, compile_timed, interleaved, time_runs
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.decoding import inputs, runner, statistics
+from mmspec_jax.decoding import inputs, placement, runner, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.evaluation import tasks as task_data
@@ -59,6 +60,8 @@ def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[st
   processor = MultimodalProcessor.from_pretrained(target_dir)
   target_config, target_params = load_model(target_dir, dtype='float32')
   draft_config, draft_params = load_model(draft_dir, dtype='float32')
+  target_params = placement.decoding_params(target_config, target_params)
+  draft_params = placement.decoding_params(draft_config, draft_params)
   per_task = [task_data.read_task(data_dir, task, processor, target_config,
                                   num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks]
@@ -72,82 +75,136 @@ def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[st
               length, image_shape, runner.eos_token_ids(target_config, processor))
 
 
+class DecodeRun:
+  """Greedy decoding of the first `num_prompts` prompts in batches of `batch_size`, compiled and
+  warmed up (the warm-up run's outputs are the figures'; first runs of a program are slower).
+  gamma 0 decodes with the target alone. `time_once()` times one more pass over all prompts."""
+
+  def __init__(self, pair: Pair, gamma: int, batch_size: int, num_prompts: int,
+               max_new_tokens: int):
+    decoder = SpeculativeDecoder(
+        target=build(pair.target_config), draft=build(pair.draft_config) if gamma else None,
+        num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
+        eos_token_ids=pair.eos)
+    draft_params = pair.draft_params if gamma else None
+    self.gamma, self.batch_size, self.seconds = gamma, batch_size, []
+    self.batches = inputs.make_batches(pair.requests[:num_prompts], batch_size, (pair.length,))
+    arrays = [runner.batch_arrays(batch, pair.processor, pair.image_shape)
+              for batch in self.batches]
+    key = jax.random.key(0)
+    compiled, self.compile_seconds = compile_timed(decoder.generate, pair.target_params,
+                                                   draft_params, *arrays[0], key)
+    self._run = lambda: jax.block_until_ready(
+        [compiled(pair.target_params, draft_params, *batch_arrays, key) for batch_arrays in arrays])
+    self.results = self._run()
+
+  def time_once(self):
+    start = time.perf_counter()
+    self._run()
+    self.seconds.append(time.perf_counter() - start)
+
+  def summary(self) -> dict[str, Any]:
+    """tokens/s (median, spread), tau, step counts, compile time and each prompt's new tokens."""
+    real = [(result, batch.num_real) for result, batch in zip(self.results, self.batches)]
+    generated = np.concatenate([np.asarray(r.num_generated)[:n] for r, n in real])
+    calls = np.concatenate([np.asarray(r.num_target_calls)[:n] for r, n in real])
+    accepted = np.concatenate([np.asarray(r.accepted_by_position)[:n] for r, n in real])
+    stats = statistics.summarize(generated, calls, accepted, num_draft_tokens=self.gamma)
+    tokens = [row[:count] for r, n in real
+              for row, count in zip(np.asarray(r.tokens)[:n], np.asarray(r.num_generated)[:n])]
+    timing = Timing.of(self.seconds)
+    return {'gamma': self.gamma, 'batch_size': self.batch_size, 'num_prompts': len(generated),
+            'new_tokens': int(generated.sum()),
+            'tokens_per_second': timing.rate(int(generated.sum())),
+            'timing': timing.as_dict(), 'compile_seconds': self.compile_seconds,
+            'tau': stats.block_efficiency if self.gamma else None,
+            'verification_steps': stats.verification_steps,
+            'acceptance_rate_by_position': stats.acceptance_rate_by_position,
+            'tokens': tokens}
+
+
 def decode(pair: Pair, gamma: int, batch_size: int, num_prompts: int, max_new_tokens: int,
            repeats: int) -> dict[str, Any]:
-  """Greedy decoding of the first `num_prompts` prompts in batches of `batch_size`.
-
-  gamma 0 decodes with the target alone. Returns tokens/s (median, spread), tau, compile time
-  and each prompt's new tokens.
-  """
-  decoder = SpeculativeDecoder(
-      target=build(pair.target_config), draft=build(pair.draft_config) if gamma else None,
-      num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
-      eos_token_ids=pair.eos)
-  draft_params = pair.draft_params if gamma else None
-  batches = inputs.make_batches(pair.requests[:num_prompts], batch_size, (pair.length,))
-  arrays = [runner.batch_arrays(batch, pair.processor, pair.image_shape) for batch in batches]
-  key = jax.random.key(0)
-  compiled, compile_seconds = compile_timed(decoder.generate, pair.target_params, draft_params,
-                                            *arrays[0], key)
-
-  def run():
-    return jax.block_until_ready([compiled(pair.target_params, draft_params, *batch_arrays, key)
-                                  for batch_arrays in arrays])
-  results = run()  # The warm-up run (first runs of a program are slower), kept for its figures.
-  timing = time_runs(run, repeats=repeats, warmup=0)
-  real = [(result, batch.num_real) for result, batch in zip(results, batches)]
-  generated = np.concatenate([np.asarray(r.num_generated)[:n] for r, n in real])
-  calls = np.concatenate([np.asarray(r.num_target_calls)[:n] for r, n in real])
-  accepted = np.concatenate([np.asarray(r.accepted_by_position)[:n] for r, n in real])
-  stats = statistics.summarize(generated, calls, accepted, num_draft_tokens=gamma)
-  tokens = [row[:count] for r, n in real
-            for row, count in zip(np.asarray(r.tokens)[:n], np.asarray(r.num_generated)[:n])]
-  return {'gamma': gamma, 'batch_size': batch_size, 'num_prompts': len(generated),
-          'new_tokens': int(generated.sum()),
-          'tokens_per_second': timing.rate(int(generated.sum())),
-          'timing': timing.as_dict(), 'compile_seconds': compile_seconds,
-          'tau': stats.block_efficiency if gamma else None,
-          'verification_steps': stats.verification_steps,
-          'acceptance_rate_by_position': stats.acceptance_rate_by_position,
-          'tokens': tokens}
+  """One `DecodeRun`, timed `repeats` times; its summary."""
+  run = DecodeRun(pair, gamma, batch_size, num_prompts, max_new_tokens)
+  interleaved([run], repeats)
+  return run.summary()
 
 
-def _median_seconds(function, *args, repeats: int) -> float:
-  jitted = jax.jit(function)
-  return time_runs(lambda: jax.block_until_ready(jitted(*args)), repeats=repeats,
-                   warmup=2).median
+class _Call:
+  """One model call repeated `calls` times inside a jitted loop (see `call_costs`)."""
+
+  def __init__(self, call, params, carry):
+    single = jax.jit(call)
+    jax.block_until_ready(single(params, carry))
+    once = time_runs(lambda: jax.block_until_ready(single(params, carry)), repeats=3,
+                     warmup=0).median
+    self.calls = int(min(200, max(1, 0.2 // max(once, 1e-6))))
+    loop = jax.jit(lambda p, c: jax.lax.fori_loop(0, self.calls, lambda _, c: call(p, c), c))
+    self._run = lambda: jax.block_until_ready(loop(params, carry))
+    self._run()
+    self.seconds = []
+
+  def time_once(self):
+    start = time.perf_counter()
+    self._run()
+    self.seconds.append((time.perf_counter() - start) / self.calls)
 
 
 def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[str, float]:
-  """Seconds (median of `repeats`, batch 1) of the calls a decode is made of: the target's and the
-  draft's prefill of the first prompt, and on a cache already holding `context` tokens one target
-  call on 1 and on gamma + 1 tokens and one 1-token draft call."""
+  """Seconds (median of `repeats`, batch 1, measured round-robin) of the calls a decode is made
+  of: the target's and the draft's prefill of the first prompt, and on a cache already holding
+  `context` tokens one target call on 1 and on gamma + 1 tokens and one 1-token draft call.
+
+  Each is timed inside a jitted loop of n calls, as a decode step runs inside the decoder's
+  while_loop where a call costs no dispatch (timed one by one, a tiny model's calls would be all
+  dispatch); n makes a loop take ~0.2 s (1 for a 1B model, where dispatch is negligible).
+  """
   batch = inputs.make_batches(pair.requests[:1], 1, (pair.length,))[0]
   tokens, lengths, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
   image_token = getattr(pair.target_config, 'image_token_index', None)
   text = np.array([[t for t in tokens[0, :lengths[0]] if t != image_token]], np.int32)
 
-  def costs(config, params, prompt, prompt_length, prompt_images):
+  def calls(config, params, prompt, prompt_length, prompt_images, step_sizes):
     model = build(config)
-    cache = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8)
+    empty = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8)
     extra = {} if prompt_images is None else {'images': prompt_images}
-    prefill = lambda p, c: model.apply({'params': p}, prompt, jnp.array([prompt_length]), c,
-                                       method='prefill', **extra)
+
+    def prefill(params, total):  # The carry feeds the input, so the loop cannot hoist the call.
+      shifted = prompt + (total * 0).astype(jnp.int32)
+      logits, _ = model.apply({'params': params}, shifted, jnp.array([prompt_length]), empty,
+                              method='prefill', **extra)
+      return total + logits[0, 0]
     filled = jnp.full((1, context), 5, jnp.int32)  # [1, context]
     _, warm = jax.jit(lambda p, c: model.apply({'params': p}, filled, jnp.array([context]), c,
-                                               method='prefill'))(params, cache)
-    extend = lambda p, t, c: model.apply({'params': p}, t, c, method='extend')
-    step = lambda k: _median_seconds(extend, params, jnp.full((1, k), 5, jnp.int32), warm,
-                                     repeats=repeats)
-    return _median_seconds(prefill, params, cache, repeats=repeats), step
+                                               method='prefill'))(params, empty)
+
+    def step(num_tokens):
+      new_tokens = jnp.full((1, num_tokens), 5, jnp.int32)  # [1, k]
+
+      def extend(params, carry):  # Each call rewrites the same slots: the cache is rolled back.
+        cache, total = carry
+        logits, grown = model.apply({'params': params}, new_tokens, cache, method='extend')
+        return grown.with_lengths(cache.lengths), total + logits[0, 0, 0]
+      return _Call(extend, params, (warm, jnp.float32(0)))
+    return [_Call(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
-  target_prefill, target_step = costs(pair.target_config, pair.target_params, tokens,
-                                      int(lengths[0]), with_images)
-  draft_prefill, draft_step = costs(pair.draft_config, pair.draft_params, text, text.shape[1],
-                                    None)
-  return {'target_prefill': target_prefill, 'draft_prefill': draft_prefill,
-          'target_1': target_step(1), 'target_verify': target_step(gamma + 1),
-          'draft_1': draft_step(1)}
+  target_calls = calls(pair.target_config, pair.target_params, tokens, int(lengths[0]),
+                       with_images, (1, gamma + 1))
+  draft_calls = calls(pair.draft_config, pair.draft_params, text, text.shape[1], None, (1,))
+  names = ('target_prefill', 'target_1', 'target_verify', 'draft_prefill', 'draft_1')
+  timed = target_calls + draft_calls
+  interleaved(timed, repeats)
+  return {name: Timing.of(call.seconds).median for name, call in zip(names, timed)}
+
+
+def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
+  """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
+  batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
+  tokens, _, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
+  logits = [jax.jit(build(p.target_config).apply)({'params': p.target_params}, tokens, images)
+            for p in (pair, other)]  # [B, T, V] each
+  return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 
 
 def predicted_speedup(autoregressive: dict[str, Any], speculative: dict[str, Any],
@@ -170,20 +227,25 @@ def predicted_speedup(autoregressive: dict[str, Any], speculative: dict[str, Any
 
 
 def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens: int,
-            repeats: int, log, label: str) -> dict[str, Any]:
-  """Batch-1 autoregressive against speculative decoding at each gamma, with predictions."""
-  log(f'{label}: autoregressive, {num_prompts} prompts x {max_new_tokens} new tokens')
-  autoregressive = decode(pair, 0, 1, num_prompts, max_new_tokens, repeats)
+            repeats: int, log, label: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+  """Batch-1 autoregressive against speculative decoding at each gamma, with predictions. All
+  runs are timed round-robin, then every gamma's call costs.
+
+  Returns (the figures, the autoregressive run's new tokens per prompt)."""
+  log(f'{label}: autoregressive and speculative (gamma {", ".join(map(str, gammas))}), '
+      f'{num_prompts} prompts x {max_new_tokens} new tokens, {repeats} interleaved runs')
+  runs = [DecodeRun(pair, gamma, 1, num_prompts, max_new_tokens) for gamma in (0, *gammas)]
+  interleaved(runs, repeats)
+  autoregressive, *speculative_runs = [run.summary() for run in runs]
+  ar_tokens = autoregressive.pop('tokens')
   ar_rate = autoregressive['tokens_per_second']['median']
   rows = []
-  for gamma in gammas:
-    log(f'{label}: speculative, gamma {gamma}')
-    result = decode(pair, gamma, 1, num_prompts, max_new_tokens, repeats)
+  for result in speculative_runs:
+    gamma = result['gamma']
     costs = call_costs(pair, gamma, pair.length + max_new_tokens // 2)
     predicted = predicted_speedup(autoregressive, result, costs)
     measured = result['tokens_per_second']['median'] / ar_rate
-    identical = all(np.array_equal(a, b)
-                    for a, b in zip(result.pop('tokens'), autoregressive['tokens']))
+    identical = all(np.array_equal(a, b) for a, b in zip(result.pop('tokens'), ar_tokens))
     rows.append({**result, 'call_seconds': costs,
                  'cost_ratio': costs['draft_1'] / costs['target_1'],
                  'measured_speedup': measured, 'predicted_speedup': predicted['end_to_end'],
@@ -192,20 +254,25 @@ def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens:
                  'tokens_identical_to_autoregressive': identical})
     log(f'{label}: gamma {gamma}: tau {result["tau"]:.2f}, measured {measured:.2f}x, '
         f'predicted {predicted["end_to_end"]:.2f}x ({measured / predicted["end_to_end"]:.0%})')
-  return {'target_parameters': parameter_count(pair.target_params),
-          'draft_parameters': parameter_count(pair.draft_params),
-          'autoregressive': autoregressive, 'speculative': rows}
+  summary = {'target_parameters': parameter_count(pair.target_params),
+             'draft_parameters': parameter_count(pair.draft_params),
+             'autoregressive': autoregressive, 'speculative': rows}
+  return summary, ar_tokens
 
 
 def batch_scaling(pair: Pair, batch_sizes: Sequence[int], gamma: int, num_prompts: int,
                   max_new_tokens: int, repeats: int, log) -> list[dict[str, Any]]:
-  """tokens/s of autoregressive and speculative decoding over the same prompts at each batch."""
+  """tokens/s of autoregressive and speculative decoding over the same prompts at each batch
+  size, all runs timed round-robin."""
+  runs = [DecodeRun(pair, g, batch_size, num_prompts, max_new_tokens)
+          for batch_size in batch_sizes for g in (0, gamma)]
+  interleaved(runs, repeats)
   rows = []
-  for batch_size in batch_sizes:
-    for g in (0, gamma):
-      result = decode(pair, g, batch_size, num_prompts, max_new_tokens, repeats)
-      result.pop('tokens')
-      rows.append(result)
-      log(f'[2/4] batch {batch_size} {"speculative" if g else "autoregressive"}: '
-          f'{result["tokens_per_second"]["median"]:.0f} tokens/s')
+  for run in runs:
+    result = run.summary()
+    result.pop('tokens')
+    rows.append(result)
+    log(f'[2/4] batch {result["batch_size"]} '
+        f'{"speculative" if result["gamma"] else "autoregressive"}: '
+        f'{result["tokens_per_second"]["median"]:.0f} tokens/s')
   return rows

@@ -59,16 +59,46 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - start
 
 
-def read_bandwidth(num_bytes: int = 1 << 30, *, repeats: int = 7) -> tuple[float, Timing]:
-  """Bytes/s XLA reads from memory on this machine: a jitted sum over a float32 array of
-  `num_bytes` (large enough to defeat the caches), the same executor the decoder runs on.
+class Timed:
+  """A prepared (compiled, warmed-up) run; `time_once()` times one more run of it."""
 
-  Returns (median bytes/s, the timing of one pass).
-  """
+  def __init__(self, run: Callable[[], Any]):
+    self._run = run
+    self.seconds: list[float] = []
+
+  def time_once(self):
+    start = time.perf_counter()
+    self._run()
+    self.seconds.append(time.perf_counter() - start)
+
+  def timing(self) -> Timing:
+    return Timing.of(self.seconds)
+
+
+def interleaved(timed, repeats: int):
+  """Times every run `repeats` times, round-robin, so drift in the machine's speed (a shared VM
+  varies by tens of percent over minutes) falls on all of them alike."""
+  for _ in range(repeats):
+    for run in timed:
+      run.time_once()
+
+
+def bandwidth_probe(num_bytes: int = 1 << 30) -> Timed:
+  """One pass of a jitted sum over a float32 array of `num_bytes` (large enough to defeat the
+  caches) on the executor the decoder runs on: num_bytes / seconds is the read bandwidth."""
   array = jnp.ones((num_bytes // 4,), jnp.float32)  # [N]
-  reduce = jax.jit(lambda x: jnp.sum(x))
-  timing = time_runs(lambda: reduce(array).block_until_ready(), repeats=repeats, warmup=2)
-  return num_bytes / timing.median, timing
+  reduce = jax.jit(jnp.sum)
+  run = lambda: reduce(array).block_until_ready()
+  run()
+  run()
+  return Timed(run)
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, *, repeats: int = 7) -> tuple[float, Timing]:
+  """(median bytes/s, timing of one pass) of `bandwidth_probe`."""
+  probe = bandwidth_probe(num_bytes)
+  interleaved([probe], repeats)
+  return num_bytes / probe.timing().median, probe.timing()
 
 
 def parameter_bytes(params) -> int:

@@ -12,12 +12,28 @@ import jax
 import numpy as np
 
 from mmspec_jax import axes, sharding
-from mmspec_jax.models import abstract_params
+from mmspec_jax.convert.loading import load_model
+from mmspec_jax.models import abstract_params, unstack_layers
 
 
 def param_shardings(config, mesh, rules=sharding.DEFAULT_RULES):
   return None if config is None else sharding.param_shardings(abstract_params(config), mesh,
                                                               rules)
+
+
+def decoding_params(config, params):
+  """Params as the decoder wants them: off TPU the language model's layers unstacked, one array
+  per layer (models.unstack_layers: XLA:CPU would copy each layer's slice of the stacked weights
+  every step); on TPU the scanned layout, which its matmuls read in place."""
+  if config is None or jax.default_backend() == 'tpu':
+    return params
+  return unstack_layers(config, params)
+
+
+def load_for_decoding(path: str, config, dtype: str, mesh, rules=sharding.DEFAULT_RULES):
+  """A model's params loaded straight onto their shards, in the decoder's layout."""
+  _, params = load_model(path, dtype=dtype, shardings=param_shardings(config, mesh, rules))
+  return decoding_params(config, params)
 
 
 def batch_sharding(shape, mesh, rules=sharding.DEFAULT_RULES):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import tqdm
 
-from mmspec_jax.convert.loading import load_model, read_config
+from mmspec_jax.convert.loading import read_config
 from mmspec_jax import artifacts, sharding
 from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
@@ -235,13 +235,13 @@ def run(config) -> statistics.RunStatistics:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   logging.info('loading target %s', config.target)
-  _, target_params = load_model(config.target, dtype=config.dtype,
-                                shardings=placement.param_shardings(target_config, mesh, rules))
+  target_params = placement.load_for_decoding(config.target, target_config, config.dtype, mesh,
+                                              rules)
   draft_params = None
   if draft_config is not None:
     logging.info('loading draft %s', config.draft)
-    _, draft_params = load_model(config.draft, dtype=config.dtype,
-                                 shardings=placement.param_shardings(draft_config, mesh, rules))
+    draft_params = placement.load_for_decoding(config.draft, draft_config, config.dtype, mesh,
+                                               rules)
   compiled, compile_seconds = compile_programs(decoder, target_params, draft_params, config.batch_size,
                                        [b.length for b in batches], image_shape, mesh, rules)
 

@@ -26,7 +26,6 @@ import jax
 import numpy as np
 
 from mmspec_jax import sharding
-from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import inputs, placement, runner, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
@@ -239,8 +238,7 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   # --- load every model once ---------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
   rules = sharding.DEFAULT_RULES
-  load = lambda path, config: load_model(
-      path, dtype=dtype, shardings=placement.param_shardings(config, mesh, rules))[1]
+  load = lambda path, config: placement.load_for_decoding(path, config, dtype, mesh, rules)
   target_params = load(target, target_config)
   target_parameters = parameter_count(target_params)
   draft_params = {name: load(drafts[name], config) for name, config in draft_configs.items()}

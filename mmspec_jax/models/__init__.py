@@ -13,11 +13,12 @@ from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConf
 from mmspec_jax.models.draft import AdapterDraft
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.llama import Llama
+from mmspec_jax.models import llama as _llama
 from mmspec_jax.models.llava import Llava
 
 __all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
            'VisionConfig', 'abstract_params', 'build', 'init_inputs', 'init_params', 'initialize', 'model_type',
-           'parameter_count', 'text_config']
+           'parameter_count', 'text_config', 'unstack_layers']
 
 
 def build(config: ModelConfig) -> nn.Module:
@@ -65,3 +66,11 @@ def init_params(config: ModelConfig, rng: jax.Array):
 
 def parameter_count(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def unstack_layers(config: ModelConfig, params):
+  """Decoding params with the language model's layers unstacked (see llama.unstack_layers); the
+  vision tower, run once per image, stays scanned."""
+  if isinstance(config, LlamaConfig):
+    return _llama.unstack_layers(params)
+  return {**params, 'language_model': _llama.unstack_layers(params['language_model'])}
