@@ -90,7 +90,7 @@ def _speculative(comparisons: dict[str, dict[str, Any]]) -> list[str]:
     for row in comparison['speculative']:
       lines.append(
           f'| {label} ({comparison["target_parameters"] / 1e6:,.1f}M) | {row["gamma"]} | '
-          f'{row["tau"]:.2f} | {row["cost_ratio"]:.3f} | {_rate(ar["tokens_per_second"])} | '
+          f'{row["tau"]:.2f} | {row["cost_ratio"]:.2g} | {_rate(ar["tokens_per_second"])} | '
           f'{_rate(row["tokens_per_second"])} | {row["predicted_speedup"]:.2f}x '
           f'({row["predicted_steady_state_speedup"]:.2f}x) | '
           f'{row["measured_speedup"]:.2f}x | '
