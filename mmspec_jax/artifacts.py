@@ -8,6 +8,9 @@ import os
 ROOT = os.environ.get('MMSPEC_ARTIFACTS', 'artifacts')
 
 
+HF_EXPORT_SUBDIR = 'export_hf'  # Under a run's workdir, next to `export`.
+
+
 def world_dir(root: str | None = None) -> str:
   return os.path.join(root or ROOT, 'world')
 
@@ -19,6 +22,11 @@ def run_dir(stage: str, root: str | None = None) -> str:
 def export_dir(stage: str, root: str | None = None) -> str:
   """A stage's converted export (what decode.py and the next stage load)."""
   return os.path.join(run_dir(stage, root), 'export')
+
+
+def hf_export_dir(stage: str, root: str | None = None) -> str:
+  """A stage's Hugging Face export (LLaMA and LLaVA models; what transformers loads)."""
+  return os.path.join(run_dir(stage, root), HF_EXPORT_SUBDIR)
 
 
 def is_trained(stage: str, root: str | None = None) -> bool:

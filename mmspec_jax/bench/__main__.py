@@ -31,7 +31,6 @@ from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import placement
 from mmspec_jax.models import parameter_count
 
-DEMO_DRAFT_STAGE = artifacts.DEMO_DRAFT_STAGE
 TASKS = ('captioning', 'sqa', 'conversation')
 
 
@@ -91,23 +90,23 @@ def main(argv=None):
   if set(args.sections) & {2, 3, 4}:
     ensure_demo_models()
   start = time.perf_counter()
-  bandwidth, _ = read_bandwidth()
-  results = {'machine': machine(args.repeats, bandwidth)}
-  _log(f'read bandwidth {bandwidth / 1e9:.1f} GB/s')
-  threads = results['machine']['cores']
-
+  results = {}
   if 1 in args.sections:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
       results['autoregressive'] = autoregressive.run_section(work_dir, repeats=args.repeats,
                                                              log=_log)
     # The bandwidth the roofline used: measured between section 1's runs.
-    results['machine']['read_bandwidth_gb_s'] = (
-        results['autoregressive']['read_bandwidth']['median'] / 1e9)
-    report.write(results, args.out_dir, final=False)
+    bandwidth = results['autoregressive']['read_bandwidth']['median']
+  else:
+    bandwidth, _ = read_bandwidth()
+  results = {'machine': machine(args.repeats, bandwidth), **results}
+  _log(f'read bandwidth {bandwidth / 1e9:.1f} GB/s')
+  threads = results['machine']['cores']
+  report.write(results, args.out_dir, final=False)
 
   if set(args.sections) & {2, 3, 4}:
     pair = speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
-                                 artifacts.export_dir(DEMO_DRAFT_STAGE),
+                                 artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE),
                                  artifacts.world_dir(), TASKS, num_examples=22,
                                  max_new_tokens=64)
   if 2 in args.sections:
@@ -129,8 +128,8 @@ def main(argv=None):
     report.write(results, args.out_dir, final=False)
   if 4 in args.sections:
     results['assisted'] = assisted.run_section(
-        pair, os.path.join(artifacts.run_dir(artifacts.DEMO_TARGET_STAGE), 'export_hf'),
-        os.path.join(artifacts.run_dir(DEMO_DRAFT_STAGE), 'export_hf'), num_prompts=8,
+        pair, artifacts.hf_export_dir(artifacts.DEMO_TARGET_STAGE),
+        artifacts.hf_export_dir(artifacts.DEMO_DRAFT_STAGE), num_prompts=8,
         max_new_tokens=64, gamma=3, repeats=args.repeats, threads=threads, log=_log)
 
   results['seconds'] = time.perf_counter() - start

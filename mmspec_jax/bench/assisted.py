@@ -17,7 +17,6 @@ import numpy as np
 
 from mmspec_jax.bench import speculative
 from mmspec_jax.bench.timing import time_runs
-from mmspec_jax.decoding import runner
 
 
 def text_only(pair: speculative.Pair) -> speculative.Pair:
@@ -73,7 +72,7 @@ def run_section(pair: speculative.Pair, target_hf: str, draft_hf: str, *, num_pr
   target = transformers.AutoModelForImageTextToText.from_pretrained(
       target_hf, dtype=torch.float32).eval()
   draft = transformers.AutoModelForCausalLM.from_pretrained(draft_hf, dtype=torch.float32).eval()
-  eos = runner.eos_token_ids(pair.target_config, pair.processor)
+  eos = pair.eos
   results = {}
   for kind, prompts in (('image', pair), ('text', text_only(pair))):
     rows = _hf_inputs(prompts, num_prompts)

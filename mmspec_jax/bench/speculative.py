@@ -16,7 +16,6 @@ of a short generation); see `predicted_speedup`.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmspec_jax.bench.timing import Timing, compile_timed, interleaved, time_runs
+from mmspec_jax.bench.timing import Timed, compile_timed, interleaved, time_runs
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import inputs, placement, runner, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
@@ -75,7 +74,7 @@ def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[st
               length, image_shape, runner.eos_token_ids(target_config, processor))
 
 
-class DecodeRun:
+class DecodeRun(Timed):
   """Greedy decoding of the first `num_prompts` prompts in batches of `batch_size`, compiled and
   warmed up (the warm-up run's outputs are the figures'; first runs of a program are slower).
   gamma 0 decodes with the target alone. `time_once()` times one more pass over all prompts."""
@@ -87,21 +86,16 @@ class DecodeRun:
         num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
         eos_token_ids=pair.eos)
     draft_params = pair.draft_params if gamma else None
-    self.gamma, self.batch_size, self.seconds = gamma, batch_size, []
+    self.gamma, self.batch_size = gamma, batch_size
     self.batches = inputs.make_batches(pair.requests[:num_prompts], batch_size, (pair.length,))
     arrays = [runner.batch_arrays(batch, pair.processor, pair.image_shape)
               for batch in self.batches]
     key = jax.random.key(0)
     compiled, self.compile_seconds = compile_timed(decoder.generate, pair.target_params,
                                                    draft_params, *arrays[0], key)
-    self._run = lambda: jax.block_until_ready(
-        [compiled(pair.target_params, draft_params, *batch_arrays, key) for batch_arrays in arrays])
+    super().__init__(lambda: jax.block_until_ready(
+        [compiled(pair.target_params, draft_params, *batch_arrays, key) for batch_arrays in arrays]))
     self.results = self._run()
-
-  def time_once(self):
-    start = time.perf_counter()
-    self._run()
-    self.seconds.append(time.perf_counter() - start)
 
   def summary(self) -> dict[str, Any]:
     """tokens/s (median, spread), tau, step counts, compile time and each prompt's new tokens."""
@@ -112,7 +106,7 @@ class DecodeRun:
     stats = statistics.summarize(generated, calls, accepted, num_draft_tokens=self.gamma)
     tokens = [row[:count] for r, n in real
               for row, count in zip(np.asarray(r.tokens)[:n], np.asarray(r.num_generated)[:n])]
-    timing = Timing.of(self.seconds)
+    timing = self.timing()
     return {'gamma': self.gamma, 'batch_size': self.batch_size, 'num_prompts': len(generated),
             'new_tokens': int(generated.sum()),
             'tokens_per_second': timing.rate(int(generated.sum())),
@@ -131,24 +125,18 @@ def decode(pair: Pair, gamma: int, batch_size: int, num_prompts: int, max_new_to
   return run.summary()
 
 
-class _Call:
-  """One model call repeated `calls` times inside a jitted loop (see `call_costs`)."""
-
-  def __init__(self, call, params, carry):
-    single = jax.jit(call)
-    jax.block_until_ready(single(params, carry))
-    once = time_runs(lambda: jax.block_until_ready(single(params, carry)), repeats=3,
-                     warmup=0).median
-    self.calls = int(min(200, max(1, 0.2 // max(once, 1e-6))))
-    loop = jax.jit(lambda p, c: jax.lax.fori_loop(0, self.calls, lambda _, c: call(p, c), c))
-    self._run = lambda: jax.block_until_ready(loop(params, carry))
-    self._run()
-    self.seconds = []
-
-  def time_once(self):
-    start = time.perf_counter()
-    self._run()
-    self.seconds.append((time.perf_counter() - start) / self.calls)
+def _call_timer(call, params, carry) -> Timed:
+  """`carry = call(params, carry)` repeated n times inside one jitted loop, timed per call (see
+  `call_costs`); params are arguments, never constants folded into the program."""
+  single = jax.jit(call)
+  jax.block_until_ready(single(params, carry))
+  once = time_runs(lambda: jax.block_until_ready(single(params, carry)), repeats=3,
+                   warmup=0).median
+  calls = int(min(200, max(1, 0.2 // max(once, 1e-6))))
+  loop = jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, lambda _, c: call(p, c), c))
+  run = lambda: jax.block_until_ready(loop(params, carry))
+  run()
+  return Timed(run, per_run=calls)
 
 
 def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[str, float]:
@@ -186,8 +174,8 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
         cache, total = carry
         logits, grown = model.apply({'params': params}, new_tokens, cache, method='extend')
         return grown.with_lengths(cache.lengths), total + logits[0, 0, 0]
-      return _Call(extend, params, (warm, jnp.float32(0)))
-    return [_Call(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
+      return _call_timer(extend, params, (warm, jnp.float32(0)))
+    return [_call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
   target_calls = calls(pair.target_config, pair.target_params, tokens, int(lengths[0]),
                        with_images, (1, gamma + 1))
@@ -195,7 +183,7 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
   names = ('target_prefill', 'target_1', 'target_verify', 'draft_prefill', 'draft_1')
   timed = target_calls + draft_calls
   interleaved(timed, repeats)
-  return {name: Timing.of(call.seconds).median for name, call in zip(names, timed)}
+  return {name: call.timing().median for name, call in zip(names, timed)}
 
 
 def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:

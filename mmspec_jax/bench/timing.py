@@ -60,16 +60,18 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
 
 
 class Timed:
-  """A prepared (compiled, warmed-up) run; `time_once()` times one more run of it."""
+  """A prepared (compiled, warmed-up) run; `time_once()` times one more run of it. A run that
+  repeats its work `per_run` times (e.g. a jitted loop of calls) records seconds per repetition."""
 
-  def __init__(self, run: Callable[[], Any]):
+  def __init__(self, run: Callable[[], Any], per_run: int = 1):
     self._run = run
+    self.per_run = per_run
     self.seconds: list[float] = []
 
   def time_once(self):
     start = time.perf_counter()
     self._run()
-    self.seconds.append(time.perf_counter() - start)
+    self.seconds.append((time.perf_counter() - start) / self.per_run)
 
   def timing(self) -> Timing:
     return Timing.of(self.seconds)

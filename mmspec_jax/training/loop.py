@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax import sharding
+from mmspec_jax import artifacts, sharding
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abstract_params,
                                build, initialize, parameter_count)
@@ -228,7 +228,7 @@ class Trainer:
     message = f'exported {out} (for decode.py and the next stage\'s init_from)'
     if not isinstance(self.model_config, AdapterDraftConfig):  # No HF class holds an adapter.
       from mmspec_jax.convert.export import export_to_hf
-      hf_dir = os.path.join(self.workdir, 'export_hf')
+      hf_dir = os.path.join(self.workdir, artifacts.HF_EXPORT_SUBDIR)
       export_to_hf(params, self.model_config, hf_dir, tokenizer_dir=self.data.tokenizer_dir)
       message += f' and {hf_dir} (Hugging Face)'
     _log(message)
