@@ -33,7 +33,8 @@ def get_config():
   config.max_new_tokens = 128
   # Rows decoded together; the last batch is padded with copies of its first row.
   config.batch_size = 8
-  # Base PRNG seed; batch i decodes with fold_in(key(seed), i).
+  # The run's PRNG seed. A request samples from fold_in(key(seed), hash of its id), or from
+  # key(its own "seed") when its JSONL line gives one: never from its batch or position.
   config.seed = 0
   # Input JSONL path. Relative "image" paths are resolved against this file's directory.
   config.prompts = ''

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.decoding.sampling import sample_from
+from mmspec_jax.decoding.sampling import sample_from, split, uniform
 
 
 def leading_true_count(flags: jax.Array) -> jax.Array:
@@ -38,15 +38,17 @@ def speculative_accept(rng: jax.Array, draft_tokens: jax.Array, draft_probs: jax
   rejection n, draw from normalize(max(0, p_n - q_n)); if all G are accepted, draw a bonus token
   from p_G. The emitted tokens are then distributed exactly as the target's.
 
+  rng: one key, or a key per row (key[B]: each row's draws from its own key alone).
   draft_tokens: int32[B, G] drawn from draft_probs float32[B, G, V] (q); target_probs
   float32[B, G + 1, V] (p). Returns (int32[B] n, int32[B, G + 1] emitted, first n + 1 valid).
   """
   batch, num_draft = draft_tokens.shape
-  accept_rng, residual_rng = jax.random.split(rng)
+  rng = split(rng, 2)
+  accept_rng, residual_rng = rng[..., 0], rng[..., 1]
   p_draft = jnp.take_along_axis(target_probs[:, :num_draft], draft_tokens[..., None], -1)[..., 0]
   q_draft = jnp.take_along_axis(draft_probs, draft_tokens[..., None], -1)[..., 0]  # [B, G]
-  uniform = jax.random.uniform(accept_rng, (batch, num_draft))
-  num_accepted = leading_true_count(uniform * q_draft < p_draft)  # u < p / q, without dividing
+  draws = uniform(accept_rng, (num_draft,) if accept_rng.ndim else (batch, num_draft))
+  num_accepted = leading_true_count(draws * q_draft < p_draft)  # u < p / q, without dividing
 
   # q at position G is zero, so the residual there is p itself: the bonus token.
   q_padded = jnp.concatenate([draft_probs, jnp.zeros_like(target_probs[:, :1])], axis=1)

@@ -29,14 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmspec_jax.decoding import acceptance
+from mmspec_jax.decoding import sampling as sampling_lib
 from mmspec_jax.decoding.sampling import SamplingConfig, pad_vocabulary, probabilities, sample
-from mmspec_jax.models import AdapterDraft, KVCache, Llava, text_config
+from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, KVCache, Llava, LlavaConfig,
+                               text_config)
 
 
 @flax.struct.dataclass
 class DecodeState:
   step: jax.Array  # int32[]
-  rng: jax.Array
+  rng: jax.Array  # key[B]: each row's own stream, folded with the step
   tokens: jax.Array  # int32[B, N]: new tokens of each row
   num_generated: jax.Array  # int32[B]
   done: jax.Array  # bool[B]
@@ -101,7 +103,12 @@ class SpeculativeDecoder:
   @functools.cached_property
   def generate(self):
     """jitted (target_params, draft_params, tokens int32[B, T], lengths int32[B],
-    images float32[B, H, W, 3] | None, rng) -> DecodeResult."""
+    images float32[B, H, W, 3] | None, rng) -> DecodeResult.
+
+    rng: a key per row (key[B]), or one key (row b then gets fold_in(rng, b)). A row's sampled
+    tokens depend only on its key and its prompt, not on the other rows, the batch size or the
+    padded prompt length: every draw of row b comes from row b's key.
+    """
     return jax.jit(self._generate)
 
   # --- prefill ---------------------------------------------------------------------------------
@@ -141,9 +148,10 @@ class SpeculativeDecoder:
   # --- one step --------------------------------------------------------------------------------
 
   def _propose(self, params, state: DecodeState, rng):
-    """G draft tokens int32[B, G], their distributions float32[B, G, V], the draft cache."""
+    """G draft tokens int32[B, G], their distributions float32[B, G, V], the draft cache.
+    rng: key[B]."""
     variables = {'params': params}
-    rngs = jax.random.split(rng, self.num_draft_tokens)
+    rngs = jnp.swapaxes(sampling_lib.split(rng, self.num_draft_tokens), 0, 1)  # key[G, B]
     first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
     logits, cache = self.draft.apply(variables, first, state.draft_cache, method='extend')
     token, probs = _draft_token(rngs[0], logits[:, -1], self.sampling, self.vocab_size)
@@ -160,8 +168,9 @@ class SpeculativeDecoder:
     return tokens, all_probs, cache
 
   def _step(self, target_params, draft_params, state: DecodeState) -> DecodeState:
-    rng = jax.random.fold_in(state.rng, state.step)
-    draft_rng, accept_rng = jax.random.split(rng)
+    rng = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, state.step)  # key[B]
+    rng = sampling_lib.split(rng, 2)
+    draft_rng, accept_rng = rng[:, 0], rng[:, 1]
     batch = state.last_token.shape[0]
     gamma = self.num_draft_tokens
     if gamma:
@@ -227,7 +236,8 @@ class SpeculativeDecoder:
     gamma = self.num_draft_tokens
     # Room for the prompt, every new token and one step's overshoot past the budget.
     cache_length = prompt_length + self.max_new_tokens + gamma + 1
-    prefill_rng, loop_rng = jax.random.split(rng)
+    rng = sampling_lib.split(sampling_lib.row_keys(rng, batch), 2)  # key[B, 2]
+    prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
 
     logits, target_cache, vision_features = self._prefill_target(
         target_params, tokens, lengths, images, cache_length)
@@ -265,15 +275,38 @@ def _write_rows(buffer, values, offsets, counts):
   return buffer.at[rows, columns].set(values, mode='drop')
 
 
-def check_request(target_config, lengths: np.ndarray, max_new_tokens: int):
-  """Host-side checks, with messages naming the row, before anything is compiled."""
+def check_request(target_config, prompts, max_new_tokens: int, num_draft_tokens: int = 0,
+                  drafts=()):
+  """Host-side checks, with messages naming the row, before anything is compiled.
+
+  prompts: each row's token ids (image placeholders included); drafts: the configs of the drafts
+  that will decode them with `num_draft_tokens` (for the evaluation, the largest gamma).
+
+  A row's positions run to prompt + max_new_tokens - 1, and the last verification may write
+  gamma - 1 more: its drafts past the last token the row keeps. Every position a model is fed
+  must lie below its max_position_embeddings.
+  """
   text = text_config(target_config)
-  lengths = np.asarray(lengths)
-  if np.any(lengths < 1):
-    raise ValueError(f'empty prompt in row(s) {np.flatnonzero(lengths < 1).tolist()}')
-  too_long = np.flatnonzero(lengths + max_new_tokens > text.max_position_embeddings)
-  if too_long.size:
-    row = int(too_long[0])
-    raise ValueError(f'row {row}: prompt ({int(lengths[row])} tokens) + max_new_tokens '
-                     f'({max_new_tokens}) exceeds the target\'s {text.max_position_embeddings} '
-                     'positions')
+  overshoot = max(num_draft_tokens - 1, 0)
+  image_token = target_config.image_token_index if isinstance(target_config, LlavaConfig) else None
+  for row, ids in enumerate(prompts):
+    length = len(ids)
+    if length < 1:
+      raise ValueError(f'row {row}: empty prompt')
+    if length + max_new_tokens + overshoot > text.max_position_embeddings:
+      past = f' + {overshoot} draft positions verified past the budget' if overshoot else ''
+      raise ValueError(f'row {row}: prompt ({length} tokens) + max_new_tokens ({max_new_tokens})'
+                       f'{past} exceeds the target\'s {text.max_position_embeddings} positions')
+    for draft in drafts:
+      draft_length = length
+      if image_token is not None and not isinstance(draft, AdapterDraftConfig):
+        # The language-only draft reads the text alone (see SpeculativeDecoder._draft_prompt).
+        draft_length = sum(1 for i in ids if i != image_token)
+        if draft_length < 1:
+          raise ValueError(f'row {row}: the prompt is only image placeholders; the language-only '
+                           'draft reads the text alone and needs at least one text token (a BOS)')
+      limit = text_config(draft).max_position_embeddings
+      if draft_length + max_new_tokens + overshoot > limit:
+        raise ValueError(f'row {row}: the draft reads {draft_length} prompt tokens + '
+                         f'max_new_tokens ({max_new_tokens}) + {overshoot} drafted past the '
+                         f'budget, more than its {limit} positions')

@@ -3,8 +3,11 @@
 Each non-blank line is one request:
   {"id": ..., "prompt": "...", "image": "path"}     text, wrapped in the chat template
   {"id": ..., "input_ids": [...], "image": "path"}  token ids, used as given
-"image" is optional; relative image paths are resolved against the JSONL file's directory. Other
-keys are ignored, so annotated benchmark files can be used as they are.
+"image" is optional; relative image paths are resolved against the JSONL file's directory.
+"seed" (optional, an integer >= 0) fixes the request's sampling stream; without it the stream is
+the run's seed folded with the request's id (`request_keys`). Either way a request samples the
+same tokens whatever else is in its batch. Other keys are ignored, so annotated benchmark files
+can be used as they are.
 
 Everything that can be wrong with a request is found here, before a model is loaded or anything
 is compiled, and reported as a ValueError naming the file, line and id.
@@ -15,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -35,6 +41,7 @@ class Request:
   line: int  # 1-based line number in the input file
   token_ids: tuple[int, ...]  # the full prompt, image placeholders expanded
   image: str | None  # resolved image path, or None for a text-only request
+  seed: int | None = None  # the request's own sampling seed, if it gives one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +97,7 @@ def prompt_ids(row: dict[str, Any], where: str, has_image: bool, raw_prompt: boo
 
 
 def check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConfig,
-               max_new_tokens: int):
+              max_new_tokens: int, num_draft_tokens: int = 0, drafts: Sequence[ModelConfig] = ()):
   text_ids = ids
   if isinstance(target, LlavaConfig):
     placeholders = sum(1 for i in ids if i == target.image_token_index)
@@ -107,15 +114,39 @@ def check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConf
     raise ValueError(f'{where}: token id {bad[0]} is outside the target vocabulary '
                      f'[0, {vocab_size})')
   try:
-    engine.check_request(target, np.asarray([len(ids)]), max_new_tokens)
+    engine.check_request(target, [ids], max_new_tokens, num_draft_tokens, drafts)
   except ValueError as e:
     # check_request numbers rows within the array it was given (here one row): name the line.
     raise ValueError(f'{where}: {str(e).removeprefix("row 0: ")}') from e
 
 
+def check_seed(row: dict[str, Any], where: str) -> int | None:
+  seed = row.get('seed')
+  if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                           or not 0 <= seed < 2 ** 63):
+    raise ValueError(f'{where}: "seed" must be an integer in [0, 2**63), got {seed!r}')
+  return seed
+
+
+def request_keys(requests: Sequence[Request], run_key: jax.Array) -> jax.Array:
+  """key[B]: each request's own PRNG key, for `SpeculativeDecoder.generate`.
+
+  key(seed) for a request that gives a "seed", else run_key folded with a hash of its id (not
+  its position: the same request in another file, batch or bucket samples the same tokens).
+  """
+  def key(request: Request):
+    if request.seed is not None:
+      return jax.random.key(request.seed)
+    id_hash = zlib.crc32(json.dumps(request.id).encode('utf-8'))
+    return jax.random.fold_in(run_key, np.uint32(id_hash))
+  return jnp.stack([key(r) for r in requests])
+
+
 def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig, *,
-                  raw_prompt: bool, max_new_tokens: int) -> list[Request]:
-  """Parses and validates every line of the JSONL file `path`, in order."""
+                  raw_prompt: bool, max_new_tokens: int, num_draft_tokens: int = 0,
+                  drafts: Sequence[ModelConfig] = ()) -> list[Request]:
+  """Parses and validates every line of the JSONL file `path`, in order, for a target decoding
+  `max_new_tokens` with `drafts` (configs) proposing `num_draft_tokens` a step."""
   if not os.path.isfile(path):
     raise ValueError(f'prompts file not found: {path!r}')
   requests: list[Request] = []
@@ -146,8 +177,8 @@ def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig
       if image is not None:
         image = check_image(image, where, path, target, processor)
       ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
-      check_ids(ids, where, image is not None, target, max_new_tokens)
-      requests.append(Request(request_id, line_number, tuple(ids), image))
+      check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens, drafts)
+      requests.append(Request(request_id, line_number, tuple(ids), image, check_seed(row, where)))
   if not requests:
     raise ValueError(f'{path}: no requests (the file is empty)')
   return requests

@@ -49,6 +49,17 @@ def input_structs(batch_size: int, length: int, image_shape, mesh, rules=shardin
   return (struct((batch_size, length), np.int32), struct((batch_size,), np.int32), images)
 
 
+def keys_struct(batch_size: int, mesh, rules=sharding.DEFAULT_RULES):
+  """Abstract key[B]: one PRNG key per row (see SpeculativeDecoder.generate)."""
+  dtype = jax.random.key(0).dtype
+  return jax.ShapeDtypeStruct((batch_size,), dtype,
+                              sharding=batch_sharding((batch_size,), mesh, rules))
+
+
+def place_keys(keys, mesh, rules=sharding.DEFAULT_RULES):
+  return jax.device_put(keys, batch_sharding(keys.shape, mesh, rules))
+
+
 def place_inputs(tokens, lengths, images, mesh, rules=sharding.DEFAULT_RULES):
   put = lambda x: None if x is None else jax.device_put(x, batch_sharding(x.shape, mesh, rules))
   return put(tokens), put(lengths), put(images)

@@ -165,7 +165,7 @@ def compile_programs(decoder: SpeculativeDecoder, target_params, draft_params, b
       compiled[length] = decoder.generate.lower(
           target_params, draft_params,
           *placement.input_structs(batch_size, length, image_shape, mesh, rules),
-          jax.random.key(0)).compile()
+          placement.keys_struct(batch_size, mesh, rules)).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -214,10 +214,11 @@ def run(config) -> statistics.RunStatistics:
   processor = MultimodalProcessor.from_pretrained(config.target)
   if draft_config is not None:
     check_draft_vocabulary(config, processor, target_config, draft_config)
-  requests = inputs.read_requests(config.prompts, processor, target_config,
-                                  raw_prompt=config.raw_prompt,
-                                  max_new_tokens=config.max_new_tokens)
   gamma = config.num_draft_tokens if draft_config is not None else 0
+  requests = inputs.read_requests(
+      config.prompts, processor, target_config, raw_prompt=config.raw_prompt,
+      max_new_tokens=config.max_new_tokens, num_draft_tokens=gamma,
+      drafts=() if draft_config is None else (draft_config,))
   decoder = SpeculativeDecoder(
       target=build(target_config), draft=None if draft_config is None else build(draft_config),
       num_draft_tokens=gamma, sampling=sampling, max_new_tokens=config.max_new_tokens,
@@ -254,7 +255,7 @@ def run(config) -> statistics.RunStatistics:
     for batch in batches:
       tokens, lengths, images = placement.place_inputs(
           *batch_arrays(batch, processor, image_shape), mesh, rules)
-      rng = jax.random.fold_in(base_key, batch.index)
+      rng = placement.place_keys(inputs.request_keys(batch.requests, base_key), mesh, rules)
       start = time.perf_counter()
       result = jax.block_until_ready(
           compiled[batch.length](target_params, draft_params, tokens, lengths, images, rng))

@@ -13,9 +13,15 @@ import jax
 import jax.numpy as jnp
 
 
+# Temperatures below this decode greedily: dividing logits by ~1e-6 overflows float32 (inf - inf
+# is NaN in the softmax), and at such temperatures sampling is the argmax anyway.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
+  """temperature 0 (or below MIN_TEMPERATURE) means greedy (argmax); top_k 0 and top_p 1 switch
+  those filters off."""
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -30,25 +36,35 @@ class SamplingConfig:
 
   @property
   def greedy(self) -> bool:
-    return self.temperature == 0
+    return self.temperature < MIN_TEMPERATURE
+
+
+def _keep_ranked(x: jax.Array, order: jax.Array, keep_ranks: jax.Array) -> jax.Array:
+  """x with every entry -inf but those whose rank (position in `order`) is in `keep_ranks`.
+  order: int32[..., K] token ids by rank; keep_ranks: bool[..., K]."""
+  keep = jnp.zeros(x.shape, bool)
+  keep = jnp.put_along_axis(keep, order, keep_ranks, axis=-1, inplace=False)
+  return jnp.where(keep, x, -jnp.inf)
 
 
 def processed_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """float32[..., V] logits after temperature, top-k and top-p (filtered entries are -inf)."""
+  """float32[..., V] logits after temperature, top-k and top-p (filtered entries are -inf).
+
+  Both filters keep tokens by rank, ties broken by the lower id (XLA's top-k and a stable sort):
+  top-k keeps exactly k tokens even when the k-th value is tied.
+  """
   x = logits.astype(jnp.float32) / sampling.temperature
   vocab = x.shape[-1]
   if 0 < sampling.top_k < vocab:
-    kth_largest = jax.lax.top_k(x, sampling.top_k)[0][..., -1:]
-    x = jnp.where(x < kth_largest, -jnp.inf, x)
+    _, top = jax.lax.top_k(x, sampling.top_k)  # [..., k] ids, ties by index
+    x = _keep_ranked(x, top, jnp.ones(top.shape, bool))
   if sampling.top_p < 1:
     # Keep the most likely tokens until their mass reaches top_p: a token is kept when the mass
-    # of the tokens strictly more likely than it is still below top_p (the first always is).
-    descending = -jnp.sort(-x, axis=-1)
-    probs = jax.nn.softmax(descending, axis=-1)
+    # of the tokens ranked before it is still below top_p (the first always is).
+    order = jnp.argsort(-x, axis=-1, stable=True)  # [..., V] ids by rank, ties by index
+    probs = jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
-    x = jnp.where(x < threshold, -jnp.inf, x)
+    x = _keep_ranked(x, order, mass_before < sampling.top_p)
   return x
 
 
@@ -60,12 +76,46 @@ def probabilities(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
 
 
 def sample_from(rng: jax.Array, probs: jax.Array) -> jax.Array:
-  """int32[...] tokens drawn from float32[..., V] probabilities."""
+  """int32[...] tokens drawn from float32[..., V] probabilities.
+
+  `rng` is one key for all draws, or a key per leading entry (key[B] for float32[B, ..., V]):
+  then row b's draw depends on its own key only, never on the batch it is in.
+  """
+  if rng.ndim:
+    return jax.vmap(sample_from)(rng, probs)
   return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
+def uniform(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """float32[*rng.shape, *shape] uniform draws, each key's from that key alone."""
+  if rng.ndim:
+    return jax.vmap(lambda key: uniform(key, shape))(rng)
+  return jax.random.uniform(rng, shape)
+
+
+def split(rng: jax.Array, num: int) -> jax.Array:
+  """key[*rng.shape, num]: each key split into `num` (per row for a key per row)."""
+  if rng.ndim:
+    return jax.vmap(lambda key: split(key, num))(rng)
+  return jax.random.split(rng, num)
+
+
+def row_keys(rng: jax.Array, batch_size: int) -> jax.Array:
+  """key[B]: one key per row. A key per row is used as given; a single key gives row b
+  `fold_in(rng, b)` (then a row's stream depends on its index in the batch)."""
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # Raw uint32 keys.
+  if rng.ndim == 0:
+    return jax.vmap(lambda row: jax.random.fold_in(rng, row))(jnp.arange(batch_size))
+  if rng.shape != (batch_size,):
+    raise ValueError(f'rng must be one key or one key per row ({batch_size}), got shape '
+                     f'{rng.shape}')
+  return rng
+
+
 def sample(rng: jax.Array, logits: jax.Array, sampling: SamplingConfig):
-  """(int32[...] tokens, float32[..., V] the distribution they were drawn from)."""
+  """(int32[...] tokens, float32[..., V] the distribution they were drawn from); `rng` as in
+  `sample_from`."""
   probs = probabilities(logits, sampling)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), probs

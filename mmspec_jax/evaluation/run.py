@@ -140,8 +140,8 @@ def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs
     arrays = runner.batch_arrays(batch, processor, image_shape)
     arrays = placement.place_inputs(*arrays, mesh, rules)
     start = time.perf_counter()
-    result = jax.block_until_ready(generate(target_params, draft_params, *arrays,
-                                            jax.random.fold_in(key, batch.index)))
+    keys = placement.place_keys(inputs.request_keys(batch.requests, key), mesh, rules)
+    result = jax.block_until_ready(generate(target_params, draft_params, *arrays, keys))
     seconds += time.perf_counter() - start
     real = slice(0, batch.num_real)  # Padding rows are decoded but not counted.
     counts = np.asarray(result.num_generated)[real]
@@ -200,7 +200,8 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     num_examples: the first this many records of each task.
     out_dir: where results.json, results.md and tau_vs_gamma.png go (created if missing);
       results.json is rewritten after every cell, so an interrupted run keeps what it finished.
-    seed: batch i of task t decodes with fold_in(fold_in(key(seed), t), i), for every decoder.
+    seed: a request of task t decodes with inputs.request_keys under fold_in(key(seed), t), for
+      every decoder.
     dtype: compute and parameter dtype of all models.
     mesh_shape: decode.py's mesh (axis -> size, -1 fills); default all devices on `data`.
     score_fn: score(task, prediction, record) -> float in [0, 1]; default
@@ -220,7 +221,9 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   processor = MultimodalProcessor.from_pretrained(target)
   target_config, draft_configs = model_configs(target, drafts, dtype, processor)
   examples = {task: task_data.read_task(data_dir, task, processor, target_config,
-                                        num_examples=num_examples, max_new_tokens=max_new_tokens)
+                                        num_examples=num_examples, max_new_tokens=max_new_tokens,
+                                        num_draft_tokens=max(gammas) if draft_configs else 0,
+                                        drafts=tuple(draft_configs.values()))
               for task in tasks}
   # One prompt length and one image shape for the whole run: one compile per decoder.
   requests = [e.request for task in tasks for e in examples[task]]

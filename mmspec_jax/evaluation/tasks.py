@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from mmspec_jax.data.conversation import (IMAGE_PLACEHOLDER, conversation_turns,
@@ -60,8 +61,8 @@ def _first_exchange(record: dict[str, Any], where: str) -> tuple[str, str]:
 
 
 def _request(row: dict[str, Any], where: str, json_path: str, index: int,
-             processor: MultimodalProcessor, target: ModelConfig, max_new_tokens: int
-             ) -> inputs.Request:
+             processor: MultimodalProcessor, target: ModelConfig, max_new_tokens: int,
+             num_draft_tokens: int, drafts: Sequence[ModelConfig]) -> inputs.Request:
   """What inputs.read_requests does for one JSONL line {"id", "prompt", "image"}.
 
   The three helpers are private to inputs.py; a public per-row function there would replace this.
@@ -71,12 +72,14 @@ def _request(row: dict[str, Any], where: str, json_path: str, index: int,
   if image is not None:
     image = inputs.check_image(image, where, json_path, target, processor)
   ids = inputs.prompt_ids(row, where, image is not None, False, processor)
-  inputs.check_ids(ids, where, image is not None, target, max_new_tokens)
+  inputs.check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens,
+                   drafts)
   return inputs.Request(row['id'], index + 1, tuple(ids), image)
 
 
 def read_task(data_dir: str, task: str, processor: MultimodalProcessor, target: ModelConfig, *,
-              num_examples: int, max_new_tokens: int) -> list[Example]:
+              num_examples: int, max_new_tokens: int, num_draft_tokens: int = 0,
+              drafts: Sequence[ModelConfig] = ()) -> list[Example]:
   """The first `num_examples` records of `task` (all if fewer), validated and tokenized, in file
   order."""
   path = task_path(data_dir, task)
@@ -104,6 +107,7 @@ def read_task(data_dir: str, task: str, processor: MultimodalProcessor, target: 
       # reports an image that is not a non-empty string itself).
       valid = isinstance(image, str) and image
       row['image'] = os.path.join(IMAGES_SUBDIR, image) if valid else image
-    request = _request(row, where, path, index, processor, target, max_new_tokens)
+    request = _request(row, where, path, index, processor, target, max_new_tokens,
+                       num_draft_tokens, drafts)
     examples.append(Example(request, reference, record))
   return examples

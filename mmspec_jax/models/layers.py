@@ -47,6 +47,8 @@ class Dense(nn.Module):
   init_scale: float = 1.0  # residual_init_scale(L) for projections into a residual stream.
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # The matmul's accumulation and output dtype (`preferred_element_type`); None: `dtype`.
+  output_dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,7 +59,8 @@ class Dense(nn.Module):
         out_axis=tuple(range(self.num_contracted, rank)))
     kernel = self.param('kernel', partitioned(init, self.names),
                         contracted + self.features, self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_contracted)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_contracted,
+                      preferred_element_type=self.output_dtype)
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros_init(),
                                             self.names[-len(self.features):]),
@@ -67,7 +70,8 @@ class Dense(nn.Module):
 
 
 def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
-          use_bias=False, init_scale: float = 1.0, dtype, param_dtype, name: str) -> Dense:
+          use_bias=False, init_scale: float = 1.0, dtype, param_dtype, name: str,
+          output_dtype=None) -> Dense:
   """A Dense whose kernel (and bias) carry logical axis names.
 
   `names` names every kernel axis: the contracted input axes first, then the output axes;
@@ -76,7 +80,8 @@ def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1
   features = tuple(features) if isinstance(features, Sequence) else (features,)
   num_contracted = len(axis) if isinstance(axis, Sequence) else 1
   return Dense(features=features, names=tuple(names), num_contracted=num_contracted,
-               use_bias=use_bias, init_scale=init_scale, dtype=dtype, param_dtype=param_dtype, name=name)
+               use_bias=use_bias, init_scale=init_scale, dtype=dtype, param_dtype=param_dtype,
+               output_dtype=output_dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -23,6 +23,11 @@ from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_at
                                       partitioned, residual_init_scale, rope_inverse_frequencies)
 
 
+def in_vocabulary(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  """bool[...]: which ids a model with `vocab_size` ids has (the others are never looked up)."""
+  return (tokens >= 0) & (tokens < vocab_size)
+
+
 class Attention(nn.Module):
   config: LlamaConfig
 
@@ -149,7 +154,8 @@ class Llama(nn.Module):
         **kwargs)
     self.norm = RMSNorm(cfg.rms_norm_eps, name='norm', **kwargs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), name='lm_head', **kwargs)
+      self.lm_head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), name='lm_head',
+                           output_dtype=jnp.float32, **kwargs)
     # One scanned layer stack: parameters get a leading [L] axis named `layers`, the cache is
     # scanned over its leading layer axis (a None cache scans as an empty pytree), and XLA
     # compiles the layer body once however deep the model.
@@ -159,17 +165,27 @@ class Llama(nn.Module):
     self.layers = stack(cfg, name='layers')
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    """int32[B, T] -> [B, T, D]."""
-    x = self.embed_tokens(tokens)
+    """int32[B, T] -> [B, T, D]. Ids outside the vocabulary embed as zeros (`in_vocabulary`).
+
+    The one place every model's token ids meet its embedding table: the paper's draft has 32000
+    ids while LLaVA's prompts carry <image> 32000 and <pad> 32001, and a plain lookup would give
+    those NaN rows (jnp.take's default fill), which attention spreads through the whole row even
+    from masked slots (0 * NaN). A zero embedding stays finite, and such positions are masked
+    (padding) or replaced (image features), so they never influence a real position.
+    """
+    valid = in_vocabulary(tokens, self.config.vocab_size)
+    x = self.embed_tokens(jnp.where(valid, tokens, 0))
+    x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
     return sharding.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """[..., D] final-normed hidden states -> float32[..., V]."""
-    if self.config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(hidden)
-    else:
-      logits = self.lm_head(hidden)
-    return logits.astype(jnp.float32)
+    """[..., D] final-normed hidden states -> float32[..., V], accumulated in float32 even when
+    the model computes in bfloat16 (the choice between near-tied tokens is made on these)."""
+    if not self.config.tie_word_embeddings:
+      return self.lm_head(hidden)
+    dtype = resolve_dtype(self.config.dtype)
+    return jnp.dot(hidden.astype(dtype), self.embed_tokens.embedding.T.astype(dtype),
+                   preferred_element_type=jnp.float32)
 
   def decode(self, x: jax.Array, cache: KVCache | None = None, *,
              positions: jax.Array | None = None, segment_ids: jax.Array | None = None,

@@ -9,12 +9,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmspec_jax.models.llama import in_vocabulary
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Next-token loss. logits float[B, T, V]; targets int32[B, T]; mask float[B, T]."""
+  """Next-token loss. logits float[B, T, V]; targets int32[B, T]; mask float[B, T].
+
+  Targets the model does not have (a 32000-id draft's <image> 32000 and <pad> 32001) carry no
+  loss and are never gathered: an out-of-range gather would fill NaN, and 0 * NaN is NaN.
+  """
+  valid = in_vocabulary(targets, logits.shape[-1])
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  mask = mask.astype(jnp.float32)
+  token_log_probs = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None],
+                                        axis=-1)[..., 0]
+  mask = jnp.where(valid, mask.astype(jnp.float32), 0.0)
   return -jnp.sum(token_log_probs * mask), jnp.sum(mask)
 
 
