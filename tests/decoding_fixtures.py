@@ -1,11 +1,19 @@
-"""Tiny target/draft pairs whose agreement is partial, so acceptance and rejection both occur.
+"""Tiny target/draft pairs in the paper's vocabulary layout, whose agreement is partial, so
+acceptance and rejection both occur.
 
-Drafts are derived from the target: the language-only draft is the target's language model with
-noise; the adapter draft is the target's language model and projector with noise. Weights are
+The layout is LLaVA-1.5's beside the paper's draft, shrunk: the draft has the base vocabulary
+(BASE_VOCAB = 256 ids, as 32000), the target's prompts carry <image> = 256 and <pad> = 257 past it
+(as 32000 and 32001), and the target's text vocabulary is padded to 264 (as 32064). Prompts are
+right-padded with PAD_TOKEN, so every draft reads ids it does not have.
+
+Drafts are derived from the target: the language-only draft is the target's language model cut
+to the base vocabulary, with noise; the adapter draft adds the target's projector. Weights are
 scaled up so logits spread and greedy choices are not near-ties.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -13,6 +21,10 @@ import numpy as np
 from mmspec_jax.models import AdapterDraftConfig, init_params, presets
 
 IMAGE_ROWS_TEXT_LENGTHS = (3, 9)  # Two image rows with different prompt lengths.
+TARGET = presets.get('tiny_llava')
+BASE_VOCAB = TARGET.image_token_index  # The draft's ids: everything before <image>.
+PAD_TOKEN = TARGET.text.pad_token_id
+assert (BASE_VOCAB, PAD_TOKEN) == (256, 257) and TARGET.text.vocab_size > PAD_TOKEN
 
 
 def perturb(params, seed, scale):
@@ -25,35 +37,65 @@ def perturb(params, seed, scale):
 
 
 def llava_target():
-  config = presets.get('tiny_llava')
-  params = jax.tree.map(lambda x: x * 1.5, init_params(config, jax.random.key(0)))
-  return config, params
+  """The tiny LLaVA, its LM head silent on the ids past the base vocabulary (logit 0, far below
+  the top of ~5-unit logits): a trained LLaVA never answers with <image>, <pad> or padding
+  rows, while a random one would, and a draft could then never match it."""
+  params = jax.tree.map(lambda x: x * 1.5, init_params(TARGET, jax.random.key(0)))
+  head = params['language_model']['lm_head']
+  head['kernel'] = head['kernel'].at[:, BASE_VOCAB:].set(0)
+  return TARGET, params
+
+
+def cut_to_base_vocabulary(language_model_params):
+  """A (scanned-layout) Llama's params keeping the first BASE_VOCAB ids of its embedding and LM
+  head: the target's own language model as a draft of the paper's vocabulary."""
+  params = dict(language_model_params)
+  params['embed_tokens'] = {'embedding': params['embed_tokens']['embedding'][:BASE_VOCAB]}
+  params['lm_head'] = {'kernel': params['lm_head']['kernel'][:, :BASE_VOCAB]}
+  return params
+
+
+def base_text_config(target_config):
+  return dataclasses.replace(target_config.text, vocab_size=BASE_VOCAB)
 
 
 def language_draft(target_config, target_params, noise=0.03):
-  return target_config.text, perturb(target_params['language_model'], 1, noise)
+  params = cut_to_base_vocabulary(target_params['language_model'])
+  return base_text_config(target_config), perturb(params, 1, noise)
 
 
 def adapter_draft(target_config, target_params, noise=0.03):
-  config = AdapterDraftConfig(text=target_config.text,
+  config = AdapterDraftConfig(text=base_text_config(target_config),
                               vision_hidden_size=target_config.vision.hidden_size,
                               image_token_index=target_config.image_token_index)
-  params = {'language_model': target_params['language_model'],
+  params = {'language_model': cut_to_base_vocabulary(target_params['language_model']),
             'multi_modal_projector': target_params['multi_modal_projector']}
   return config, perturb(params, 2, noise)
 
 
-def ragged_batch(config, seed=0):
-  """Three rows: two with an image (different lengths), one text-only. Right-padded."""
+def pad_rows(rows, length=None):
+  """(tokens int32[B, T] right-padded with PAD_TOKEN, lengths int32[B])."""
+  lengths = np.array([len(r) for r in rows], np.int32)
+  tokens = np.full((len(rows), length or lengths.max()), PAD_TOKEN, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  return tokens, lengths
+
+
+def ragged_rows(config, seed=0):
+  """Three prompts: two with an image (different lengths), one text-only."""
   rng = np.random.RandomState(seed)
   rows = [[1] + [config.image_token_index] * config.num_image_tokens
           + rng.randint(3, 250, n).tolist() for n in IMAGE_ROWS_TEXT_LENGTHS]
   rows.append([1] + rng.randint(3, 250, 6).tolist())
-  lengths = np.array([len(r) for r in rows], np.int32)
-  tokens = np.zeros((len(rows), lengths.max()), np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
   size = config.vision.image_size
   images = rng.rand(len(rows), size, size, 3).astype(np.float32)
   images[2] = 0  # The text-only row's image slot is never read.
-  return tokens, lengths, images
+  return rows, images
+
+
+def ragged_batch(config, seed=0):
+  """Three rows: two with an image (different lengths), one text-only. Right-padded with
+  PAD_TOKEN. Returns (tokens int32[3, T], lengths int32[3], images float32[3, H, W, 3])."""
+  rows, images = ragged_rows(config, seed)
+  return (*pad_rows(rows), images)

@@ -8,6 +8,7 @@ import torch
 import decoding_fixtures as fx
 from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding import statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import build, init_params, presets
@@ -88,6 +89,26 @@ def test_identical_draft_accepts_everything(sampling):
   tau = (np.asarray(result.num_generated) - 1) / (np.asarray(result.num_target_calls) - 1)
   np.testing.assert_array_equal(tau, gamma + 1)
   np.testing.assert_array_equal(result.accepted_by_position, steps)
+
+
+def test_a_step_cut_short_by_the_budget_counts_what_the_row_keeps():
+  """statistics.py's rule: the last step keeps 3 of its 5 tokens; it counts as one step, with 3
+  tokens, drafts 0-2 accepted and draft 3 reached but not accepted."""
+  config = presets.get('tiny_llama')
+  params = jax.tree.map(lambda x: x * 1.5, init_params(config, jax.random.key(3)))
+  gamma, steps = 4, 5
+  tokens = np.array([[1, 5, 9, 0], [1, 7, 3, 8]], np.int32)
+  lengths = np.array([3, 4], np.int32)
+  max_new_tokens = 1 + steps * (gamma + 1) - 2
+  result = _decode(config, params, (config, params), gamma, (tokens, lengths, None),
+                   max_new_tokens=max_new_tokens)
+  np.testing.assert_array_equal(result.num_generated, max_new_tokens)
+  np.testing.assert_array_equal(result.num_target_calls, 1 + steps)
+  np.testing.assert_array_equal(result.accepted_by_position, [[5, 5, 5, 4]] * 2)
+  stats = statistics.summarize(result.num_generated, result.num_target_calls,
+                               result.accepted_by_position, num_draft_tokens=gamma)
+  assert stats.block_efficiency == pytest.approx((max_new_tokens - 1) / steps)  # 4.6
+  np.testing.assert_allclose(stats.acceptance_rate_by_position, [1, 1, 1, 0.8])
 
 
 @pytest.fixture(scope='module')

@@ -5,7 +5,13 @@ the next two from a speculative step that drafts, accepts or rejects, resamples 
 over 24,000 rows is compared with the target's exact joint distribution, computed from its
 logits, by a chi-square test. The same test rejects three planted biased samplers, so it has the
 power to catch them.
+
+The pair has the paper's vocabulary layout: the draft has the first DRAFT_VOCAB of the target's
+VOCAB ids, so the target samples ids the draft cannot propose, and the draft is then fed them.
 """
+
+import dataclasses
+
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +23,7 @@ from decoding_fixtures import perturb
 
 from mmspec_jax.decoding import acceptance, engine
 from mmspec_jax.decoding.sampling import (SamplingConfig, pad_vocabulary, probabilities,
-                                          processed_logits, sample)
+                                          processed_logits, sample, sample_from)
 from mmspec_jax.decoding.statistics import expected_block_efficiency
 from mmspec_jax.models import LlamaConfig, build, init_params
 
@@ -27,9 +33,11 @@ GAMMA = 2
 PROMPT = [1, 5, 3]
 P_VALUE_FLOOR = 1e-3  # Seeds are fixed, so outcomes are deterministic; this is the bar they meet.
 
+DRAFT_VOCAB = 6  # Ids 6 and 7 are the target's alone (as <image> and <pad> past 32000 ids).
 CONFIG = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1,
                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64,
                      eos_token_id=None, bos_token_id=None)
+DRAFT_CONFIG = dataclasses.replace(CONFIG, vocab_size=DRAFT_VOCAB)
 SAMPLINGS = {
     'temperature': SamplingConfig(temperature=0.7),
     'top_k': SamplingConfig(temperature=1.0, top_k=3),
@@ -42,7 +50,9 @@ def models():
   # A draft near the target: it is accepted often enough that a biased sampler shows (a draft that
   # is nearly always rejected hides most biases behind the residual resampling).
   target = init_params(CONFIG, jax.random.key(10))  # Logits of std ~1.
-  return target, perturb(target, 3, 0.5)
+  draft = dict(target, embed_tokens={'embedding': target['embed_tokens']['embedding'][:DRAFT_VOCAB]},
+               lm_head={'kernel': target['lm_head']['kernel'][:, :DRAFT_VOCAB]})
+  return target, perturb(draft, 3, 0.5)
 
 
 def exact_joint(target_params, sampling):
@@ -59,7 +69,7 @@ def exact_joint(target_params, sampling):
 
 
 def sampled_joint(target_params, draft_params, sampling):
-  decoder = engine.SpeculativeDecoder(build(CONFIG), build(CONFIG), GAMMA, sampling,
+  decoder = engine.SpeculativeDecoder(build(CONFIG), build(DRAFT_CONFIG), GAMMA, sampling,
                                       max_new_tokens=3, eos_token_ids=(-1,))
   tokens = np.tile(np.array(PROMPT, np.int32), (NUM_SAMPLES, 1))
   lengths = np.full((NUM_SAMPLES,), len(PROMPT), np.int32)
@@ -69,6 +79,8 @@ def sampled_joint(target_params, draft_params, sampling):
   assert (np.asarray(result.num_generated) == 3).all()
   counts = np.zeros((VOCAB,) * 3)
   np.add.at(counts, (generated[:, 0], generated[:, 1], generated[:, 2]), 1)
+  # The target's own ids do occur, so the draft reads ids it does not have.
+  assert (generated >= DRAFT_VOCAB).any(axis=1).mean() > 0.05
   return counts, result
 
 
@@ -199,3 +211,37 @@ def test_bad_decoder_settings_are_refused():
   bigger = build(LlamaConfig(**{**CONFIG.__dict__, 'vocab_size': VOCAB + 1}))
   with pytest.raises(ValueError, match='draft vocabulary'):
     engine.SpeculativeDecoder(model, bigger, 2, SamplingConfig(), 4, (2,))
+
+
+def test_top_k_keeps_exactly_k_tokens_on_ties():
+  logits = jnp.array([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+  kept = lambda s: np.isfinite(np.asarray(processed_logits(logits, s))).astype(int).tolist()
+  # Ties go to the lower id, as a stable sort (and XLA's top-k) order them.
+  assert kept(SamplingConfig(1.0, top_k=2)) == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+  # top-p stops at the rank where the mass is reached, inside a tie too.
+  assert kept(SamplingConfig(1.0, top_p=0.5)) == [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+  probs = np.asarray(probabilities(logits, SamplingConfig(1.0, top_k=2)))
+  np.testing.assert_allclose(probs[1], [0.5, 0.5, 0, 0, 0])
+
+
+@pytest.mark.parametrize('temperature', [1e-6, 1e-9, 0.0])
+def test_tiny_temperatures_decode_greedily(temperature):
+  sampling = SamplingConfig(temperature=temperature)
+  assert sampling.greedy
+  logits = jnp.array([[50.0, 49.9999, -3.0], [0.0, 1e-3, 2e-3]])
+  tokens, probs = sample(jax.random.key(0), logits, sampling)
+  assert tokens.tolist() == [0, 2]
+  assert np.isfinite(np.asarray(probs)).all()
+  # Just above the greedy cut the softmax is still finite (no inf - inf).
+  probs = np.asarray(probabilities(logits, SamplingConfig(temperature=1.1e-5)))
+  assert np.isfinite(probs).all() and np.allclose(probs.sum(-1), 1)
+
+
+def test_sampling_streams_are_per_row():
+  """A row's draws come from its own key: the same key gives the same draw in any batch."""
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(1), (5, 50)))
+  keys = jax.random.split(jax.random.key(2), 5)
+  together = np.asarray(sample_from(keys, probs))
+  alone = [int(sample_from(keys[i:i + 1], probs[i:i + 1])[0]) for i in range(5)]
+  shuffled = np.asarray(sample_from(keys[::-1], probs[::-1]))[::-1]
+  assert together.tolist() == alone == shuffled.tolist()

@@ -3,6 +3,15 @@
 Block efficiency tau counts the tokens each verification step produces, the target's own
 correction or bonus token included (vLLM's and SGLang's "mean acceptance length"), so
 1 <= tau <= gamma + 1. The prefill's first token is left out of tau: it is not speculative.
+
+Steps cut short. A row's last step may end early: at its first EOS, or at max_new_tokens. Such
+a step counts as one verification step, and only the tokens the row keeps count (up to and
+including the EOS, within the budget): tau = (kept tokens - 1) / steps. A draft token counts as
+accepted at position i only if the target accepted it and the row kept it (the engine's
+`accepted_by_position`). Position i counts as reached in a step when the drafts before it were
+accepted and kept, so a cut right after position i - 1 counts as reached and not accepted at
+position i: a row's last step can lower the rate at one position, by one step. A row that is done
+takes no further steps and counts nothing.
 """
 
 from __future__ import annotations

@@ -35,8 +35,10 @@ PRESETS: dict[str, ModelConfig] = {
     'draft_115m_adapter': AdapterDraftConfig(text=_DRAFT_115M, vision_hidden_size=1024),
     # Tiny CPU presets for tests and smoke runs.
     'tiny_llama': _TINY_TEXT,
+    # The paper pair's vocabulary layout, shrunk: a 256-id base vocabulary (a draft's), <image>
+    # 256 and <pad> 257 past it, the target's text vocabulary padded to 264 (32000/32001/32064).
     'tiny_llava': LlavaConfig(
-        text=dataclasses.replace(_TINY_TEXT, vocab_size=264),
+        text=dataclasses.replace(_TINY_TEXT, vocab_size=264, pad_token_id=257),
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                             image_size=56, patch_size=14),
         image_token_index=256),
