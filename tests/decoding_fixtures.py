@@ -46,29 +46,33 @@ def llava_target():
   return TARGET, params
 
 
-def cut_to_base_vocabulary(language_model_params):
-  """A (scanned-layout) Llama's params keeping the first BASE_VOCAB ids of its embedding and LM
+def cut_to_base_vocabulary(language_model_params, vocab_size):
+  """A (scanned-layout) Llama's params keeping the first `vocab_size` ids of its embedding and LM
   head: the target's own language model as a draft of the paper's vocabulary."""
   params = dict(language_model_params)
-  params['embed_tokens'] = {'embedding': params['embed_tokens']['embedding'][:BASE_VOCAB]}
-  params['lm_head'] = {'kernel': params['lm_head']['kernel'][:, :BASE_VOCAB]}
+  params['embed_tokens'] = {'embedding': params['embed_tokens']['embedding'][:vocab_size]}
+  params['lm_head'] = {'kernel': params['lm_head']['kernel'][:, :vocab_size]}
   return params
 
 
 def base_text_config(target_config):
-  return dataclasses.replace(target_config.text, vocab_size=BASE_VOCAB)
+  """The target's language model config with the base vocabulary: the ids before <image>."""
+  return dataclasses.replace(target_config.text, vocab_size=target_config.image_token_index,
+                             pad_token_id=None)
 
 
 def language_draft(target_config, target_params, noise=0.03):
-  params = cut_to_base_vocabulary(target_params['language_model'])
-  return base_text_config(target_config), perturb(params, 1, noise)
+  config = base_text_config(target_config)
+  params = cut_to_base_vocabulary(target_params['language_model'], config.vocab_size)
+  return config, perturb(params, 1, noise)
 
 
 def adapter_draft(target_config, target_params, noise=0.03):
   config = AdapterDraftConfig(text=base_text_config(target_config),
                               vision_hidden_size=target_config.vision.hidden_size,
                               image_token_index=target_config.image_token_index)
-  params = {'language_model': cut_to_base_vocabulary(target_params['language_model']),
+  params = {'language_model': cut_to_base_vocabulary(target_params['language_model'],
+                                                     config.text.vocab_size),
             'multi_modal_projector': target_params['multi_modal_projector']}
   return config, perturb(params, 2, noise)
 

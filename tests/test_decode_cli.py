@@ -161,11 +161,81 @@ def test_max_new_tokens_and_eos(ckpt, speculative, autoregressive):
     assert any(len(line['token_ids']) == MAX_NEW_TOKENS for line in lines)
 
 
+# Sampling per request: the subject (an image row) decoded alone at batch size 1 (bucket 64), and
+# in a file of 5 at batch size 3 whose first batch holds a long text row (bucket 128), the subject
+# and a row with its own "seed"; the second batch another image row and another long text row
+# (bucket 128 too: one compiled shape for the mixed runs).
+SUBJECT = ROWS[3]
+SEEDED = {'id': 'seeded', 'prompt': 'w40 w41 w42', 'seed': 1234}
+LONG = [{'id': f'long{k}', 'prompt': ' '.join(f'w{5 + k + i}' for i in range(70))}
+        for k in range(2)]
+MIXED = [LONG[0], SUBJECT, SEEDED, ROWS[0], LONG[1]]
+
+
+def _cached_compile(cache: dict):
+  """runner.compile_programs that reuses programs compiled for the same decoder and shape: runs
+  differing only in their inputs or seed share them (their arguments carry params and keys)."""
+  compile_programs = runner.compile_programs
+
+  def compile_cached(decoder, target_params, draft_params, batch_size, lengths, image_shape,
+                     mesh, rules):
+    key = (decoder.target.config, None if decoder.draft is None else decoder.draft.config,
+           decoder.sampling, decoder.num_draft_tokens, decoder.max_new_tokens,
+           decoder.eos_token_ids, batch_size, image_shape)
+    missing = sorted({length for length in lengths if (key, length) not in cache})
+    seconds = 1e-9
+    if missing:
+      compiled, seconds = compile_programs(decoder, target_params, draft_params, batch_size,
+                                           missing, image_shape, mesh, rules)
+      cache.update({(key, length): program for length, program in compiled.items()})
+    return {length: cache[key, length] for length in set(lengths)}, seconds
+  return compile_cached
+
+
+@pytest.fixture(scope='module')
+def sampled(ckpt):
+  """{run name: {id: output line}} of temperature-1 runs, alone and mixed, two run seeds, and the
+  (batch size, prompt length) shapes the runs compiled."""
+  alone = write_jsonl(ckpt['root'] / 'alone.jsonl', [SUBJECT])
+  mixed = write_jsonl(ckpt['root'] / 'mixed.jsonl', MIXED)
+  runs = {'spec_alone': (ckpt['draft'], alone, 1, 0), 'spec_mixed': (ckpt['draft'], mixed, 3, 0),
+          'spec_mixed_seed1': (ckpt['draft'], mixed, 3, 1), 'auto_alone': ('', alone, 1, 0),
+          'auto_mixed': ('', mixed, 3, 0)}
+  outputs, programs = {}, {}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(runner, 'compile_programs', _cached_compile(programs))
+    for name, (draft, prompts, batch_size, seed) in runs.items():
+      config = make_config(ckpt, f'sampled_{name}', draft=draft, prompts=prompts,
+                           batch_size=batch_size, seed=seed, temperature=1.0)
+      runner.run(config)
+      outputs[name] = {line['id']: line for line in read_jsonl(config.output)}
+  return outputs, sorted({(key[-2], length) for key, length in programs})
+
+
+def test_a_request_samples_the_same_tokens_alone_and_in_any_batch(sampled):
+  sampled, shapes = sampled
+  assert shapes == [(1, 64), (3, 128)]  # Another batch size and another length bucket.
+  for kind in ('spec', 'auto'):
+    alone = sampled[f'{kind}_alone'][SUBJECT['id']]
+    mixed = sampled[f'{kind}_mixed'][SUBJECT['id']]
+    assert alone['token_ids'] == mixed['token_ids'], kind
+    assert alone['text'] == mixed['text']
+  # The speculative run really drafted: some draft tokens were accepted.
+  assert sum(line['num_accepted'] for line in sampled['spec_mixed'].values()) > 0
+
+
+def test_a_request_seed_fixes_its_tokens_and_the_run_seed_moves_the_rest(sampled):
+  first, second = sampled[0]['spec_mixed'], sampled[0]['spec_mixed_seed1']
+  assert first[SEEDED['id']]['token_ids'] == second[SEEDED['id']]['token_ids']
+  others = [row['id'] for row in MIXED if 'seed' not in row]
+  assert any(first[i]['token_ids'] != second[i]['token_ids'] for i in others)
+
+
 def test_adapter_draft(ckpt, autoregressive):
   """A converted adapter draft (its own projector over the target's vision features), with no
   tokenizer files of its own: greedy output is still exactly the target's."""
   draft_config = AdapterDraftConfig(
-      text=LlamaConfig(vocab_size=hf_builders.TEXT_VOCAB, hidden_size=32, intermediate_size=64,
+      text=LlamaConfig(vocab_size=hf_builders.BASE_VOCAB, hidden_size=32, intermediate_size=64,
                        num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                        max_position_embeddings=256),
       vision_hidden_size=32, image_token_index=hf_builders.IMAGE_TOKEN)
@@ -222,6 +292,14 @@ BAD_INPUTS = {
                         'exceeds the target.s 256 positions'),
     'incompatible draft tokenizer': (lambda c: {'draft': c['bad_draft']},
                                      "incompatible draft vocabulary: draft id 5 is 'w6'"),
+    'negative seed': (lambda c: {'prompts': _bad_rows(c, 'negative_seed', [
+        ROWS[1], {'id': 'x', 'prompt': 'w5', 'seed': -1}])},
+                      r'negative_seed.jsonl line 2 \(id .x.\): "seed" must be an integer in '
+                      r'\[0, 2\*\*63\), got -1'),
+    'string seed': (lambda c: {'prompts': _bad_rows(c, 'string_seed', [
+        ROWS[1], SEEDED, {'id': 'y', 'prompt': 'w5', 'seed': '7'}])},
+                    r'string_seed.jsonl line 3 \(id .y.\): "seed" must be an integer in '
+                    r"\[0, 2\*\*63\), got '7'"),
 }
 
 

@@ -3,8 +3,11 @@
 The adapter draft here is the target's own projector and language model, so with greedy decoding
 every draft token is accepted: tau must be exactly gamma + 1 in every greedy cell. The language
 draft is the target's language model without the image, so it is exact on the text-only task.
+Both drafts have the base vocabulary (tiny_hf.BASE_VOCAB ids, the paper's layout): the prompts'
+<image> and <pad> ids lie past it.
 """
 
+import dataclasses
 import json
 import os
 
@@ -13,10 +16,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from decoding_fixtures import adapter_draft
 from mmspec_jax import evaluate as evaluate_cli
-from mmspec_jax.convert.loading import load_model, save_converted
+from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.evaluation import evaluate, report
+from mmspec_jax.models import AdapterDraftConfig, text_config
 from mmspec_jax.testing import tiny_hf
 
 # (max_new_tokens - 1) is a multiple of every gamma + 1 below: with no EOS, every verification
@@ -55,6 +58,21 @@ def _write_world(root):
   return str(world)
 
 
+def exact_adapter(target_config, target_params):
+  """The target's own projector and language model as an adapter draft, the language model cut
+  to the base vocabulary (embedding and LM-head rows)."""
+  base = tiny_hf.BASE_VOCAB
+  config = AdapterDraftConfig(text=dataclasses.replace(target_config.text, vocab_size=base),
+                              vision_hidden_size=target_config.vision.hidden_size,
+                              image_token_index=target_config.image_token_index)
+  language_model = dict(target_params['language_model'])
+  language_model['embed_tokens'] = {
+      'embedding': language_model['embed_tokens']['embedding'][:base]}
+  language_model['lm_head'] = {'kernel': language_model['lm_head']['kernel'][:, :base]}
+  return config, {'language_model': language_model,
+                  'multi_modal_projector': target_params['multi_modal_projector']}
+
+
 def word_overlap(task, prediction, record):
   """A stand-in scorer: the fraction of the reference's words in the prediction."""
   reference = record['conversations'][1]['value'].split()
@@ -72,7 +90,7 @@ def models(tmp_path_factory):
   tiny_hf.save(llava, target)
   language = tiny_hf.save_language_draft(llava, str(root / 'language'))
   copy = str(root / 'copy')
-  save_converted(copy, *adapter_draft(*load_model(target), noise=0.0))
+  save_converted(copy, *exact_adapter(*load_model(target)))
   return {'root': root, 'target': target, 'language': language, 'copy': copy,
           'world': _write_world(root)}
 
@@ -93,6 +111,12 @@ def evaluated(models):
                    num_examples=NUM_EXAMPLES, out_dir=out_dir, score_fn=score_fn,
                    log=lines.append)
   return {'cells': cells, 'calls': calls, 'lines': lines, 'out_dir': out_dir}
+
+
+def test_drafts_have_the_base_vocabulary(models):
+  assert text_config(read_config(models['target'])).vocab_size == tiny_hf.TEXT_VOCAB
+  for name in ('language', 'copy'):
+    assert text_config(read_config(models[name])).vocab_size == tiny_hf.BASE_VOCAB
 
 
 def _cells(evaluated, **where):

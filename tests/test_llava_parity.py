@@ -24,7 +24,7 @@ CASES = [
 ]
 
 
-def _pad(rows, pad_id=0):
+def _pad(rows, pad_id=hf_builders.PAD_TOKEN):  # <pad>, a target id in the paper's layout.
   lengths = np.array([len(r) for r in rows], np.int32)
   tokens = np.full((len(rows), lengths.max()), pad_id, np.int32)
   for i, row in enumerate(rows):

@@ -1,4 +1,10 @@
-"""train.py end to end at tiny scale: every stage, resume after kill -9, SIGTERM, bad inputs."""
+"""train.py end to end at tiny scale: every stage, resume after kill -9, SIGTERM, bad inputs.
+
+Every stage runs in the paper's vocabulary layout: the drafts have the base vocabulary (128 ids),
+`<image>` (128) and `<pad>` (129) lie past it, the target's text vocabulary is 136. Each stage's
+loss must stay finite (an out-of-range id reaching an embedding or a gather would make it NaN)
+and fall.
+"""
 
 import os
 import signal
@@ -11,6 +17,7 @@ import pytest
 
 import training_fixtures as fx
 from mmspec_jax.convert.loading import load_model
+from mmspec_jax.testing import tiny_hf
 from mmspec_jax.training.checkpointing import Checkpointer
 from mmspec_jax.training.loop import Trainer
 
@@ -19,7 +26,6 @@ from mmspec_jax.training.loop import Trainer
 def world(tmp_path_factory):
   root = tmp_path_factory.mktemp('train')
   tokenizer = str(root / 'tokenizer')
-  from mmspec_jax.testing import tiny_hf
   tiny_hf.word_tokenizer().save_pretrained(tokenizer)
   json_file, images = fx.write_conversations(str(root / 'conversations'))
   return {'root': root, 'tokenizer': tokenizer,
@@ -58,19 +64,41 @@ def conversation_config(world, stage, **overrides):
   return config
 
 
+def first_batch(trainer):
+  """The first training batch the trainer's data gives (what its first step trains on)."""
+  with trainer.data.train_iterator() as iterator:
+    return next(iterator)
+
+
+def assert_padded_past_the_draft(batch):
+  """Some row is padded with <pad>, an id the draft does not have."""
+  assert tiny_hf.PAD_TOKEN >= fx.DRAFT_VOCAB
+  padding = batch['inputs'] == tiny_hf.PAD_TOKEN
+  assert padding.any() and not batch['loss_mask'][padding].any()
+
+
+def assert_finite_and_falling(history, stage):
+  """Finite losses, the last two logged (on other batches) below the first two on average."""
+  losses = [loss for _, loss in history]
+  print(stage, 'loss curve', [round(x, 3) for x in losses])
+  assert len(losses) >= 4 and np.isfinite(losses).all(), (stage, losses)
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), (stage, losses)
+
+
 @pytest.fixture(scope='module')
 def pretrained(world):
   workdir = str(world['root'] / 'pretrain')
   trainer = Trainer(pretrain_config(world, num_train_steps=60, log_every_steps=5,
                                     eval_every_steps=30, warmup_steps=5), workdir)
   trainer.run()
-  return workdir, trainer.history
+  return workdir, trainer.history, first_batch(trainer)
 
 
 def test_pretraining_loss_falls_and_exports(pretrained):
-  workdir, history = pretrained
+  workdir, history, batch = pretrained
+  assert_padded_past_the_draft(batch)  # Packed rows end in <pad> where no document fits.
   losses = [loss for _, loss in history]
-  print('pretrain loss curve', [round(x, 2) for x in losses])
+  assert_finite_and_falling(history, 'pretrain')
   assert losses[0] > 4.0 and np.mean(losses[-3:]) < 0.6 * losses[0]
   config, params = load_model(os.path.join(workdir, 'export'))
   assert config.vocab_size == fx.DRAFT_VOCAB
@@ -82,23 +110,34 @@ def test_pretraining_loss_falls_and_exports(pretrained):
 def test_chat_then_adapter_stages(world, pretrained):
   chat_dir = str(world['root'] / 'chat')
   chat = Trainer(conversation_config(world, 'draft_chat', init_from=os.path.join(
-      pretrained[0], 'export'), num_train_steps=10, log_every_steps=5, eval_steps=1), chat_dir)
+      pretrained[0], 'export'), num_train_steps=10, log_every_steps=1, eval_steps=1), chat_dir)
+  assert_padded_past_the_draft(first_batch(chat))
   chat.run()
+  assert_finite_and_falling(chat.history, 'chat')
   _, chat_params = load_model(os.path.join(chat_dir, 'export'))
 
   stage1_dir = str(world['root'] / 'adapter1')
-  Trainer(conversation_config(world, 'adapter_stage1', init_from=os.path.join(chat_dir, 'export'),
-                              num_train_steps=6, log_every_steps=3, eval_steps=1,
-                              warmup_steps=1), stage1_dir).run()
+  stage1_trainer = Trainer(conversation_config(
+      world, 'adapter_stage1', init_from=os.path.join(chat_dir, 'export'), num_train_steps=8,
+      log_every_steps=1, eval_steps=1, warmup_steps=1, learning_rate=3e-3), stage1_dir)
+  batch = first_batch(stage1_trainer)
+  assert_padded_past_the_draft(batch)
+  assert (batch['inputs'] == tiny_hf.IMAGE_TOKEN).any()  # Image placeholders, also past it.
+  stage1_trainer.run()
+  assert_finite_and_falling(stage1_trainer.history, 'adapter stage 1')
   config, stage1 = load_model(os.path.join(stage1_dir, 'export'))
-  assert config.vision_hidden_size == 32 and config.image_token_index == 130  # From the target.
+  # From the target.
+  assert config.vision_hidden_size == 32 and config.image_token_index == tiny_hf.IMAGE_TOKEN
+  assert config.text.vocab_size == fx.DRAFT_VOCAB
   # Stage 1 trains the adapter only: the language model is the chat draft's, bit for bit.
   jax.tree.map(np.testing.assert_array_equal, stage1['language_model'], chat_params)
 
   stage2_dir = str(world['root'] / 'adapter2')
-  Trainer(conversation_config(world, 'adapter_stage2', init_from=os.path.join(stage1_dir, 'export'),
-                              num_train_steps=4, log_every_steps=2, eval_steps=1,
-                              warmup_steps=1), stage2_dir).run()
+  stage2_trainer = Trainer(conversation_config(
+      world, 'adapter_stage2', init_from=os.path.join(stage1_dir, 'export'), num_train_steps=8,
+      log_every_steps=1, eval_steps=1, warmup_steps=1, learning_rate=1e-3), stage2_dir)
+  stage2_trainer.run()
+  assert_finite_and_falling(stage2_trainer.history, 'adapter stage 2')
   _, stage2 = load_model(os.path.join(stage2_dir, 'export'))
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), stage1, stage2)
   assert any(jax.tree.leaves(changed['language_model']))
@@ -110,9 +149,13 @@ def test_distillation_stage(world, pretrained):
   trainer = Trainer(conversation_config(world, 'draft_distill', init_from=os.path.join(
       pretrained[0], 'export'), num_train_steps=12, log_every_steps=3, eval_steps=1,
       warmup_steps=1, learning_rate=3e-3), workdir)
+  batch = first_batch(trainer)
+  assert_padded_past_the_draft(batch)
+  assert (batch['inputs'] == tiny_hf.IMAGE_TOKEN).any()  # The teacher's image rows.
   trainer.run()
   losses = [loss for _, loss in trainer.history]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert_finite_and_falling(trainer.history, 'distill')
 
 
 def _train_command(world, workdir, *flags):
@@ -197,7 +240,6 @@ def test_missing_dataset_is_named(world, tmp_path):
 
 
 def test_tokenizer_that_does_not_match_the_target_is_refused(world, tmp_path):
-  from mmspec_jax.testing import tiny_hf
   other = str(tmp_path / 'other_tokenizer')
   tiny_hf.word_tokenizer(swap=(7, 8)).save_pretrained(other)
   config = conversation_config(world, 'draft_chat')
@@ -206,20 +248,34 @@ def test_tokenizer_that_does_not_match_the_target_is_refused(world, tmp_path):
     Trainer(config, str(tmp_path / 'run'))
 
 
+def test_tokenizer_with_text_past_the_model_vocabulary_is_refused(world, tmp_path):
+  """Regular tokens past the model's ids are refused by name (the special <image> and <pad> past
+  a draft's base vocabulary are not: every other test here trains with them)."""
+  config = pretrain_config(world)
+  config.model.vocab_size = 120
+  with pytest.raises(ValueError, match=r"the tokenizer in '.*tokenizer' has the regular token "
+                                       r"'w120' at id 120, past the model's 120 ids"):
+    Trainer(config, str(tmp_path / 'run'))
+
+
 def test_target_llava_trains_from_scratch_and_exports(world):
   config = conversation_config(world, 'target', num_train_steps=30, log_every_steps=5,
                                eval_steps=1, warmup_steps=3, learning_rate=3e-3)
   config.target = ''
   config.tokenizer = world['target']  # Tokenizer and image processor.
-  config.model.text.vocab_size = fx.DRAFT_VOCAB
-  config.model.image_token_index = 130  # The word tokenizer's <image>.
+  config.model.text.vocab_size = fx.TARGET_VOCAB
+  config.model.text.pad_token_id = tiny_hf.PAD_TOKEN
+  config.model.image_token_index = tiny_hf.IMAGE_TOKEN  # The word tokenizer's <image>.
   config.model.vision.image_size = 28  # What the processor produces.
   workdir = str(world['root'] / 'target_run')
   trainer = Trainer(config, workdir)
+  assert (first_batch(trainer)['inputs'] == tiny_hf.PAD_TOKEN).any()
   trainer.run()
   losses = [loss for _, loss in trainer.history]
+  assert_finite_and_falling(trainer.history, 'target')
   assert losses[-1] < 0.7 * losses[0]
   import transformers
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(workdir,
                                                                                'export_hf'))
-  assert hf.config.image_token_index == 130
+  assert hf.config.image_token_index == tiny_hf.IMAGE_TOKEN
+  assert hf.config.text_config.vocab_size == fx.TARGET_VOCAB

@@ -1,5 +1,6 @@
 """A tiny world to train on: a word tokenizer, a patterned text corpus, LLaVA-format conversations
-with images, and a tiny LLaVA target that shares the tokenizer."""
+with images, and a tiny LLaVA target that shares the tokenizer, all in the paper's vocabulary
+layout (tiny_hf: base vocabulary 128 ids, <image> 128, <pad> 129, target text vocabulary 136)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from PIL import Image
 from mmspec_jax.testing import tiny_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRAFT_VOCAB = tiny_hf.TEXT_VOCAB  # The draft may not have more ids than the target.
+# The paper's layout: the draft has the base vocabulary; <image> and <pad> (which pad every batch
+# the tokenizer pads) lie past it, inside the target's padded text vocabulary.
+DRAFT_VOCAB = tiny_hf.BASE_VOCAB
+TARGET_VOCAB = tiny_hf.TEXT_VOCAB
 
 
 def _words(rng, count):
+  """Words w6 .. w125 of the base vocabulary, counting up by a stride."""
   start, stride = rng.integers(6, 120), rng.integers(1, 4)
   return [f'w{6 + (start - 6 + stride * i) % 120}' for i in range(count)]
 

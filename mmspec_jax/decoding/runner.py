@@ -28,11 +28,11 @@ from mmspec_jax import artifacts, sharding
 from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.decoding.vocabulary import check_compatible_vocabularies
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
                                parameter_count, text_config)
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
 from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor
+from mmspec_jax.vocabulary import check_compatible_vocabularies
 
 
 def summary_path(output: str) -> str:

@@ -6,6 +6,7 @@ units and a 1e-4 comparison means something.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -16,8 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
 
-TEXT_VOCAB = 140  # Padded text vocabulary, larger than the ids any prompt uses (as 32064 > 32000).
-IMAGE_TOKEN = 130
+# The paper pair's vocabulary layout, shrunk (LLaMA 32000 / <image> 32000 / <pad> 32001 / 32064):
+BASE_VOCAB = 128  # The base tokenizer's ids, and a draft's whole vocabulary.
+IMAGE_TOKEN = BASE_VOCAB  # <image>, a special token added past the base vocabulary...
+PAD_TOKEN = BASE_VOCAB + 1  # ... and <pad> after it: both out of a draft's range.
+TEXT_VOCAB = 136  # The target's text vocabulary, padded past both.
 
 
 def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15):
@@ -35,6 +39,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15):
 
 
 def llama_text_config(*, num_kv_heads=2, tied=False, vocab_size=TEXT_VOCAB, rope=None, **extra):
+  """A tiny LLaMA's config; `extra` goes to transformers.LlamaConfig (e.g. pad_token_id)."""
   return transformers.LlamaConfig(
       vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=12,
@@ -49,16 +54,25 @@ def tiny_llama(seed=0, **kwargs) -> transformers.LlamaForCausalLM:
 
 def tiny_llava(seed=0, *, num_kv_heads=2, tied=False, feature_layer=-2, strategy='default'
                ) -> transformers.LlavaForConditionalGeneration:
+  """A tiny LLaVA-1.5 in the paper's layout: text vocabulary TEXT_VOCAB, <image> IMAGE_TOKEN,
+  <pad> PAD_TOKEN (28 pixel images, 4 image tokens)."""
   vision = transformers.CLIPVisionConfig(
       hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
       image_size=28, patch_size=14, layer_norm_eps=1e-5, hidden_act='quick_gelu')
   config = transformers.LlavaConfig(
-      vision_config=vision, text_config=llama_text_config(num_kv_heads=num_kv_heads, tied=tied),
+      vision_config=vision, text_config=llama_text_config(num_kv_heads=num_kv_heads, tied=tied,
+                                                          pad_token_id=PAD_TOKEN),
       image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer,
       vision_feature_select_strategy=strategy, projector_hidden_act='gelu',
       tie_word_embeddings=tied)
+  config.pad_token_id = PAD_TOKEN  # As llava-hf's configs carry it (32001).
   torch.manual_seed(seed)
-  return _randomize(transformers.LlavaForConditionalGeneration(config), seed)
+  model = _randomize(transformers.LlavaForConditionalGeneration(config), seed)
+  with torch.no_grad():
+    # A trained LLaVA never emits <image>, <pad> or its padding rows: their logits stay far below
+    # the best base token's, so greedy decoding keeps to the ids a base-vocabulary draft has.
+    model.lm_head.weight[BASE_VOCAB:] *= 0.01
+  return model
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], out_dir: str, num_shards: int):
@@ -118,16 +132,22 @@ def tiny_tokenizer():
 
 
 def word_tokenizer(*, swap: tuple[int, int] | None = None):
-  """A word-level fast tokenizer filling ids 0..IMAGE_TOKEN: <unk> <s> </s> <pad>, the chat
-  template's words, w6 .. w129, then <image> at IMAGE_TOKEN, so it fits the tiny models' text
-  vocabulary. `swap=(i, j)` exchanges the words at two ids (an incompatible tokenizer)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-  words = ['<unk>', '<s>', '</s>', '<pad>', 'USER:', 'ASSISTANT:']
-  words += [f'w{i}' for i in range(len(words), IMAGE_TOKEN)] + ['<image>']
+  """A word-level fast tokenizer in the paper's layout. The base vocabulary, ids 0..BASE_VOCAB-1:
+  <unk> <s> </s>, the chat template's words USER: ASSISTANT:, then wN at id N (w5 .. w127); then
+  the added special tokens <image> = IMAGE_TOKEN and <pad> = PAD_TOKEN. So `vocab_size` is
+  BASE_VOCAB and `len()` BASE_VOCAB + 2, as LLaVA-1.5's 32000 and 32002. BOS is prepended.
+  `swap=(i, j)` exchanges the tokens at two ids (an incompatible tokenizer); ids past the base
+  vocabulary swap the added tokens (`swap=(IMAGE_TOKEN, PAD_TOKEN)`: <pad> first, then <image>).
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+  words = ['<unk>', '<s>', '</s>', 'USER:', 'ASSISTANT:']
+  words += [f'w{i}' for i in range(len(words), BASE_VOCAB)] + ['<image>', '<pad>']
   if swap is not None:
     i, j = swap
     words[i], words[j] = words[j], words[i]
-  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='<unk>'))
+  base, added = words[:BASE_VOCAB], words[BASE_VOCAB:]
+  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(base)}, unk_token='<unk>'))
+  tokenizer.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in added])
   tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tokenizer.decoder = decoders.WordPiece()  # Joins words with spaces.
   tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A',
@@ -148,17 +168,25 @@ def save_llava_processor(tokenizer, out_dir: str):
 
 
 def save_language_draft(llava, out_dir: str) -> str:
-  """The LLaVA's language model as a LLaMA draft directory, with the word tokenizer."""
+  """The LLaVA's language model cut to the base vocabulary (`llama_from_llava`) as a LLaMA draft
+  directory, with the full word tokenizer (<image> and <pad> past the draft's ids)."""
   save(llama_from_llava(llava), out_dir)
   word_tokenizer().save_pretrained(out_dir)
   return out_dir
 
 
-def llama_from_llava(llava) -> transformers.LlamaForCausalLM:
-  """A LlamaForCausalLM with a LLaVA's language model weights: a text-only draft that agrees
-  with the target whenever the prompt has no image."""
-  model = transformers.LlamaForCausalLM(llava.config.text_config)
-  state = {'lm_head.weight': llava.lm_head.weight}
-  state.update({f'model.{k}': v for k, v in llava.model.language_model.state_dict().items()})
+def llama_from_llava(llava, vocab_size: int = BASE_VOCAB) -> transformers.LlamaForCausalLM:
+  """A LlamaForCausalLM with a LLaVA's language model weights cut to its first `vocab_size` ids
+  (embedding and LM-head rows): the paper's layout, a text-only draft with the base vocabulary
+  that agrees with the target's greedy choice whenever the prompt has no image (tiny_llava's
+  greedy choice is never an id past the base vocabulary)."""
+  config = copy.deepcopy(llava.config.text_config)
+  config.vocab_size = vocab_size
+  if config.pad_token_id is not None and config.pad_token_id >= vocab_size:
+    config.pad_token_id = None  # <pad> is past the draft's ids.
+  model = transformers.LlamaForCausalLM(config)
+  state = {f'model.{k}': v for k, v in llava.model.language_model.state_dict().items()}
+  state['model.embed_tokens.weight'] = state['model.embed_tokens.weight'][:vocab_size]
+  state['lm_head.weight'] = llava.lm_head.weight[:vocab_size]
   model.load_state_dict(state)
   return model.eval()

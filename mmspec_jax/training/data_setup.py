@@ -7,9 +7,9 @@ import jax
 from mmspec_jax.convert.loading import read_config
 from mmspec_jax.data import builders
 from mmspec_jax.data.pipeline import make_iterator
-from mmspec_jax.decoding.vocabulary import check_compatible_vocabularies
 from mmspec_jax.models import LlavaConfig, text_config
 from mmspec_jax.models.config import from_dict
+from mmspec_jax.vocabulary import check_compatible_vocabularies, check_tokenizer_fits
 
 
 class DataSetup:
@@ -25,9 +25,9 @@ class DataSetup:
                        'tokenizer) or config.target')
     self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
     model_vocab = text_config(from_dict(config.model.to_dict())).vocab_size
-    if self.tokenizer.vocab_size > model_vocab:
-      raise ValueError(f'the tokenizer in {self.tokenizer_dir!r} has {self.tokenizer.vocab_size} '
-                       f'ids but the model only {model_vocab}: it does not match the model')
+    # Added tokens included: special ones may lie past the model's ids (a draft's <image> and
+    # <pad>), regular text may not.
+    check_tokenizer_fits(self.tokenizer, model_vocab, f'the tokenizer in {self.tokenizer_dir!r}')
     if config.target and config.tokenizer:
       # The draft must mean by each id what the target means, or it can never be accepted.
       target_tokenizer = AutoTokenizer.from_pretrained(config.target)
