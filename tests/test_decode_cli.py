@@ -295,11 +295,11 @@ BAD_INPUTS = {
     'negative seed': (lambda c: {'prompts': _bad_rows(c, 'negative_seed', [
         ROWS[1], {'id': 'x', 'prompt': 'w5', 'seed': -1}])},
                       r'negative_seed.jsonl line 2 \(id .x.\): "seed" must be an integer in '
-                      r'\[0, 2\*\*63\), got -1'),
+                      r'\[0, 2\*\*32\), got -1'),
     'string seed': (lambda c: {'prompts': _bad_rows(c, 'string_seed', [
         ROWS[1], SEEDED, {'id': 'y', 'prompt': 'w5', 'seed': '7'}])},
                     r'string_seed.jsonl line 3 \(id .y.\): "seed" must be an integer in '
-                    r"\[0, 2\*\*63\), got '7'"),
+                    r"\[0, 2\*\*32\), got '7'"),
 }
 
 

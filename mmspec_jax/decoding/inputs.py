@@ -4,10 +4,10 @@ Each non-blank line is one request:
   {"id": ..., "prompt": "...", "image": "path"}     text, wrapped in the chat template
   {"id": ..., "input_ids": [...], "image": "path"}  token ids, used as given
 "image" is optional; relative image paths are resolved against the JSONL file's directory.
-"seed" (optional, an integer >= 0) fixes the request's sampling stream; without it the stream is
-the run's seed folded with the request's id (`request_keys`). Either way a request samples the
-same tokens whatever else is in its batch. Other keys are ignored, so annotated benchmark files
-can be used as they are.
+"seed" (optional, an integer in [0, 2**32): a JAX key holds 32 bits of seed) fixes the
+request's sampling stream; without it the stream is the run's seed folded with the request's id
+(`request_keys`). Either way a request samples the same tokens whatever else is in its batch.
+Other keys are ignored, so annotated benchmark files can be used as they are.
 
 Everything that can be wrong with a request is found here, before a model is loaded or anything
 is compiled, and reported as a ValueError naming the file, line and id.
@@ -123,8 +123,8 @@ def check_ids(ids: Sequence[int], where: str, has_image: bool, target: ModelConf
 def check_seed(row: dict[str, Any], where: str) -> int | None:
   seed = row.get('seed')
   if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                           or not 0 <= seed < 2 ** 63):
-    raise ValueError(f'{where}: "seed" must be an integer in [0, 2**63), got {seed!r}')
+                           or not 0 <= seed < 2 ** 32):
+    raise ValueError(f'{where}: "seed" must be an integer in [0, 2**32), got {seed!r}')
   return seed
 
 
