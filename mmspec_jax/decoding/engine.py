@@ -26,7 +26,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmspec_jax.decoding import acceptance
 from mmspec_jax.decoding import sampling as sampling_lib
