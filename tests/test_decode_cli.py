@@ -259,7 +259,8 @@ def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
     return DecodeResult(tokens=np.full((batch, MAX_NEW_TOKENS), 9, np.int32),
                         num_generated=np.full((batch,), 2, np.int32),
                         num_target_calls=np.full((batch,), 2, np.int32),
-                        accepted_by_position=np.zeros((batch, 0), np.int32))
+                        accepted_by_position=np.zeros((batch, 0), np.int32),
+                        reached_by_position=np.zeros((batch, 0), np.int32))
 
   monkeypatch.setattr(runner, 'compile_programs',
                       lambda *args: ({length: generate for length in args[4]}, 0.0))

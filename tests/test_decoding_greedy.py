@@ -93,7 +93,7 @@ def test_identical_draft_accepts_everything(sampling):
 
 def test_a_step_cut_short_by_the_budget_counts_what_the_row_keeps():
   """statistics.py's rule: the last step keeps 3 of its 5 tokens; it counts as one step, with 3
-  tokens, drafts 0-2 accepted and draft 3 reached but not accepted."""
+  tokens, drafts 0-2 accepted, and draft 3 (accepted by the target, not wanted) not reached."""
   config = presets.get('tiny_llama')
   params = jax.tree.map(lambda x: x * 1.5, init_params(config, jax.random.key(3)))
   gamma, steps = 4, 5
@@ -105,10 +105,25 @@ def test_a_step_cut_short_by_the_budget_counts_what_the_row_keeps():
   np.testing.assert_array_equal(result.num_generated, max_new_tokens)
   np.testing.assert_array_equal(result.num_target_calls, 1 + steps)
   np.testing.assert_array_equal(result.accepted_by_position, [[5, 5, 5, 4]] * 2)
-  stats = statistics.summarize(result.num_generated, result.num_target_calls,
-                               result.accepted_by_position, num_draft_tokens=gamma)
+  np.testing.assert_array_equal(result.reached_by_position, [[5, 5, 5, 4]] * 2)
+  stats = statistics.summarize(*statistics.row_counts(result, 2), num_draft_tokens=gamma)
   assert stats.block_efficiency == pytest.approx((max_new_tokens - 1) / steps)  # 4.6
-  np.testing.assert_allclose(stats.acceptance_rate_by_position, [1, 1, 1, 0.8])
+  np.testing.assert_allclose(stats.acceptance_rate_by_position, [1, 1, 1, 1])
+
+
+def test_reached_counts_the_rejected_position_and_nothing_past_it(setting):
+  """Per step, drafts 0..n-1 accepted and draft n (the first rejection) reached; with no cut
+  the reached count equals the one derived from acceptance (steps, then accepted[i - 1])."""
+  target_config, target_params, inputs, _ = setting
+  result = _decode(target_config, target_params,
+                   fx.language_draft(target_config, target_params), 3, inputs)
+  accepted = np.asarray(result.accepted_by_position)
+  reached = np.asarray(result.reached_by_position)
+  steps = np.asarray(result.num_target_calls) - 1
+  assert (reached[:, 0] == steps).all() and (accepted < reached).any()
+  # 24 new tokens with no EOS: only a row's last step can be cut, by at most one position.
+  derived = np.concatenate([steps[:, None], accepted[:, :-1]], axis=1)
+  assert ((derived - reached >= 0) & (derived - reached <= 1)).all()
 
 
 @pytest.fixture(scope='module')

@@ -100,10 +100,9 @@ class DecodeRun(Timed):
   def summary(self) -> dict[str, Any]:
     """tokens/s (median, spread), tau, step counts, compile time and each prompt's new tokens."""
     real = [(result, batch.num_real) for result, batch in zip(self.results, self.batches)]
-    generated = np.concatenate([np.asarray(r.num_generated)[:n] for r, n in real])
-    calls = np.concatenate([np.asarray(r.num_target_calls)[:n] for r, n in real])
-    accepted = np.concatenate([np.asarray(r.accepted_by_position)[:n] for r, n in real])
-    stats = statistics.summarize(generated, calls, accepted, num_draft_tokens=self.gamma)
+    counts = statistics.concatenate_counts([statistics.row_counts(r, n) for r, n in real])
+    generated = counts[0]
+    stats = statistics.summarize(*counts, num_draft_tokens=self.gamma)
     tokens = [row[:count] for r, n in real
               for row, count in zip(np.asarray(r.tokens)[:n], np.asarray(r.num_generated)[:n])]
     timing = self.timing()

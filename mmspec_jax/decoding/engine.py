@@ -47,6 +47,7 @@ class DecodeState:
   draft_cache: KVCache | None
   num_target_calls: jax.Array  # int32[B], the prefill included
   accepted_by_position: jax.Array  # int32[B, G]: steps in which draft position i was accepted
+  reached_by_position: jax.Array  # int32[B, G]: steps in which draft position i was verified
 
 
 @flax.struct.dataclass
@@ -54,7 +55,10 @@ class DecodeResult:
   tokens: jax.Array  # int32[B, max_new_tokens]; entries past num_generated are 0
   num_generated: jax.Array  # int32[B]
   num_target_calls: jax.Array  # int32[B]: 1 prefill + verification steps
+  # Steps in which draft position i was accepted (and kept), and in which it counted at all:
+  # every draft before it accepted, and the row still wanting a token there (statistics.py).
   accepted_by_position: jax.Array  # int32[B, G]
+  reached_by_position: jax.Array  # int32[B, G]
 
   @property
   def num_accepted(self) -> jax.Array:
@@ -212,9 +216,12 @@ class SpeculativeDecoder:
         last_token=jnp.where(active, take(num_accepted), state.last_token),
         target_cache=target_cache, draft_cache=draft_cache,
         num_target_calls=state.num_target_calls + active,
-        # Accepted drafts that the row keeps: EOS or the budget may cut a step short.
+        # Accepted drafts that the row keeps, and the positions it verified and still wanted:
+        # EOS or the budget may cut a step short (count is 0 for a finished row).
         accepted_by_position=state.accepted_by_position
-        + (positions < jnp.minimum(num_accepted, count)[:, None]))
+        + (positions < jnp.minimum(num_accepted, count)[:, None]),
+        reached_by_position=state.reached_by_position
+        + (positions < jnp.minimum(num_accepted + 1, count)[:, None]))
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
@@ -254,7 +261,8 @@ class SpeculativeDecoder:
         previous_token=previous, last_token=first,
         target_cache=target_cache, draft_cache=draft_cache,
         num_target_calls=jnp.ones((batch,), jnp.int32),
-        accepted_by_position=jnp.zeros((batch, gamma), jnp.int32))
+        accepted_by_position=jnp.zeros((batch, gamma), jnp.int32),
+        reached_by_position=jnp.zeros((batch, gamma), jnp.int32))
 
     state = jax.lax.while_loop(
         lambda s: jnp.any(~s.done),
@@ -262,7 +270,8 @@ class SpeculativeDecoder:
     return DecodeResult(tokens=state.tokens[:, :self.max_new_tokens],
                         num_generated=state.num_generated,
                         num_target_calls=state.num_target_calls,
-                        accepted_by_position=state.accepted_by_position)
+                        accepted_by_position=state.accepted_by_position,
+                        reached_by_position=state.reached_by_position)
 
 
 def _write_rows(buffer, values, offsets, counts):

@@ -170,20 +170,18 @@ def compile_programs(decoder: SpeculativeDecoder, target_params, draft_params, b
 
 
 def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcessor):
-  """Writes the real rows' output lines; returns their num_generated, num_target_calls int[b]
-  and accepted_by_position int[b, G] (padding rows are decoded but discarded)."""
-  real = slice(0, batch.num_real)
-  generated = np.asarray(result.num_generated)[real]
-  calls = np.asarray(result.num_target_calls)[real]
-  accepted = np.asarray(result.accepted_by_position)[real]
+  """Writes the real rows' output lines; returns their statistics.row_counts (padding rows are
+  decoded but discarded)."""
+  counts = statistics.row_counts(result, batch.num_real)
+  generated, calls, accepted, _ = counts
   for request, row, count, num_calls, row_accepted in zip(
-      batch.requests, np.asarray(result.tokens)[real], generated, calls, accepted):
+      batch.requests, np.asarray(result.tokens)[:batch.num_real], generated, calls, accepted):
     token_ids = row[:count].tolist()  # New tokens only; entries past num_generated are filler.
     out.write(json.dumps({
         'id': request.id, 'text': processor.decode(token_ids), 'token_ids': token_ids,
         'num_target_calls': int(num_calls), 'num_accepted': int(row_accepted.sum())},
         ensure_ascii=False) + '\n')
-  return generated, calls, accepted
+  return counts
 
 
 @contextlib.contextmanager
@@ -247,7 +245,7 @@ def run(config) -> statistics.RunStatistics:
                                        [b.length for b in batches], image_shape, mesh, rules)
 
   # --- decode --------------------------------------------------------------------------------
-  num_generated, num_target_calls, accepted_by_position = [], [], []
+  counts = []
   decode_seconds, new_tokens = 0.0, 0
   base_key = jax.random.key(config.seed)
   progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding')
@@ -260,17 +258,13 @@ def run(config) -> statistics.RunStatistics:
       result = jax.block_until_ready(
           compiled[batch.length](target_params, draft_params, tokens, lengths, images, rng))
       decode_seconds += time.perf_counter() - start
-      generated, calls, accepted = _write_batch(out, batch, result, processor)
-      num_generated.append(generated)
-      num_target_calls.append(calls)
-      accepted_by_position.append(accepted)
-      new_tokens += int(generated.sum())
+      counts.append(_write_batch(out, batch, result, processor))
+      new_tokens += int(counts[-1][0].sum())
       progress.update(batch.num_real)
       progress.set_postfix(tokens_per_s=f'{new_tokens / max(decode_seconds, 1e-9):.1f}')
 
     stats = statistics.summarize(
-        np.concatenate(num_generated), np.concatenate(num_target_calls),
-        np.concatenate(accepted_by_position), num_draft_tokens=gamma,
+        *statistics.concatenate_counts(counts), num_draft_tokens=gamma,
         draft_parameters=None if draft_params is None else parameter_count(draft_params),
         target_parameters=parameter_count(target_params), decode_seconds=decode_seconds,
         compile_seconds=compile_seconds)

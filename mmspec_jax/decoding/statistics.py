@@ -6,12 +6,12 @@ correction or bonus token included (vLLM's and SGLang's "mean acceptance length"
 
 Steps cut short. A row's last step may end early: at its first EOS, or at max_new_tokens. Such
 a step counts as one verification step, and only the tokens the row keeps count (up to and
-including the EOS, within the budget): tau = (kept tokens - 1) / steps. A draft token counts as
-accepted at position i only if the target accepted it and the row kept it (the engine's
-`accepted_by_position`). Position i counts as reached in a step when the drafts before it were
-accepted and kept, so a cut right after position i - 1 counts as reached and not accepted at
-position i: a row's last step can lower the rate at one position, by one step. A row that is done
-takes no further steps and counts nothing.
+including the EOS, within the budget): tau = (kept tokens - 1) / steps. The acceptance rate at
+draft position i is accepted / reached over all steps (the engine counts both per row): position
+i is reached in a step when every draft before it was accepted and the row still wanted a token
+at i (i < the tokens it keeps), and accepted when, moreover, the target accepted it. So a cut
+step counts the positions it needed and nothing past them: positions the row no longer wanted
+are neither rejected nor accepted. A row that is done takes no further steps and counts nothing.
 """
 
 from __future__ import annotations
@@ -57,20 +57,36 @@ class RunStatistics:
     return dataclasses.asdict(self)
 
 
-def summarize(num_generated, num_target_calls, accepted_by_position, *, num_draft_tokens: int,
+# The per-row counts of a DecodeResult that `summarize` takes, in its order.
+COUNT_FIELDS = ('num_generated', 'num_target_calls', 'accepted_by_position', 'reached_by_position')
+
+
+def row_counts(result, num_rows: int) -> tuple[np.ndarray, ...]:
+  """A DecodeResult's COUNT_FIELDS for its first `num_rows` rows (the real ones of a padded
+  batch), as numpy arrays."""
+  return tuple(np.asarray(getattr(result, name))[:num_rows] for name in COUNT_FIELDS)
+
+
+def concatenate_counts(batches: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+  """`row_counts` of several batches -> the same over all their rows."""
+  return tuple(np.concatenate(field) for field in zip(*batches))
+
+
+def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_position, *,
+              num_draft_tokens: int,
               draft_parameters: int | None = None, target_parameters: int | None = None,
               decode_seconds: float | None = None, compile_seconds: float | None = None
               ) -> RunStatistics:
-  """Statistics over rows: num_generated, num_target_calls int[R]; accepted_by_position int[R, G]."""
+  """Statistics over rows: num_generated, num_target_calls int[R]; accepted_by_position and
+  reached_by_position int[R, G] (the engine's DecodeResult)."""
   num_generated = np.asarray(num_generated, np.int64)
   num_target_calls = np.asarray(num_target_calls, np.int64)
   accepted = np.asarray(accepted_by_position, np.int64).reshape(len(num_generated), -1)
+  reached = np.asarray(reached_by_position, np.int64).reshape(accepted.shape)
   steps = int((num_target_calls - 1).sum())
   speculative_tokens = int((num_generated - 1).sum())
   tau = speculative_tokens / steps if steps else 1.0
-  # Position i is reached in a step only when positions 0..i-1 were accepted.
-  reached = np.concatenate([[steps], accepted.sum(0)[:-1]]) if accepted.shape[1] else np.zeros(0)
-  rates = [float(a / r) if r else 0.0 for a, r in zip(accepted.sum(0), reached)]
+  rates = [float(a / r) if r else 0.0 for a, r in zip(accepted.sum(0), reached.sum(0))]
   mbsu = None
   if draft_parameters and target_parameters:
     mbsu = memory_bound_speedup(tau, num_draft_tokens, draft_parameters, target_parameters)

@@ -132,10 +132,10 @@ def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs
                  processor: MultimodalProcessor, image_shape, mesh, rules, key: jax.Array):
   """Runs one task's batches through a compiled `generate`.
 
-  Returns (new tokens: list of int32[n_i] per real row, num_generated int[R],
-  num_target_calls int[R], accepted_by_position int[R, G], decode seconds).
+  Returns (new tokens: list of int32[n_i] per real row, statistics.row_counts over the real rows,
+  decode seconds).
   """
-  tokens, generated, calls, accepted, seconds = [], [], [], [], 0.0
+  tokens, counts, seconds = [], [], 0.0
   for batch in batches:
     arrays = runner.batch_arrays(batch, processor, image_shape)
     arrays = placement.place_inputs(*arrays, mesh, rules)
@@ -143,14 +143,9 @@ def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs
     keys = placement.place_keys(inputs.request_keys(batch.requests, key), mesh, rules)
     result = jax.block_until_ready(generate(target_params, draft_params, *arrays, keys))
     seconds += time.perf_counter() - start
-    real = slice(0, batch.num_real)  # Padding rows are decoded but not counted.
-    counts = np.asarray(result.num_generated)[real]
-    tokens += [row[:n] for row, n in zip(np.asarray(result.tokens)[real], counts)]
-    generated.append(counts)
-    calls.append(np.asarray(result.num_target_calls)[real])
-    accepted.append(np.asarray(result.accepted_by_position)[real])
-  return (tokens, np.concatenate(generated), np.concatenate(calls), np.concatenate(accepted),
-          seconds)
+    counts.append(statistics.row_counts(result, batch.num_real))  # Padding rows do not count.
+    tokens += [row[:n] for row, n in zip(np.asarray(result.tokens), counts[-1][0])]
+  return tokens, statistics.concatenate_counts(counts), seconds
 
 
 def _score(examples: Sequence[task_data.Example], tokens, processor: MultimodalProcessor,
@@ -275,10 +270,10 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     # warm-up batch, counted with the compile, keeps the first task's tokens/s comparable.
     compile_seconds += decode(batches[tasks[0]][:1], key=base_key)[-1]
     for task_index, task in enumerate(tasks):
-      tokens, generated, calls, accepted, seconds = decode(
+      tokens, counts, seconds = decode(
           batches[task], key=jax.random.fold_in(base_key, task_index))
       stats = statistics.summarize(
-          generated, calls, accepted, num_draft_tokens=gamma,
+          *counts, num_draft_tokens=gamma,
           draft_parameters=None if name is None else settings['drafts'][name]['parameters'],
           target_parameters=target_parameters, decode_seconds=seconds,
           compile_seconds=compile_seconds)
