@@ -26,12 +26,14 @@ MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
 
 def batch_of_eight(config):
-  parts = [fx.ragged_batch(config, seed) for seed in range(3)]
-  width = max(p[0].shape[1] for p in parts)
-  tokens = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
-  lengths = np.concatenate([p[1] for p in parts])
-  images = np.concatenate([p[2] for p in parts])
-  return tokens[:8], lengths[:8], images[:8]
+  """Eight ragged rows, image and text, right-padded with <pad> (past the draft's ids)."""
+  rows, images = [], []
+  for seed in range(3):
+    seed_rows, seed_images = fx.ragged_rows(config, seed)
+    rows += seed_rows
+    images.append(seed_images)
+  tokens, lengths = fx.pad_rows(rows[:8])
+  return tokens, lengths, np.concatenate(images)[:8]
 
 
 def decode(mesh, decoder, target_config, target_params, draft_config, draft_params, inputs):
@@ -71,7 +73,9 @@ def main():
         'stats_equal': bool((result.num_generated == reference.num_generated).all()
                             and (result.num_target_calls == reference.num_target_calls).all()
                             and (result.accepted_by_position
-                                 == reference.accepted_by_position).all()),
+                                 == reference.accepted_by_position).all()
+                            and (result.reached_by_position
+                                 == reference.reached_by_position).all()),
         'q_proj_spec': spec}
 
   # A converted checkpoint saved from one mesh restores onto another.
