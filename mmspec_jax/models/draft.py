@@ -32,7 +32,8 @@ class AdapterDraft(nn.Module):
                            vision_features: jax.Array | None = None) -> jax.Array:
     """tokens int32[B, T]; vision_features float[B, M * P, Dv] -> embeddings [B, T, D]."""
     is_image = tokens == self.config.image_token_index
-    text = self.language_model.embed(jax.numpy.where(is_image, 0, tokens))
+    # <image> past the draft's ids embeds as zeros (Llama.embed), then takes the features.
+    text = self.language_model.embed(tokens)
     if vision_features is None:
       return text
     return merge_image_features(text, self.multi_modal_projector(vision_features), is_image)

@@ -100,13 +100,14 @@ class Llava(nn.Module):
     """tokens int32[B, T] with image placeholders -> embeddings [B, T, D].
 
     Give `images`, or `image_features` from `embed_image` to reuse them (the adapter draft and
-    repeated prompts share one vision pass). Without either, placeholders are embedded as text.
+    repeated prompts share one vision pass). Without either, placeholders embed as their ids (zeros past the vocabulary).
     """
     if images is not None and image_features is not None:
       raise ValueError('pass images or image_features, not both')
     is_image = tokens == self.config.image_token_index  # [B, T]
-    # The placeholder id may lie outside the text vocabulary; never look it up.
-    text = self.language_model.embed(jnp.where(is_image, 0, tokens))
+    # A placeholder id outside the text vocabulary embeds as zeros (Llama.embed's rule); either
+    # way its embedding is replaced by the image features below.
+    text = self.language_model.embed(tokens)
     if images is not None:
       image_features = self.embed_image(images)
     if image_features is None:
