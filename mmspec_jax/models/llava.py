@@ -100,7 +100,8 @@ class Llava(nn.Module):
     """tokens int32[B, T] with image placeholders -> embeddings [B, T, D].
 
     Give `images`, or `image_features` from `embed_image` to reuse them (the adapter draft and
-    repeated prompts share one vision pass). Without either, placeholders embed as their ids (zeros past the vocabulary).
+    repeated prompts share one vision pass). Without either, placeholders embed as their ids
+    (zeros past the vocabulary).
     """
     if images is not None and image_features is not None:
       raise ValueError('pass images or image_features, not both')
