@@ -51,5 +51,12 @@ def get_config():
   # tensor, e.g. --config.mesh.data=2 --config.mesh.tensor=4 on 8 chips. Train and decode share
   # the logical-axis rules (mmspec_jax/sharding.py).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # How both models' language layers run (mmspec_jax/models/layout.py). layers: 'scanned' (one
+  # stacked array per weight, nn.scan) | 'unrolled' (one array per layer) | '' = the backend's
+  # default (scanned on TPU, unrolled elsewhere). attention over the KV cache: 'blockwise' (pure
+  # JAX, reads only the live blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on
+  # NVIDIA GPUs) | 'xla' (the same API's XLA implementation).
+  config.layout = ml_collections.ConfigDict(dict(
+      layers='', fused_projections=True, attention='blockwise', attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
   return config

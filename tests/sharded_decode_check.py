@@ -10,7 +10,6 @@ import tempfile
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import jax  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,9 +19,10 @@ from mmspec_jax.convert.loading import load_model, save_converted  # noqa: E402
 from mmspec_jax.decoding import placement  # noqa: E402
 from mmspec_jax.decoding.engine import SpeculativeDecoder  # noqa: E402
 from mmspec_jax.decoding.sampling import SamplingConfig  # noqa: E402
-from mmspec_jax.models import build  # noqa: E402
+from mmspec_jax.models import Layout, build  # noqa: E402
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+LAYOUT = Layout(layers='unrolled', fused_projections=True)
 
 
 def batch_of_eight(config):
@@ -40,12 +40,16 @@ def decode(mesh, decoder, target_config, target_params, draft_config, draft_para
   target_params = jax.device_put(target_params, placement.param_shardings(target_config, mesh))
   draft_params = jax.device_put(draft_params, placement.param_shardings(draft_config, mesh))
   q_proj = target_params['language_model']['layers']['self_attn']['q_proj']['kernel']
-  # The layout decode.py uses off TPU: unstacked layers, each keeping its shards.
-  target_params = placement.decoding_params(target_config, target_params)
-  draft_params = placement.decoding_params(draft_config, draft_params)
-  layer_q_proj = target_params['language_model']['unstacked_layers']['0']['self_attn']['q_proj']
-  assert layer_q_proj['kernel'].sharding.spec == P(*q_proj.sharding.spec[1:]), (
-      layer_q_proj['kernel'].sharding.spec, q_proj.sharding.spec)
+  # The layout decode.py uses off TPU: unrolled layers and fused projections, placed on their
+  # own logical shardings (q/k/v by kv head over tensor, when the kv heads divide it).
+  target_params = placement.decoding_params(target_config, target_params, LAYOUT, mesh)
+  draft_params = placement.decoding_params(draft_config, draft_params, LAYOUT, mesh)
+  qkv_proj = target_params['language_model']['layers_0']['self_attn']['qkv_proj']['kernel']
+  wanted = placement.param_shardings(target_config, mesh, layout=LAYOUT)
+  wanted = wanted['language_model']['layers_0']['self_attn']['qkv_proj']['kernel']
+  assert qkv_proj.sharding.spec == wanted.spec, (qkv_proj.sharding.spec, wanted.spec)
+  kv_heads_divide = target_config.text.num_kv_heads % mesh.shape['tensor'] == 0
+  assert (qkv_proj.sharding.spec[1] == 'tensor') == kv_heads_divide, qkv_proj.sharding.spec
   with placement.mesh_context(mesh):
     result = decoder.generate(target_params, draft_params, *placement.place_inputs(*inputs, mesh),
                               jax.random.key(0))
@@ -57,7 +61,8 @@ def main():
   draft_config, draft_params = fx.language_draft(target_config, target_params)
   target_params = jax.tree.map(np.asarray, target_params)
   draft_params = jax.tree.map(np.asarray, draft_params)
-  decoder = SpeculativeDecoder(build(target_config), build(draft_config), 3, SamplingConfig(),
+  decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(draft_config, LAYOUT), 3,
+                               SamplingConfig(),
                                16, (-1,))
   inputs = batch_of_eight(target_config)
   single = sharding.make_mesh({'data': 1}, jax.devices()[:1])

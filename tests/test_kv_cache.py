@@ -5,26 +5,37 @@ import jax
 import numpy as np
 import pytest
 
-from mmspec_jax.models import (KVCache, Llama, Llava, build, init_params, presets,
-                               unstack_layers)
+from mmspec_jax.models import (KVCache, Layout, Llama, Llava, arrange_params, build,
+                               init_params, presets)
 
 TOLERANCE = 1e-4
 PROMPT_LENGTHS = np.array([3, 7], np.int32)
+# The canonical layout (one 256-slot block covers the caches here); unrolled and fused with
+# 5-slot blocks, so rows span several blocks and the last block overhangs the 32-slot cache;
+# scanned and fused through jax.nn.dot_product_attention (its 'xla' implementation on CPU).
+LAYOUTS = {
+    'scanned': Layout(),
+    'unrolled_fused_blocks_of_5': Layout(layers='unrolled', fused_projections=True,
+                                         attention_block_size=5),
+    'scanned_fused_kernel': Layout(fused_projections=True, attention='xla'),
+}
 
 
-@pytest.fixture(scope='module', params=['scanned', 'unstacked'])
+@pytest.fixture(scope='module', params=list(LAYOUTS))
 def llama(request):
-  """The cache methods run on the scanned layer weights or on the decoder's unstacked layout
-  (unstack_layers); the full forward, the ground truth, always on the scanned ones."""
+  """The cache methods run in each layout (params arranged from the canonical ones); the full
+  forward, the ground truth, always in the canonical layout."""
   config = presets.get('tiny_llama')
+  layout = LAYOUTS[request.param]
   params = init_params(config, jax.random.key(0))
-  decoding = params if request.param == 'scanned' else unstack_layers(config, params)
-  model = build(config)
-  jitted = jax.jit(lambda p, method, *args: model.apply({'params': p}, *args, method=method),
-                   static_argnums=1)
+  decoding = arrange_params(config, params, layout)
+  models = {False: build(config), True: build(config, layout)}
+  jitted = jax.jit(lambda p, method, cached, *args: models[cached].apply(
+      {'params': p}, *args, method=method), static_argnums=(1, 2))
 
   def apply(method, *args):
-    return jitted(params if method is Llama.__call__ else decoding, method, *args)
+    cached = method is not Llama.__call__
+    return jitted(decoding if cached else params, method, cached, *args)
   return config, apply
 
 
@@ -110,12 +121,12 @@ def test_rollback_is_needed(llama):
   assert np.abs(np.asarray(logits[0]) - expected).max() > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize('layout', ['scanned', 'unstacked'])
+@pytest.mark.parametrize('layout', ['scanned', 'unrolled_fused_blocks_of_5'])
 def test_llava_prefill_with_images_then_extends(layout):
   config = presets.get('tiny_llava')
   params = init_params(config, jax.random.key(1))
-  decoding = params if layout == 'scanned' else unstack_layers(config, params)
-  model = build(config)
+  decoding = arrange_params(config, params, LAYOUTS[layout])
+  model, decoder = build(config), build(config, LAYOUTS[layout])
   rng = np.random.RandomState(3)
   size = config.vision.image_size
   images = rng.randn(2, size, size, 3).astype(np.float32)
@@ -129,10 +140,10 @@ def test_llava_prefill_with_images_then_extends(layout):
   full = [np.asarray(model.apply({'params': params}, row[None], images[b:b + 1]))[0]
           for b, row in enumerate(rows)]
   cache = KVCache.init(config.text, 2, 64)
-  last, cache = model.apply({'params': decoding}, prompts, lengths, cache, images,
-                            method=Llava.prefill)
+  last, cache = decoder.apply({'params': decoding}, prompts, lengths, cache, images,
+                              method=Llava.prefill)
   tokens = np.stack([rows[b][n:n + 4] for b, n in enumerate(lengths)])
-  logits, cache = model.apply({'params': decoding}, tokens, cache, method=Llava.extend)
+  logits, cache = decoder.apply({'params': decoding}, tokens, cache, method=Llava.extend)
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(last[b], full[b][n - 1], atol=TOLERANCE)
     np.testing.assert_allclose(logits[b], full[b][n:n + 4], atol=TOLERANCE)

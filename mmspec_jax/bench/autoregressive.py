@@ -62,8 +62,9 @@ def bytes_per_token(config, params, prompt_length: int, new_tokens: int) -> int:
 def ours(model_dir: str, prompt: np.ndarray, new_tokens: int) -> tuple[Timed, dict[str, Any]]:
   """Our greedy decoding, compiled and warmed up: (its timer, config/params/tokens/compile)."""
   config, params = load_model(model_dir, dtype='float32')
-  params = placement.decoding_params(config, params)
-  decoder = SpeculativeDecoder(target=build(config), draft=None, num_draft_tokens=0,
+  layout = placement.decoding_layout()
+  params = placement.decoding_params(config, params, layout)
+  decoder = SpeculativeDecoder(target=build(config, layout), draft=None, num_draft_tokens=0,
                                sampling=GREEDY, max_new_tokens=new_tokens, eos_token_ids=())
   tokens = prompt[None].astype(np.int32)  # [1, T]
   lengths = np.array([prompt.size], np.int32)

@@ -32,6 +32,9 @@ from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.models import KVCache, LlavaConfig, build, parameter_count, text_config
 from mmspec_jax.processing import MultimodalProcessor
 
+# The decoding layout of this backend (models/layout.py): every pair's params are arranged so.
+LAYOUT = placement.decoding_layout()
+
 GREEDY = SamplingConfig(temperature=0.0)
 LENGTH_BUCKETS = (64, 128, 256, 512)
 
@@ -59,8 +62,8 @@ def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[st
   processor = MultimodalProcessor.from_pretrained(target_dir)
   target_config, target_params = load_model(target_dir, dtype='float32')
   draft_config, draft_params = load_model(draft_dir, dtype='float32')
-  target_params = placement.decoding_params(target_config, target_params)
-  draft_params = placement.decoding_params(draft_config, draft_params)
+  target_params = placement.decoding_params(target_config, target_params, LAYOUT)
+  draft_params = placement.decoding_params(draft_config, draft_params, LAYOUT)
   per_task = [task_data.read_task(data_dir, task, processor, target_config,
                                   num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks]
@@ -82,7 +85,8 @@ class DecodeRun(Timed):
   def __init__(self, pair: Pair, gamma: int, batch_size: int, num_prompts: int,
                max_new_tokens: int):
     decoder = SpeculativeDecoder(
-        target=build(pair.target_config), draft=build(pair.draft_config) if gamma else None,
+        target=build(pair.target_config, LAYOUT),
+        draft=build(pair.draft_config, LAYOUT) if gamma else None,
         num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
         eos_token_ids=pair.eos)
     draft_params = pair.draft_params if gamma else None
@@ -153,7 +157,7 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
   text = np.array([[t for t in tokens[0, :lengths[0]] if t != image_token]], np.int32)
 
   def calls(config, params, prompt, prompt_length, prompt_images, step_sizes):
-    model = build(config)
+    model = build(config, LAYOUT)
     empty = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8)
     extra = {} if prompt_images is None else {'images': prompt_images}
 
@@ -189,7 +193,7 @@ def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
   batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
   tokens, _, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
-  logits = [jax.jit(build(p.target_config).apply)({'params': p.target_params}, tokens, images)
+  logits = [jax.jit(build(p.target_config, LAYOUT).apply)({'params': p.target_params}, tokens, images)
             for p in (pair, other)]  # [B, T, V] each
   return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 

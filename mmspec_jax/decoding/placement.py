@@ -13,27 +13,44 @@ import numpy as np
 
 from mmspec_jax import axes, sharding
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.models import abstract_params, unstack_layers
+from mmspec_jax.models import abstract_params, arrange_params
+from mmspec_jax.models import layout as layout_lib
+from mmspec_jax.models.layout import CANONICAL, Layout
 
 
-def param_shardings(config, mesh, rules=sharding.DEFAULT_RULES):
-  return None if config is None else sharding.param_shardings(abstract_params(config), mesh,
-                                                              rules)
+def param_shardings(config, mesh, rules=sharding.DEFAULT_RULES, layout: Layout = CANONICAL):
+  """Shardings of a model's params in `layout`, from their logical axis names."""
+  return None if config is None else sharding.param_shardings(abstract_params(config, layout),
+                                                              mesh, rules)
 
 
-def decoding_params(config, params):
-  """Params as the decoder wants them: off TPU the language model's layers unstacked, one array
-  per layer (models.unstack_layers: XLA:CPU would copy each layer's slice of the stacked weights
-  every step); on TPU the scanned layout, which its matmuls read in place."""
-  if config is None or jax.default_backend() == 'tpu':
-    return params
-  return unstack_layers(config, params)
+def decoding_layout(layout_config=None, backend: str | None = None) -> Layout:
+  """The decoder's layout from a config's `layout` section (decode.py); its empty `layers` and a
+  missing section mean the backend's default (models.layout.decoding_default)."""
+  default = layout_lib.decoding_default(backend)
+  if layout_config is None:
+    return default
+  fields = dict(layout_config)
+  if not fields.get('layers'):
+    fields['layers'] = default.layers
+  return Layout(**fields)
 
 
-def load_for_decoding(path: str, config, dtype: str, mesh, rules=sharding.DEFAULT_RULES):
-  """A model's params loaded straight onto their shards, in the decoder's layout."""
+def decoding_params(config, params, layout: Layout, mesh=None, rules=sharding.DEFAULT_RULES):
+  """Canonical params arranged as the decoder's `layout` says (models.arrange_params), placed
+  on their shards in that layout when a mesh is given. The decoder's modules must be built with
+  the same layout (`models.build(config, layout)`)."""
+  if config is None:
+    return None
+  shardings = None if mesh is None else param_shardings(config, mesh, rules, layout)
+  return arrange_params(config, params, layout, shardings)
+
+
+def load_for_decoding(path: str, config, dtype: str, mesh, rules=sharding.DEFAULT_RULES, *,
+                      layout: Layout):
+  """A model's params loaded straight onto their shards, arranged in the decoder's layout."""
   _, params = load_model(path, dtype=dtype, shardings=param_shardings(config, mesh, rules))
-  return decoding_params(config, params)
+  return decoding_params(config, params, layout, mesh, rules)
 
 
 def batch_sharding(shape, mesh, rules=sharding.DEFAULT_RULES):

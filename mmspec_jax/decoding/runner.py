@@ -213,12 +213,14 @@ def run(config) -> statistics.RunStatistics:
   if draft_config is not None:
     check_draft_vocabulary(config, processor, target_config, draft_config)
   gamma = config.num_draft_tokens if draft_config is not None else 0
+  layout = placement.decoding_layout(config.layout)
   requests = inputs.read_requests(
       config.prompts, processor, target_config, raw_prompt=config.raw_prompt,
       max_new_tokens=config.max_new_tokens, num_draft_tokens=gamma,
       drafts=() if draft_config is None else (draft_config,))
   decoder = SpeculativeDecoder(
-      target=build(target_config), draft=None if draft_config is None else build(draft_config),
+      target=build(target_config, layout),
+      draft=None if draft_config is None else build(draft_config, layout),
       num_draft_tokens=gamma, sampling=sampling, max_new_tokens=config.max_new_tokens,
       eos_token_ids=eos_token_ids(target_config, processor))
   # Images is None or an array for the whole run, so each length compiles once, not twice.
@@ -235,12 +237,12 @@ def run(config) -> statistics.RunStatistics:
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   logging.info('loading target %s', config.target)
   target_params = placement.load_for_decoding(config.target, target_config, config.dtype, mesh,
-                                              rules)
+                                              rules, layout=layout)
   draft_params = None
   if draft_config is not None:
     logging.info('loading draft %s', config.draft)
     draft_params = placement.load_for_decoding(config.draft, draft_config, config.dtype, mesh,
-                                               rules)
+                                               rules, layout=layout)
   compiled, compile_seconds = compile_programs(decoder, target_params, draft_params, config.batch_size,
                                        [b.length for b in batches], image_shape, mesh, rules)
 

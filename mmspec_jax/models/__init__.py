@@ -13,22 +13,23 @@ from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConf
 from mmspec_jax.models.draft import AdapterDraft
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.llama import Llama
-from mmspec_jax.models import llama as _llama
+from mmspec_jax.models import layout as _layout
+from mmspec_jax.models.layout import CANONICAL, Layout
 from mmspec_jax.models.llava import Llava
 
 __all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
            'VisionConfig', 'abstract_params', 'build', 'init_inputs', 'init_params', 'initialize', 'model_type',
-           'parameter_count', 'text_config', 'unstack_layers']
+           'parameter_count', 'text_config', 'arrange_params', 'Layout']
 
 
-def build(config: ModelConfig) -> nn.Module:
-  """The Flax module for a config."""
+def build(config: ModelConfig, layout: Layout = CANONICAL) -> nn.Module:
+  """The Flax module for a config, its language model's layers arranged as `layout` says."""
   if isinstance(config, LlavaConfig):
-    return Llava(config)
+    return Llava(config, layout)
   if isinstance(config, LlamaConfig):
-    return Llama(config)
+    return Llama(config, layout)
   if isinstance(config, AdapterDraftConfig):
-    return AdapterDraft(config)
+    return AdapterDraft(config, layout)
   raise TypeError(f'not a model config: {type(config).__name__}')
 
 
@@ -49,14 +50,14 @@ def init_inputs(config: ModelConfig):
   return (jnp.zeros((1, 1), jnp.int32),)
 
 
-def initialize(config: ModelConfig, rng: jax.Array):
+def initialize(config: ModelConfig, rng: jax.Array, layout: Layout = CANONICAL):
   """Random parameters, boxed with their logical axis names (trace under jit or eval_shape)."""
-  return build(config).init(rng, *init_inputs(config))['params']
+  return build(config, layout).init(rng, *init_inputs(config))['params']
 
 
-def abstract_params(config: ModelConfig):
+def abstract_params(config: ModelConfig, layout: Layout = CANONICAL):
   """Parameter shapes and dtypes (boxed with their logical axis names), allocating nothing."""
-  return jax.eval_shape(functools.partial(initialize, config), jax.random.key(0))
+  return jax.eval_shape(functools.partial(initialize, config, layout=layout), jax.random.key(0))
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
@@ -68,9 +69,13 @@ def parameter_count(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
 
 
-def unstack_layers(config: ModelConfig, params):
-  """Decoding params with the language model's layers unstacked (see llama.unstack_layers); the
-  vision tower, run once per image, stays scanned."""
+def arrange_params(config: ModelConfig, params, layout: Layout, shardings=None):
+  """Canonical params (as loaded or trained) with the language model's layers arranged as
+  `layout` says (see models/layout.py); the vision tower, run once per image, stays scanned.
+  shardings: the arranged params' shardings (e.g. from `abstract_params(config, layout)`)."""
+  kv_heads = text_config(config).num_kv_heads
   if isinstance(config, LlamaConfig):
-    return _llama.unstack_layers(params)
-  return {**params, 'language_model': _llama.unstack_layers(params['language_model'])}
+    return _layout.arrange_params(params, layout, kv_heads, shardings)
+  language_shardings = None if shardings is None else shardings['language_model']
+  return {**params, 'language_model': _layout.arrange_params(
+      params['language_model'], layout, kv_heads, language_shardings)}

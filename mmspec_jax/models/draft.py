@@ -14,19 +14,21 @@ import jax
 
 from mmspec_jax.models.config import AdapterDraftConfig
 from mmspec_jax.models.kv_cache import KVCache
+from mmspec_jax.models.layout import CANONICAL, Layout
 from mmspec_jax.models.llama import Llama, prefill_from_embeddings
 from mmspec_jax.models.llava import MultimodalProjector, merge_image_features
 
 
 class AdapterDraft(nn.Module):
   config: AdapterDraftConfig
+  layout: Layout = CANONICAL  # The language model's (see models/layout.py).
 
   def setup(self):
     cfg = self.config
     self.multi_modal_projector = MultimodalProjector(
         cfg.text.hidden_size, cfg.projector_type, cfg.projector_bias, cfg.text.dtype,
         cfg.text.param_dtype)
-    self.language_model = Llama(cfg.text)
+    self.language_model = Llama(cfg.text, self.layout)
 
   def embed_image_and_text(self, tokens: jax.Array,
                            vision_features: jax.Array | None = None) -> jax.Array:
@@ -41,7 +43,7 @@ class AdapterDraft(nn.Module):
   def __call__(self, tokens, vision_features=None, *, positions=None, segment_ids=None):
     """Full forward -> float32[B, T, V]."""
     x = self.embed_image_and_text(tokens, vision_features)
-    hidden, _ = self.language_model.decode(x, positions=positions, segment_ids=segment_ids)
+    hidden, _ = self.language_model.run_layers(x, positions=positions, segment_ids=segment_ids)
     return self.language_model.logits(hidden)
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,

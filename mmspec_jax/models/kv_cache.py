@@ -50,17 +50,31 @@ class KVCache:
     return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
 
-def write(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Writes new entries into one layer's cache at their positions.
+@flax.struct.dataclass
+class LayerCache:
+  """One layer's view of the stacked cache, inside the layer loop.
 
-  cache_layer: [B, S, K, H]; new: [B, T, K, H]; positions: int32[B, T]. Positions past the end of
-  the cache are dropped (the caller sizes the cache), never clamped onto valid slots.
+  It holds the whole [L, B, S, K, H] buffers and the layer's index rather than that layer's
+  [B, S, K, H] slice: a layer reads only its live blocks (`attention.cached_attention`) and
+  writes only its new entries, in place. Slicing a layer out and stacking it back (or scanning the
+  cache as the layer scan's input and output) rewrites the whole cache on every call.
   """
-  rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
-  return cache_layer.at[rows, positions].set(new.astype(cache_layer.dtype), mode='drop')
+  keys: jax.Array  # [L, B, S, K, H]
+  values: jax.Array  # [L, B, S, K, H]
+  lengths: jax.Array  # int32[B]: valid slots before this call's tokens
+  layer: jax.Array  # int32[] (or a Python int in the unrolled layout)
 
+  @property
+  def max_length(self) -> int:
+    return self.keys.shape[2]
 
-def attention_mask(positions: jax.Array, cache_length: int) -> jax.Array:
-  """bool[B, T, S]: a query at position p sees cache slots 0..p."""
-  slots = jnp.arange(cache_length)[None, None, :]
-  return slots <= positions[:, :, None]
+  def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> 'LayerCache':
+    """Writes this call's keys and values [B, T, K, H] at their positions int32[B, T].
+
+    Positions past the end of the cache are dropped (the caller sizes the cache), never clamped
+    onto valid slots.
+    """
+    rows = jnp.arange(keys.shape[0])[:, None]  # [B, 1]
+    put = lambda buffer, new: buffer.at[self.layer, rows, positions].set(
+        new.astype(buffer.dtype), mode='drop')
+    return self.replace(keys=put(self.keys, keys), values=put(self.values, values))

@@ -22,6 +22,7 @@ from mmspec_jax.models.clip import ClipVisionTower
 from mmspec_jax.models.config import LlavaConfig, resolve_dtype
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.layers import dense
+from mmspec_jax.models.layout import CANONICAL, Layout
 from mmspec_jax.models.llama import Llama, prefill_from_embeddings
 
 
@@ -64,6 +65,7 @@ def merge_image_features(text_embeddings: jax.Array, image_features: jax.Array,
 class Llava(nn.Module):
   """LlavaForConditionalGeneration."""
   config: LlavaConfig
+  layout: Layout = CANONICAL  # The language model's (see models/layout.py).
 
   def setup(self):
     cfg = self.config
@@ -73,7 +75,7 @@ class Llava(nn.Module):
     self.multi_modal_projector = MultimodalProjector(
         cfg.text.hidden_size, cfg.projector_type, cfg.projector_bias, cfg.text.dtype,
         cfg.text.param_dtype)
-    self.language_model = Llama(cfg.text)
+    self.language_model = Llama(cfg.text, self.layout)
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """images float[B, H, W, 3] or float[B, M, H, W, 3] (preprocessed, channels last)
@@ -119,7 +121,7 @@ class Llava(nn.Module):
                image_features: jax.Array | None = None, positions=None, segment_ids=None):
     """Full forward: tokens int32[B, T] (+ images) -> float32[B, T, V]."""
     x = self.embed_image_and_text(tokens, images, image_features)
-    hidden, _ = self.language_model.decode(x, positions=positions, segment_ids=segment_ids)
+    hidden, _ = self.language_model.run_layers(x, positions=positions, segment_ids=segment_ids)
     return self.language_model.logits(hidden)
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,

@@ -1,0 +1,146 @@
+"""Attention of new tokens over a KV cache: the cache's live prefix, then the new tokens.
+
+Axis legend: B batch, T new tokens, N query heads, K kv heads, G query heads per kv head
+(N = K * G), H head dim, S cache capacity, C cache slots per block, L layers.
+
+A call appends T tokens at each row's length. Their queries attend to (a) the row's cached slots
+[0, lengths[b]), and (b) the new tokens causally. Both parts are computed from what is already there
+and combined by their softmax statistics (online softmax), so the new keys and values are written
+into the cache afterwards, as a pure in-place scatter: the cache is only read (its live part) and
+appended to, never copied. Prefill is the case lengths == 0: attention within the prompt, T x T.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmspec_jax.models.kv_cache import LayerCache
+from mmspec_jax.models.layout import Layout
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def _grouped(query: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[B, T, N, H] -> [B, T, K, G, H]. Query head n = k * G + g."""
+  batch, length, num_heads, head_dim = query.shape
+  return query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+
+def _scores(grouped, keys):
+  """float32[B, K, G, T, C] from grouped queries [B, T, K, G, H] and keys [B, C, K, H], scaled
+  by 1/sqrt(H) in float32 (as layers.dot_product_attention)."""
+  scores = jnp.einsum('btkgh,bckh->bkgtc', grouped, keys, preferred_element_type=jnp.float32)
+  return scores * (keys.shape[-1] ** -0.5)
+
+
+def _weighted(probs, values):
+  """float32[B, K, G, T, H] from probabilities float32[B, K, G, T, C] and values [B, C, K, H]."""
+  return jnp.einsum('bkgtc,bckh->bkgth', probs.astype(values.dtype), values,
+                    preferred_element_type=jnp.float32)
+
+
+def _visit(state, grouped, block_keys, block_values, live):
+  """One online-softmax update over a block of C keys.
+
+  state: (running max, total, accumulated): float32 [B, K, G, T], [B, K, G, T], [B, K, G, T, H];
+  live: bool, broadcastable to [B, T, C]: which keys each query sees.
+  """
+  running_max, total, accumulated = state
+  live = live[:, None, None]  # [B | 1, 1, 1, T | 1, C]
+  scores = jnp.where(live, _scores(grouped, block_keys), _MASKED)
+  new_max = jnp.maximum(running_max, scores.max(axis=-1))
+  rescale = jnp.exp(running_max - new_max)
+  # Masked keys weigh 0 even while a query has seen nothing else (its max then is _MASKED too).
+  probs = jnp.where(live, jnp.exp(scores - new_max[..., None]), 0.0)
+  return (new_max, total * rescale + probs.sum(axis=-1),
+          accumulated * rescale[..., None] + _weighted(probs, block_values))
+
+
+def _block_start(index, block: int, length: int):
+  """Where block `index` of `block` slots is read from an axis of `length` slots, and which of
+  its slots are its own: the last block may overhang the axis, so it is read from
+  length - block and the slots an earlier block covered are masked out."""
+  start = jnp.minimum(index * block, length - block)
+  slots = start + jnp.arange(block)  # [C]
+  return start, slots, slots >= index * block
+
+
+def _blockwise(query, keys, values, cache: LayerCache, block_size: int):
+  """Pure-JAX flash-style attention: the new tokens causally, in blocks when there are many of
+  them (prefill), then the cache's blocks up to the batch's longest live row: float32[B, T, N, H].
+  The cache may already hold the new tokens; only its slots below `lengths` are read.
+  """
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = keys.shape[2]
+  grouped = _grouped(query, num_kv_heads)  # [B, T, K, G, H]
+  group = num_heads // num_kv_heads
+  state = (jnp.full((batch, num_kv_heads, group, length), _MASKED),
+           jnp.zeros((batch, num_kv_heads, group, length), jnp.float32),
+           jnp.zeros((batch, num_kv_heads, group, length, head_dim), jnp.float32))
+
+  # The new tokens among themselves, causally: a verification's few at once, a prompt in blocks
+  # (so a 2k-token prefill never builds [T, T] scores).
+  queries = jnp.arange(length)  # [T]
+  if length <= block_size:
+    state = _visit(state, grouped, keys, values, (queries[None, :] <= queries[:, None])[None])
+  else:
+    def visit_new(index, state):
+      start, slots, own = _block_start(index, block_size, length)
+      live = own[None, :] & (slots[None, :] <= queries[:, None])  # [T, C]
+      return _visit(state, grouped, jax.lax.dynamic_slice_in_dim(keys, start, block_size, 1),
+                    jax.lax.dynamic_slice_in_dim(values, start, block_size, 1), live[None])
+    state = jax.lax.fori_loop(0, -(-length // block_size), visit_new, state)
+
+  capacity = cache.max_length
+  block = min(block_size, capacity)
+  num_blocks = (jnp.max(cache.lengths) + block - 1) // block  # Live blocks of the longest row.
+
+  def visit_cached(index, state):
+    start, slots, own = _block_start(index, block, capacity)
+    window = (cache.layer, 0, start, 0, 0)
+    shape = (1, batch, block, num_kv_heads, head_dim)
+    block_keys = jax.lax.dynamic_slice(cache.keys, window, shape)[0]  # [B, C, K, H]
+    block_values = jax.lax.dynamic_slice(cache.values, window, shape)[0]
+    live = own[None, :] & (slots[None, :] < cache.lengths[:, None])  # [B, C]
+    return _visit(state, grouped, block_keys, block_values, live[:, None, :])
+
+  _, total, accumulated = jax.lax.fori_loop(0, num_blocks, visit_cached, state)
+  out = accumulated / total[..., None]  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def _fused_kernel(query, keys, values, cache: LayerCache, implementation: str):
+  """jax.nn.dot_product_attention over the whole cache (masked by length) and over the new tokens
+  (causal), combined by the log-sum-exp residuals the kernel returns."""
+  def attend(keys, values, **kwargs):
+    out, logsumexp = jax.nn.dot_product_attention(
+        query, keys, values, implementation=implementation, return_residual=True, **kwargs)
+    return out.astype(jnp.float32), logsumexp.astype(jnp.float32)  # [B, T, N, H], [B, T, N]
+
+  cached, cached_lse = attend(cache.keys[cache.layer], cache.values[cache.layer],
+                              key_value_seq_lengths=cache.lengths)
+  new, new_lse = attend(keys, values, is_causal=True)
+  # A row with an empty cache (prefill) has no cached part at all.
+  cached_lse = jnp.where(cache.lengths[:, None, None] > 0, cached_lse, -jnp.inf)
+  combined = jnp.logaddexp(cached_lse, new_lse)
+  return (cached * jnp.exp(cached_lse - combined)[..., None]
+          + new * jnp.exp(new_lse - combined)[..., None])
+
+
+def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache: LayerCache,
+                     layout: Layout):
+  """New tokens' queries [B, T, N, H] over the cache's live slots and the new keys and values
+  [B, T, K, H] (already rotated), which are then written into the cache.
+
+  Returns ([B, T, N, H] in the query's dtype, the cache with the new entries).
+  """
+  # Written first, then read (the new slots lie past `lengths` and are masked there): the write
+  # then consumes the incoming buffer and nothing else reads it, so XLA updates it in place. Were
+  # the write after the reads, XLA could not order the two and would copy the whole cache first.
+  written = cache.write(keys, values, cache.lengths[:, None] + jnp.arange(query.shape[1])[None, :])
+  if layout.attention == 'blockwise':
+    out = _blockwise(query, keys, values, written, layout.attention_block_size)
+  else:
+    out = _fused_kernel(query, keys, values, written, layout.attention)
+  return out.astype(query.dtype), written

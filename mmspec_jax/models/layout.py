@@ -1,0 +1,110 @@
+"""How a LLaMA decoder's weights are arranged and its cached attention computed.
+
+This is execution, not architecture: the same checkpoint runs in any layout, and a layout is chosen
+by config (`decode.py --config.layout.*`), never guessed from the params tree. Checkpoints, training
+and conversion use the canonical layout (`Layout()`: one scanned stack, separate projections);
+`arrange_params` turns canonical params into another layout once, at load.
+
+Axis legend: L layers, D model dim, N query heads, K kv heads, G query heads per kv head (N = K*G),
+H head dim, F MLP dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+LAYER_STACKS = ('scanned', 'unrolled')
+# 'blockwise': pure JAX, online softmax over the cache's live blocks only; runs on every backend
+# and is the reference. 'xla' / 'cudnn': jax.nn.dot_product_attention's implementations (cuDNN's
+# fused flash kernel on NVIDIA GPUs) over the whole cache, masked by each row's length.
+ATTENTION_KERNELS = ('blockwise', 'xla', 'cudnn')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  # 'scanned': params['layers'] stacked [L, ...] and run by nn.scan (one compiled layer body; TPU
+  # matmuls read a layer's slice in place). 'unrolled': params['layers_0'], ['layers_1'], ...
+  # one array per layer (XLA:CPU and cuBLAS cannot feed a dot from a slice of the stacked array
+  # and copy it out first, tripling the bytes a decode step moves).
+  layers: str = 'scanned'
+  # One q/k/v matmul (kernel [D, K, G + 2, H]) and one gate/up matmul ([D, 2, F]): a decode step's
+  # small matmuls are bandwidth-bound, and one wider matmul streams its weights better than three.
+  fused_projections: bool = False
+  attention: str = 'blockwise'
+  # KV slots per block of the blockwise attention (a row's last block may be partly filled).
+  attention_block_size: int = 256
+
+  def __post_init__(self):
+    if self.layers not in LAYER_STACKS:
+      raise ValueError(f'unknown layout.layers {self.layers!r}; expected one of {LAYER_STACKS}')
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f'unknown layout.attention {self.attention!r}; expected one of '
+                       f'{ATTENTION_KERNELS}')
+    if self.attention_block_size < 1:
+      raise ValueError(f'layout.attention_block_size must be >= 1, got '
+                       f'{self.attention_block_size}')
+
+  @property
+  def scanned(self) -> bool:
+    return self.layers == 'scanned'
+
+
+CANONICAL = Layout()
+
+
+def decoding_default(backend: str | None = None) -> Layout:
+  """The layout decoding uses unless told otherwise: scanned on TPU, unrolled elsewhere; fused."""
+  backend = backend or jax.default_backend()
+  return Layout(layers='scanned' if backend == 'tpu' else 'unrolled', fused_projections=True)
+
+
+def layer_name(index: int) -> str:
+  """Where the unrolled layout keeps layer `index`'s params."""
+  return f'layers_{index}'
+
+
+def _fuse(layers, num_kv_heads: int):
+  """Stacked canonical layer params -> the same with qkv_proj and gate_up_proj."""
+  attention = dict(layers['self_attn'])
+  query = attention.pop('q_proj')['kernel']  # [L, D, N, H]
+  key = attention.pop('k_proj')['kernel']  # [L, D, K, H]
+  value = attention.pop('v_proj')['kernel']
+  num_layers, width, num_heads, head_dim = query.shape
+  grouped = query.reshape(num_layers, width, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  attention['qkv_proj'] = {'kernel': jnp.concatenate(
+      [grouped, key[:, :, :, None], value[:, :, :, None]], axis=3)}  # [L, D, K, G + 2, H]
+  mlp = dict(layers['mlp'])
+  gate, up = mlp.pop('gate_proj')['kernel'], mlp.pop('up_proj')['kernel']  # [L, D, F]
+  mlp['gate_up_proj'] = {'kernel': jnp.stack([gate, up], axis=2)}  # [L, D, 2, F]
+  return {**layers, 'self_attn': attention, 'mlp': mlp}
+
+
+def _arrange(params, layout: Layout, num_kv_heads: int):
+  layers = params['layers']
+  if layout.fused_projections:
+    layers = _fuse(layers, num_kv_heads)
+  rest = {name: value for name, value in params.items() if name != 'layers'}
+  if layout.scanned:
+    return {**rest, 'layers': layers}
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  return {**rest, **{layer_name(i): jax.tree.map(lambda x, i=i: x[i], layers)
+                     for i in range(num_layers)}}
+
+
+def arrange_params(params, layout: Layout, num_kv_heads: int, shardings=None):
+  """A Llama's canonical params (scanned, separate projections) in `layout`.
+
+  One jitted program (not one per layer slice) placing every new array on `shardings` (the
+  layout's own, from `abstract_params(config, layout)`) when given. Done once, outside the decode
+  program; the canonical arrays are freed when the caller drops them.
+  """
+  if layout == CANONICAL:
+    return params
+  if 'layers' not in params:
+    raise ValueError('arrange_params expects canonical params (a stacked "layers" entry); got '
+                     f'entries {sorted(params)}')
+  arrange = lambda p: _arrange(p, layout, num_kv_heads)
+  return jax.jit(arrange, out_shardings=shardings)(params)
