@@ -59,4 +59,6 @@ def get_config():
   config.layout = ml_collections.ConfigDict(dict(
       layers='', fused_projections=True, attention='blockwise', attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
+  # The draft's own rules: by default replicated weights, batch over data x fsdp only.
+  config.draft_logical_axis_rules = sharding.DRAFT_RULES
   return config

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import decoding_fixtures as fx  # noqa: E402
 from mmspec_jax import sharding  # noqa: E402
+from mmspec_jax.sharding import DRAFT_RULES  # noqa: E402
 from mmspec_jax.convert.loading import load_model, save_converted  # noqa: E402
 from mmspec_jax.decoding import placement  # noqa: E402
 from mmspec_jax.decoding.engine import SpeculativeDecoder  # noqa: E402
@@ -38,12 +39,15 @@ def batch_of_eight(config):
 
 def decode(mesh, decoder, target_config, target_params, draft_config, draft_params, inputs):
   target_params = jax.device_put(target_params, placement.param_shardings(target_config, mesh))
-  draft_params = jax.device_put(draft_params, placement.param_shardings(draft_config, mesh))
+  draft_params = jax.device_put(draft_params, placement.param_shardings(draft_config, mesh,
+                                                                        DRAFT_RULES))
   q_proj = target_params['language_model']['layers']['self_attn']['q_proj']['kernel']
   # The layout decode.py uses off TPU: unrolled layers and fused projections, placed on their
   # own logical shardings (q/k/v by kv head over tensor, when the kv heads divide it).
   target_params = placement.decoding_params(target_config, target_params, LAYOUT, mesh)
-  draft_params = placement.decoding_params(draft_config, draft_params, LAYOUT, mesh)
+  draft_params = placement.decoding_params(draft_config, draft_params, LAYOUT, mesh, DRAFT_RULES)
+  # The draft runs replicated (its own rules): no weight of it is split over any mesh axis.
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(draft_params))
   qkv_proj = target_params['language_model']['layers_0']['self_attn']['qkv_proj']['kernel']
   wanted = placement.param_shardings(target_config, mesh, layout=LAYOUT)
   wanted = wanted['language_model']['layers_0']['self_attn']['qkv_proj']['kernel']
@@ -51,8 +55,11 @@ def decode(mesh, decoder, target_config, target_params, draft_config, draft_para
   kv_heads_divide = target_config.text.num_kv_heads % mesh.shape['tensor'] == 0
   assert (qkv_proj.sharding.spec[1] == 'tensor') == kv_heads_divide, qkv_proj.sharding.spec
   with placement.mesh_context(mesh):
+    tokens, lengths, _ = inputs
+    draft_length = decoder.draft_prompt_length([t[:n] for t, n in zip(tokens, lengths)],
+                                               tokens.shape[1], multiple=1)
     result = decoder.generate(target_params, draft_params, *placement.place_inputs(*inputs, mesh),
-                              jax.random.key(0))
+                              jax.random.key(0), draft_prompt_length=draft_length)
   return jax.device_get(result), str(q_proj.sharding.spec)
 
 
@@ -62,8 +69,7 @@ def main():
   target_params = jax.tree.map(np.asarray, target_params)
   draft_params = jax.tree.map(np.asarray, draft_params)
   decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(draft_config, LAYOUT), 3,
-                               SamplingConfig(),
-                               16, (-1,))
+                               SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES)
   inputs = batch_of_eight(target_config)
   single = sharding.make_mesh({'data': 1}, jax.devices()[:1])
   reference, _ = decode(single, decoder, target_config, target_params, draft_config,

@@ -177,18 +177,18 @@ def _cached_compile(cache: dict):
   differing only in their inputs or seed share them (their arguments carry params and keys)."""
   compile_programs = runner.compile_programs
 
-  def compile_cached(decoder, target_params, draft_params, batch_size, lengths, image_shape,
+  def compile_cached(decoder, target_params, draft_params, batch_size, shapes, image_shape,
                      mesh, rules):
-    key = (decoder.target.config, None if decoder.draft is None else decoder.draft.config,
-           decoder.sampling, decoder.num_draft_tokens, decoder.max_new_tokens,
-           decoder.eos_token_ids, batch_size, image_shape)
-    missing = sorted({length for length in lengths if (key, length) not in cache})
+    key = (decoder.target, decoder.draft, decoder.sampling, decoder.num_draft_tokens,
+           decoder.max_new_tokens, decoder.eos_token_ids, decoder.draft_rules, batch_size,
+           image_shape)
+    missing = sorted({shape for shape in shapes if (key, shape) not in cache}, key=str)
     seconds = 1e-9
     if missing:
       compiled, seconds = compile_programs(decoder, target_params, draft_params, batch_size,
                                            missing, image_shape, mesh, rules)
-      cache.update({(key, length): program for length, program in compiled.items()})
-    return {length: cache[key, length] for length in set(lengths)}, seconds
+      cache.update({(key, shape): program for shape, program in compiled.items()})
+    return {shape: cache[key, shape] for shape in set(shapes)}, seconds
   return compile_cached
 
 
@@ -209,7 +209,7 @@ def sampled(ckpt):
                            batch_size=batch_size, seed=seed, temperature=1.0)
       runner.run(config)
       outputs[name] = {line['id']: line for line in read_jsonl(config.output)}
-  return outputs, sorted({(key[-2], length) for key, length in programs})
+  return outputs, sorted({(key[-2], shape[0]) for key, shape in programs})
 
 
 def test_a_request_samples_the_same_tokens_alone_and_in_any_batch(sampled):

@@ -29,7 +29,12 @@ def _decode(target_config, target_params, draft=None, gamma=0, inputs=None, eos=
   decoder = SpeculativeDecoder(build(target_config),
                                build(draft_config) if draft_config else None, gamma, sampling,
                                max_new_tokens, eos)
-  return decoder.generate(target_params, draft_params, *inputs, jax.random.key(seed))
+  tokens, lengths, _ = inputs
+  # The language-only draft's prompt and cache cut to the batch's longest text, exactly.
+  draft_length = decoder.draft_prompt_length([t[:n] for t, n in zip(tokens, lengths)],
+                                             tokens.shape[1], multiple=1)
+  return decoder.generate(target_params, draft_params, *inputs, jax.random.key(seed),
+                          draft_prompt_length=draft_length)
 
 
 @pytest.fixture(scope='module')

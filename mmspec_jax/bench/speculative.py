@@ -95,8 +95,11 @@ class DecodeRun(Timed):
     arrays = [runner.batch_arrays(batch, pair.processor, pair.image_shape)
               for batch in self.batches]
     key = jax.random.key(0)
+    draft_length = decoder.draft_prompt_length(
+        [r.token_ids for r in pair.requests[:num_prompts]], pair.length)
     compiled, self.compile_seconds = compile_timed(decoder.generate, pair.target_params,
-                                                   draft_params, *arrays[0], key)
+                                                   draft_params, *arrays[0], key,
+                                                   draft_prompt_length=draft_length)
     super().__init__(lambda: jax.block_until_ready(
         [compiled(pair.target_params, draft_params, *batch_arrays, key) for batch_arrays in arrays]))
     self.results = self._run()

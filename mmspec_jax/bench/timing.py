@@ -52,10 +52,10 @@ def time_runs(run: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timin
   return Timing.of(seconds)
 
 
-def compile_timed(jitted, *args) -> tuple[Any, float]:
+def compile_timed(jitted, *args, **static) -> tuple[Any, float]:
   """(compiled executable, seconds to lower and compile) of a jitted function."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args, **static).compile()
   return compiled, time.perf_counter() - start
 
 

@@ -19,6 +19,7 @@ With `num_draft_tokens == 0` and no draft the same loop is plain autoregressive 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -81,6 +82,9 @@ class SpeculativeDecoder:
   sampling: SamplingConfig
   max_new_tokens: int
   eos_token_ids: tuple[int, ...]
+  # Logical-axis rules the draft runs under (sharding.DRAFT_RULES: replicated weights, batch over
+  # the data axes), so its few heads pay no all-reduces; None: the ambient rules, as the target.
+  draft_rules: tuple | None = None
 
   def __post_init__(self):
     if self.draft is None and self.num_draft_tokens != 0:
@@ -106,13 +110,32 @@ class SpeculativeDecoder:
   @functools.cached_property
   def generate(self):
     """jitted (target_params, draft_params, tokens int32[B, T], lengths int32[B],
-    images float32[B, H, W, 3] | None, rng) -> DecodeResult.
+    images float32[B, H, W, 3] | None, rng, draft_prompt_length=None) -> DecodeResult.
+
+    draft_prompt_length (static): the draft's prompt width, from `draft_prompt_length(prompts,
+    T)`; its cache holds that many positions plus the new tokens' (default T).
 
     rng: a key per row (key[B]), or one key (row b then gets fold_in(rng, b)). A row's sampled
     tokens depend only on its key and its prompt, not on the other rows, the batch size or the
     padded prompt length: every draw of row b comes from row b's key.
     """
-    return jax.jit(self._generate)
+    return jax.jit(self._generate, static_argnames=('draft_prompt_length',))
+
+  def draft_prompt_length(self, prompts, length: int, multiple: int = 64) -> int | None:
+    """The static `draft_prompt_length` for a batch of prompts (token ids, placeholders
+    included) padded to `length`: the language-only draft of a LLaVA target reads the text alone,
+    so its prompt and cache need no room for the image slots (576 per image at 7B). Rounded up to
+    `multiple` so that few programs are compiled. None (the prompt length) for other drafts."""
+    if self.draft is None or self.image_token_index is None or isinstance(self.draft,
+                                                                          AdapterDraft):
+      return None
+    text = max(sum(1 for i in ids if i != self.image_token_index) for ids in prompts)
+    return min(-(-text // multiple) * multiple, length)
+
+  def _draft_rules(self):
+    if self.draft_rules is None:
+      return contextlib.nullcontext()
+    return nn.logical_axis_rules(self.draft_rules)
 
   # --- prefill ---------------------------------------------------------------------------------
 
@@ -136,9 +159,12 @@ class SpeculativeDecoder:
     order = jnp.argsort(is_image, axis=1, stable=True)  # Text first, in order.
     return jnp.take_along_axis(tokens, order, axis=1), lengths - is_image.sum(axis=1)
 
-  def _prefill_draft(self, params, tokens, lengths, vision_features, cache_length):
-    """Prefills all but the last prompt token (see the cache invariant)."""
+  def _prefill_draft(self, params, tokens, lengths, vision_features, prompt_length):
+    """Prefills all but the last prompt token (see the cache invariant). prompt_length: the
+    draft's static prompt width (every row's draft prompt must fit it)."""
     tokens, lengths = self._draft_prompt(tokens, lengths)
+    tokens = tokens[:, :prompt_length]
+    cache_length = prompt_length + self.max_new_tokens + self.num_draft_tokens + 1
     cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length)
     kwargs = {}
     if isinstance(self.draft, AdapterDraft) and vision_features is not None:
@@ -177,7 +203,8 @@ class SpeculativeDecoder:
     batch = state.last_token.shape[0]
     gamma = self.num_draft_tokens
     if gamma:
-      draft_tokens, draft_probs, draft_cache = self._propose(draft_params, state, draft_rng)
+      with self._draft_rules():
+        draft_tokens, draft_probs, draft_cache = self._propose(draft_params, state, draft_rng)
     else:
       draft_tokens = jnp.zeros((batch, 0), jnp.int32)
       draft_probs = jnp.zeros((batch, 0, self.vocab_size), jnp.float32)
@@ -235,7 +262,8 @@ class SpeculativeDecoder:
 
   # --- the program -----------------------------------------------------------------------------
 
-  def _generate(self, target_params, draft_params, tokens, lengths, images, rng):
+  def _generate(self, target_params, draft_params, tokens, lengths, images, rng,
+                draft_prompt_length=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     batch, prompt_length = tokens.shape
@@ -250,8 +278,9 @@ class SpeculativeDecoder:
     first, _ = sample(prefill_rng, logits, self.sampling)  # [B]
     draft_cache, previous = None, jnp.zeros_like(first)
     if self.draft is not None:
-      draft_cache, previous = self._prefill_draft(draft_params, tokens, lengths, vision_features,
-                                                  cache_length)
+      with self._draft_rules():
+        draft_cache, previous = self._prefill_draft(
+            draft_params, tokens, lengths, vision_features, draft_prompt_length or prompt_length)
     capacity = self.max_new_tokens + gamma + 1
     state = DecodeState(
         step=jnp.zeros((), jnp.int32), rng=loop_rng,

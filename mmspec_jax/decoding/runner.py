@@ -155,17 +155,24 @@ def batch_arrays(batch: inputs.Batch, processor: MultimodalProcessor,
   return tokens, lengths, images
 
 
+def program_shape(decoder: SpeculativeDecoder, batch: inputs.Batch) -> tuple[int, int | None]:
+  """What a batch's program is compiled for: (prompt length T, the draft's prompt width)."""
+  return batch.length, decoder.draft_prompt_length([r.token_ids for r in batch.requests],
+                                                   batch.length)
+
+
 def compile_programs(decoder: SpeculativeDecoder, target_params, draft_params, batch_size: int,
-             lengths: list[int], image_shape, mesh, rules):
-  """{T: compiled generate} for every prompt length T, and the seconds it took."""
+                     shapes: list[tuple[int, int | None]], image_shape, mesh, rules):
+  """{program_shape: compiled generate} for every shape, and the seconds it took."""
   start = time.perf_counter()
   compiled = {}
   with placement.mesh_context(mesh, rules):
-    for length in sorted(set(lengths)):
-      compiled[length] = decoder.generate.lower(
+    for length, draft_length in sorted(set(shapes), key=str):
+      compiled[length, draft_length] = decoder.generate.lower(
           target_params, draft_params,
           *placement.input_structs(batch_size, length, image_shape, mesh, rules),
-          placement.keys_struct(batch_size, mesh, rules)).compile()
+          placement.keys_struct(batch_size, mesh, rules),
+          draft_prompt_length=draft_length).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -213,6 +220,7 @@ def run(config) -> statistics.RunStatistics:
   if draft_config is not None:
     check_draft_vocabulary(config, processor, target_config, draft_config)
   gamma = config.num_draft_tokens if draft_config is not None else 0
+  draft_rules = tuple(tuple(rule) for rule in config.draft_logical_axis_rules)
   layout = placement.decoding_layout(config.layout)
   requests = inputs.read_requests(
       config.prompts, processor, target_config, raw_prompt=config.raw_prompt,
@@ -222,7 +230,7 @@ def run(config) -> statistics.RunStatistics:
       target=build(target_config, layout),
       draft=None if draft_config is None else build(draft_config, layout),
       num_draft_tokens=gamma, sampling=sampling, max_new_tokens=config.max_new_tokens,
-      eos_token_ids=eos_token_ids(target_config, processor))
+      eos_token_ids=eos_token_ids(target_config, processor), draft_rules=draft_rules)
   # Images is None or an array for the whole run, so each length compiles once, not twice.
   image_rows = [r for r in requests if r.image is not None]
   image_shape = None
@@ -242,9 +250,10 @@ def run(config) -> statistics.RunStatistics:
   if draft_config is not None:
     logging.info('loading draft %s', config.draft)
     draft_params = placement.load_for_decoding(config.draft, draft_config, config.dtype, mesh,
-                                               rules, layout=layout)
-  compiled, compile_seconds = compile_programs(decoder, target_params, draft_params, config.batch_size,
-                                       [b.length for b in batches], image_shape, mesh, rules)
+                                               draft_rules, layout=layout)
+  compiled, compile_seconds = compile_programs(
+      decoder, target_params, draft_params, config.batch_size,
+      [program_shape(decoder, b) for b in batches], image_shape, mesh, rules)
 
   # --- decode --------------------------------------------------------------------------------
   counts = []
@@ -258,7 +267,7 @@ def run(config) -> statistics.RunStatistics:
       rng = placement.place_keys(inputs.request_keys(batch.requests, base_key), mesh, rules)
       start = time.perf_counter()
       result = jax.block_until_ready(
-          compiled[batch.length](target_params, draft_params, tokens, lengths, images, rng))
+          compiled[program_shape(decoder, batch)](target_params, draft_params, tokens, lengths, images, rng))
       decode_seconds += time.perf_counter() - start
       counts.append(_write_batch(out, batch, result, processor))
       new_tokens += int(counts[-1][0].sum())

@@ -237,11 +237,12 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
   rules = sharding.DEFAULT_RULES
   layout = placement.decoding_layout()
-  load = lambda path, config: placement.load_for_decoding(path, config, dtype, mesh, rules,
-                                                          layout=layout)
-  target_params = load(target, target_config)
+  load = lambda path, config, rules: placement.load_for_decoding(path, config, dtype, mesh, rules,
+                                                                 layout=layout)
+  target_params = load(target, target_config, rules)
   target_parameters = parameter_count(target_params)
-  draft_params = {name: load(drafts[name], config) for name, config in draft_configs.items()}
+  draft_params = {name: load(drafts[name], config, sharding.DRAFT_RULES)
+                  for name, config in draft_configs.items()}
   settings = {
       'target': target, 'target_parameters': target_parameters, 'data_dir': data_dir,
       'drafts': {name: {'dir': drafts[name], 'kind': DRAFT_KINDS[type(config)],
@@ -261,11 +262,14 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     decoder = SpeculativeDecoder(
         target=target_model, draft=None if name is None else build(draft_configs[name], layout),
         num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
-        eos_token_ids=eos)
+        eos_token_ids=eos, draft_rules=sharding.DRAFT_RULES)
     params = None if name is None else draft_params[name]
+    # One program for every task: the draft's prompt width covers all of their prompts.
+    shape = (length, decoder.draft_prompt_length(
+        [r.token_ids for r in requests], length))
     compiled, compile_seconds = runner.compile_programs(
-        decoder, target_params, params, batch_size, [length], image_shape, mesh, rules)
-    decode = functools.partial(_decode_task, compiled[length], target_params, params,
+        decoder, target_params, params, batch_size, [shape], image_shape, mesh, rules)
+    decode = functools.partial(_decode_task, compiled[shape], target_params, params,
                                processor=processor, image_shape=image_shape, mesh=mesh,
                                rules=rules)
     # A compiled program's first run is several times slower (allocations, thread pools): one
