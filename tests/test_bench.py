@@ -58,7 +58,7 @@ def test_text_only_prompts_drop_placeholders_and_images():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--sections=1,5'], 'choose among'), (['--sections=a'], 'comma-separated'),
+    (['--sections=1,6'], 'choose among'), (['--sections=a'], 'comma-separated'),
     (['--repeats=0'], 'repeats')])
 def test_bad_arguments_are_named(argv, message, capsys):
   with pytest.raises(SystemExit):
@@ -88,12 +88,19 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
               'measured_speedup': 1.5, 'measured_over_predicted': 0.75,
               'tokens_identical_to_autoregressive': True}]}},
       'assisted': {'image': {'transformers_assisted_default': {'error': 'ValueError: boom'}}},
+      'cache_capacity': {
+          'model': {'parameters': 22e6, 'weight_bytes': 88e6}, 'batch_size': 8,
+          'mean_prompt_tokens': 60, 'live_tokens': 92, 'step_ratio': 1.25, 'rows': [
+              {'prompt_bucket': bucket, 'cache_capacity': bucket + 65, 'cache_bytes': 1e8,
+               'step_ms': 10.0, 'step_ms_low': 9.0, 'step_ms_high': 11.0, 'prefill_ms': 400.0,
+               'generate_step_ms': 10.5} for bucket in (256, 2048)]},
   }
   text = report.markdown(results)
   assert 'fraction of roofline: 0.90 (goal >= 0.85: met)' in text
   assert 'speedup over transformers: 1.20 (goal >= 1.6: not met)' in text
   assert '0.75 (goal >= 0.9: not met)' in text
   assert 'error: `ValueError: boom`' in text
+  assert 'over the smaller: 1.25x (goal <= 1.2: not met)' in text
   report.write(results, str(tmp_path), final=True)
   assert (tmp_path / report.MARKDOWN_FILE).read_text().startswith('Machine: test cpu')
   assert (tmp_path / report.SPEEDUP_PLOT).stat().st_size > 0

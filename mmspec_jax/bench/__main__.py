@@ -1,6 +1,6 @@
 r"""`make bench`: decoding speed against the memory roofline, transformers and our own baseline.
 
-  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4]
+  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5]
 
 Sections (each writes its figures into bench.json as soon as it finishes):
   1  a random 1.1B LLaMA, batch 1: our autoregressive tokens/s, transformers `generate` on the same
@@ -8,7 +8,9 @@ Sections (each writes its figures into bench.json as soon as it finishes):
   2  batch scaling 1/4/16/64 of autoregressive and speculative decoding (the demo pair);
   3  speculative against autoregressive decoding, measured and predicted, on the demo pair and on
      its target widened function-preservingly to ~1B parameters;
-  4  transformers assisted generation on the demo pair's HF exports, text and image prompts.
+  4  transformers assisted generation on the demo pair's HF exports, text and image prompts;
+  5  a decode step's cost at two cache capacities (prompt buckets 256 and 2048) holding the same
+     ~60-token prompts, batch 8: it should pay for the live cache, not the allocated one.
 Sections 2-4 need the demo's trained models: they are trained first if missing (`make demo`'s
 training, about 10 minutes, not counted in any figure).
 """
@@ -25,7 +27,7 @@ import time
 import jax
 
 from mmspec_jax import artifacts
-from mmspec_jax.bench import assisted, autoregressive, report, speculative, widen
+from mmspec_jax.bench import assisted, autoregressive, capacity, report, speculative, widen
 from mmspec_jax.bench.timing import read_bandwidth
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import placement
@@ -68,7 +70,7 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m mmspec_jax.bench', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out_dir', default=os.path.join(artifacts.results_dir(), 'bench'))
-  parser.add_argument('--sections', default='1,2,3,4', help='comma-separated, among 1,2,3,4')
+  parser.add_argument('--sections', default='1,2,3,4,5', help='comma-separated, among 1-5')
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per figure')
   parser.add_argument('--work_dir', default=None,
                       help='where the 1.1B checkpoint is written (default: a temporary dir)')
@@ -77,8 +79,8 @@ def parse_args(argv):
     args.sections = sorted({int(s) for s in args.sections.split(',')})
   except ValueError:
     parser.error(f'--sections: expected comma-separated numbers, got {args.sections!r}')
-  if not args.sections or not set(args.sections) <= {1, 2, 3, 4}:
-    parser.error(f'--sections: choose among 1,2,3,4, got {args.sections}')
+  if not args.sections or not set(args.sections) <= {1, 2, 3, 4, 5}:
+    parser.error(f'--sections: choose among 1,2,3,4,5, got {args.sections}')
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}')
   return args
@@ -131,6 +133,9 @@ def main(argv=None):
         pair, artifacts.hf_export_dir(artifacts.DEMO_TARGET_STAGE),
         artifacts.hf_export_dir(artifacts.DEMO_DRAFT_STAGE), num_prompts=8,
         max_new_tokens=64, gamma=3, repeats=args.repeats, threads=threads, log=_log)
+    report.write(results, args.out_dir, final=False)
+  if 5 in args.sections:
+    results['cache_capacity'] = capacity.run_section(repeats=args.repeats, log=_log)
 
   results['seconds'] = time.perf_counter() - start
   report.write(results, args.out_dir, final=True)

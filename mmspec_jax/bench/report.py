@@ -112,6 +112,26 @@ def _assisted(section: dict[str, Any]) -> list[str]:
   return lines + ['']
 
 
+def _capacity(section: dict[str, Any]) -> list[str]:
+  model = section['model']
+  lines = ['### 5. A decode step at two cache capacities (the same prompts, batch '
+           f'{section["batch_size"]})', '',
+           f'A random {model["parameters"] / 1e6:.0f}M-parameter LLaMA '
+           f'({model["weight_bytes"] / 1e9:.2f} GB of weights), {section["mean_prompt_tokens"]:.0f}'
+           f'-token prompts on average, {section["live_tokens"]:.0f} positions live per row; '
+           'one step = one 1-token extend of the batch, timed in a jitted loop of calls.', '',
+           '| prompt bucket | cache capacity | cache bytes | step ms | prefill ms '
+           '| step ms from generate - prefill |', '|---|---|---|---|---|---|']
+  for row in section['rows']:
+    lines.append(f'| {row["prompt_bucket"]} | {row["cache_capacity"]} | '
+                 f'{row["cache_bytes"] / 1e9:.2f} GB | {row["step_ms"]:.2f} '
+                 f'[{row["step_ms_low"]:.2f}-{row["step_ms_high"]:.2f}] | '
+                 f'{row["prefill_ms"]:.0f} | {row["generate_step_ms"]:.2f} |')
+  ratio = section['step_ratio']
+  return lines + ['', f'Step time at the larger capacity over the smaller: {ratio:.2f}x '
+                  f'(goal <= 1.2: {"met" if ratio <= 1.2 else "not met"}).', '']
+
+
 def markdown(results: dict[str, Any]) -> str:
   lines = _machine(results['machine'])
   if 'autoregressive' in results:
@@ -122,6 +142,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _speculative(results['speculative'])
   if 'assisted' in results:
     lines += _assisted(results['assisted'])
+  if 'cache_capacity' in results:
+    lines += _capacity(results['cache_capacity'])
   return '\n'.join(lines)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmspec_jax.bench.timing import Timed, compile_timed, interleaved, time_runs
+from mmspec_jax.bench.timing import Timed, call_timer, compile_timed, interleaved
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import inputs, placement, runner, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
@@ -131,20 +131,6 @@ def decode(pair: Pair, gamma: int, batch_size: int, num_prompts: int, max_new_to
   return run.summary()
 
 
-def _call_timer(call, params, carry) -> Timed:
-  """`carry = call(params, carry)` repeated n times inside one jitted loop, timed per call (see
-  `call_costs`); params are arguments, never constants folded into the program."""
-  single = jax.jit(call)
-  jax.block_until_ready(single(params, carry))
-  once = time_runs(lambda: jax.block_until_ready(single(params, carry)), repeats=3,
-                   warmup=0).median
-  calls = int(min(200, max(1, 0.2 // max(once, 1e-6))))
-  loop = jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, lambda _, c: call(p, c), c))
-  run = lambda: jax.block_until_ready(loop(params, carry))
-  run()
-  return Timed(run, per_run=calls)
-
-
 def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[str, float]:
   """Seconds (median of `repeats`, batch 1, measured round-robin) of the calls a decode is made
   of: the target's and the draft's prefill of the first prompt, and on a cache already holding
@@ -180,8 +166,8 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
         cache, total = carry
         logits, grown = model.apply({'params': params}, new_tokens, cache, method='extend')
         return grown.with_lengths(cache.lengths), total + logits[0, 0, 0]
-      return _call_timer(extend, params, (warm, jnp.float32(0)))
-    return [_call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
+      return call_timer(extend, params, (warm, jnp.float32(0)))
+    return [call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
   target_calls = calls(pair.target_config, pair.target_params, tokens, int(lengths[0]),
                        with_images, (1, gamma + 1))

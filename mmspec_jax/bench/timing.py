@@ -68,6 +68,10 @@ class Timed:
     self.per_run = per_run
     self.seconds: list[float] = []
 
+  def warm_up(self):
+    """One untimed run: a program's first runs are slower (allocations, thread pools)."""
+    self._run()
+
   def time_once(self):
     start = time.perf_counter()
     self._run()
@@ -75,6 +79,24 @@ class Timed:
 
   def timing(self) -> Timing:
     return Timing.of(self.seconds)
+
+
+def call_timer(call, params, carry, min_calls: int = 1) -> Timed:
+  """`carry = call(params, carry)` repeated n times inside one jitted loop, timed per call (see
+  `speculative.call_costs`); params are arguments, never constants folded into the program.
+
+  The loop copies its carry in once per run (the argument is not donated), so with a large carry
+  (a KV cache) ask for enough calls (`min_calls`) that the copy is a small share of the run.
+  """
+  single = jax.jit(call)
+  jax.block_until_ready(single(params, carry))
+  once = time_runs(lambda: jax.block_until_ready(single(params, carry)), repeats=3,
+                   warmup=0).median
+  calls = int(max(min_calls, min(200, max(1, 0.2 // max(once, 1e-6)))))
+  loop = jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, lambda _, c: call(p, c), c))
+  run = lambda: jax.block_until_ready(loop(params, carry))
+  run()
+  return Timed(run, per_run=calls)
 
 
 def interleaved(timed, repeats: int):
