@@ -53,11 +53,14 @@ def get_config():
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # How both models' language layers run (mmspec_jax/models/layout.py). layers: 'scanned' (one
   # stacked array per weight, nn.scan) | 'unrolled' (one array per layer) | '' = the backend's
-  # default (scanned on TPU, unrolled elsewhere). attention over the KV cache: 'blockwise' (pure
-  # JAX, reads only the live blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on
-  # NVIDIA GPUs) | 'xla' (the same API's XLA implementation).
+  # default (scanned on TPU, unrolled elsewhere). output_major_kernels: True | False | '' = the
+  # default (on CPU: True for the draft and for a target decoding alone, False for a target that
+  # verifies drafts). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
+  # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
+  # same API's XLA implementation).
   config.layout = ml_collections.ConfigDict(dict(
-      layers='', fused_projections=True, attention='blockwise', attention_block_size=256))
+      layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
+      attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
   # The draft's own rules: by default replicated weights, batch over data x fsdp only.
   config.draft_logical_axis_rules = sharding.DRAFT_RULES

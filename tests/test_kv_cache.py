@@ -12,11 +12,15 @@ TOLERANCE = 1e-4
 PROMPT_LENGTHS = np.array([3, 7], np.int32)
 # The canonical layout (one 256-slot block covers the caches here); unrolled and fused with
 # 5-slot blocks, so rows span several blocks and the last block overhangs the 32-slot cache;
-# scanned and fused through jax.nn.dot_product_attention (its 'xla' implementation on CPU).
+# scanned and fused through jax.nn.dot_product_attention (its 'xla' implementation on CPU);
+# kernels stored output-major, scanned and unrolled-fused.
 LAYOUTS = {
     'scanned': Layout(),
     'unrolled_fused_blocks_of_5': Layout(layers='unrolled', fused_projections=True,
                                          attention_block_size=5),
+    'scanned_output_major': Layout(output_major_kernels=True),
+    'unrolled_fused_output_major': Layout(layers='unrolled', fused_projections=True,
+                                          output_major_kernels=True),
     'scanned_fused_kernel': Layout(fused_projections=True, attention='xla'),
 }
 

@@ -150,7 +150,8 @@ def _widened_target(pair: speculative.Pair) -> speculative.Pair:
   _log(f'[3/4] target widened to {parameter_count(params) / 1e9:.2f}B parameters '
        f'(hidden {config.text.hidden_size}, {config.text.num_heads} heads, MLP '
        f'{config.text.intermediate_size}, {config.text.num_layers} layers)')
-  return pair.with_target(config, placement.decoding_params(config, params, speculative.LAYOUT))
+  return pair.with_target(config, placement.decoding_params(config, params,
+                                                            speculative.TARGET_LAYOUT))
 
 
 def _check_widened(comparison, pair, wide, wide_tokens):

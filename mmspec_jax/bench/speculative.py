@@ -32,8 +32,10 @@ from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.models import KVCache, LlavaConfig, build, parameter_count, text_config
 from mmspec_jax.processing import MultimodalProcessor
 
-# The decoding layout of this backend (models/layout.py): every pair's params are arranged so.
-LAYOUT = placement.decoding_layout()
+# The decoding layouts of this backend (models/layout.py): every pair's params are arranged so.
+# The target is laid out for verification, and serves the autoregressive baseline as it is.
+TARGET_LAYOUT = placement.decoding_layout(verifies=True)
+DRAFT_LAYOUT = placement.decoding_layout()
 
 GREEDY = SamplingConfig(temperature=0.0)
 LENGTH_BUCKETS = (64, 128, 256, 512)
@@ -62,8 +64,8 @@ def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[st
   processor = MultimodalProcessor.from_pretrained(target_dir)
   target_config, target_params = load_model(target_dir, dtype='float32')
   draft_config, draft_params = load_model(draft_dir, dtype='float32')
-  target_params = placement.decoding_params(target_config, target_params, LAYOUT)
-  draft_params = placement.decoding_params(draft_config, draft_params, LAYOUT)
+  target_params = placement.decoding_params(target_config, target_params, TARGET_LAYOUT)
+  draft_params = placement.decoding_params(draft_config, draft_params, DRAFT_LAYOUT)
   per_task = [task_data.read_task(data_dir, task, processor, target_config,
                                   num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks]
@@ -85,8 +87,8 @@ class DecodeRun(Timed):
   def __init__(self, pair: Pair, gamma: int, batch_size: int, num_prompts: int,
                max_new_tokens: int):
     decoder = SpeculativeDecoder(
-        target=build(pair.target_config, LAYOUT),
-        draft=build(pair.draft_config, LAYOUT) if gamma else None,
+        target=build(pair.target_config, TARGET_LAYOUT),
+        draft=build(pair.draft_config, DRAFT_LAYOUT) if gamma else None,
         num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
         eos_token_ids=pair.eos)
     draft_params = pair.draft_params if gamma else None
@@ -145,8 +147,8 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
   image_token = getattr(pair.target_config, 'image_token_index', None)
   text = np.array([[t for t in tokens[0, :lengths[0]] if t != image_token]], np.int32)
 
-  def calls(config, params, prompt, prompt_length, prompt_images, step_sizes):
-    model = build(config, LAYOUT)
+  def calls(config, layout, params, prompt, prompt_length, prompt_images, step_sizes):
+    model = build(config, layout)
     empty = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8)
     extra = {} if prompt_images is None else {'images': prompt_images}
 
@@ -169,9 +171,10 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
       return call_timer(extend, params, (warm, jnp.float32(0)))
     return [call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
-  target_calls = calls(pair.target_config, pair.target_params, tokens, int(lengths[0]),
-                       with_images, (1, gamma + 1))
-  draft_calls = calls(pair.draft_config, pair.draft_params, text, text.shape[1], None, (1,))
+  target_calls = calls(pair.target_config, TARGET_LAYOUT, pair.target_params, tokens,
+                       int(lengths[0]), with_images, (1, gamma + 1))
+  draft_calls = calls(pair.draft_config, DRAFT_LAYOUT, pair.draft_params, text, text.shape[1],
+                      None, (1,))
   names = ('target_prefill', 'target_1', 'target_verify', 'draft_prefill', 'draft_1')
   timed = target_calls + draft_calls
   interleaved(timed, repeats)
@@ -182,7 +185,7 @@ def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
   batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
   tokens, _, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
-  logits = [jax.jit(build(p.target_config, LAYOUT).apply)({'params': p.target_params}, tokens, images)
+  logits = [jax.jit(build(p.target_config, TARGET_LAYOUT).apply)({'params': p.target_params}, tokens, images)
             for p in (pair, other)]  # [B, T, V] each
   return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 

@@ -24,15 +24,19 @@ def param_shardings(config, mesh, rules=sharding.DEFAULT_RULES, layout: Layout =
                                                               mesh, rules)
 
 
-def decoding_layout(layout_config=None, backend: str | None = None) -> Layout:
-  """The decoder's layout from a config's `layout` section (decode.py); its empty `layers` and a
-  missing section mean the backend's default (models.layout.decoding_default)."""
-  default = layout_lib.decoding_default(backend)
+def decoding_layout(layout_config=None, backend: str | None = None, *,
+                    verifies: bool = False) -> Layout:
+  """A model's decoding layout from a config's `layout` section (decode.py). Its empty `layers`,
+  its `output_major_kernels` of '' and a missing section mean the backend's default for a model
+  that does or does not verify drafts (models.layout.decoding_default)."""
+  default = layout_lib.decoding_default(backend, verifies=verifies)
   if layout_config is None:
     return default
   fields = dict(layout_config)
   if not fields.get('layers'):
     fields['layers'] = default.layers
+  if fields.get('output_major_kernels', '') == '':
+    fields['output_major_kernels'] = default.output_major_kernels
   return Layout(**fields)
 
 

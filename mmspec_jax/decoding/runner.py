@@ -221,14 +221,15 @@ def run(config) -> statistics.RunStatistics:
     check_draft_vocabulary(config, processor, target_config, draft_config)
   gamma = config.num_draft_tokens if draft_config is not None else 0
   draft_rules = tuple(tuple(rule) for rule in config.draft_logical_axis_rules)
-  layout = placement.decoding_layout(config.layout)
+  target_layout = placement.decoding_layout(config.layout, verifies=draft_config is not None)
+  draft_layout = placement.decoding_layout(config.layout)
   requests = inputs.read_requests(
       config.prompts, processor, target_config, raw_prompt=config.raw_prompt,
       max_new_tokens=config.max_new_tokens, num_draft_tokens=gamma,
       drafts=() if draft_config is None else (draft_config,))
   decoder = SpeculativeDecoder(
-      target=build(target_config, layout),
-      draft=None if draft_config is None else build(draft_config, layout),
+      target=build(target_config, target_layout),
+      draft=None if draft_config is None else build(draft_config, draft_layout),
       num_draft_tokens=gamma, sampling=sampling, max_new_tokens=config.max_new_tokens,
       eos_token_ids=eos_token_ids(target_config, processor), draft_rules=draft_rules)
   # Images is None or an array for the whole run, so each length compiles once, not twice.
@@ -245,12 +246,12 @@ def run(config) -> statistics.RunStatistics:
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
   logging.info('loading target %s', config.target)
   target_params = placement.load_for_decoding(config.target, target_config, config.dtype, mesh,
-                                              rules, layout=layout)
+                                              rules, layout=target_layout)
   draft_params = None
   if draft_config is not None:
     logging.info('loading draft %s', config.draft)
     draft_params = placement.load_for_decoding(config.draft, draft_config, config.dtype, mesh,
-                                               draft_rules, layout=layout)
+                                               draft_rules, layout=draft_layout)
   compiled, compile_seconds = compile_programs(
       decoder, target_params, draft_params, config.batch_size,
       [program_shape(decoder, b) for b in batches], image_shape, mesh, rules)

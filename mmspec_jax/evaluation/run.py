@@ -236,12 +236,14 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   # --- load every model once ---------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
   rules = sharding.DEFAULT_RULES
-  layout = placement.decoding_layout()
-  load = lambda path, config, rules: placement.load_for_decoding(path, config, dtype, mesh, rules,
-                                                                 layout=layout)
-  target_params = load(target, target_config, rules)
+  # One target for every decoder, autoregressive ones included: laid out for verification.
+  target_layout = placement.decoding_layout(verifies=True)
+  draft_layout = placement.decoding_layout()
+  load = lambda path, config, rules, layout: placement.load_for_decoding(
+      path, config, dtype, mesh, rules, layout=layout)
+  target_params = load(target, target_config, rules, target_layout)
   target_parameters = parameter_count(target_params)
-  draft_params = {name: load(drafts[name], config, sharding.DRAFT_RULES)
+  draft_params = {name: load(drafts[name], config, sharding.DRAFT_RULES, draft_layout)
                   for name, config in draft_configs.items()}
   settings = {
       'target': target, 'target_parameters': target_parameters, 'data_dir': data_dir,
@@ -253,14 +255,14 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
       'prompt_length': length, 'seed': seed, 'dtype': dtype}
 
   # --- decode: one compile per decoder, then every task ------------------------------------------
-  target_model = build(target_config, layout)
+  target_model = build(target_config, target_layout)
   eos = runner.eos_token_ids(target_config, processor)
   specs = list(_decoder_specs(list(drafts), gammas, samplings))
   cells, baseline_speed = [], {}
   base_key = jax.random.key(seed)
   for name, gamma, sampling in specs:
     decoder = SpeculativeDecoder(
-        target=target_model, draft=None if name is None else build(draft_configs[name], layout),
+        target=target_model, draft=None if name is None else build(draft_configs[name], draft_layout),
         num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
         eos_token_ids=eos, draft_rules=sharding.DRAFT_RULES)
     params = None if name is None else draft_params[name]

@@ -49,18 +49,33 @@ class Dense(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   # The matmul's accumulation and output dtype (`preferred_element_type`); None: `dtype`.
   output_dtype: jnp.dtype | None = None
+  # Kernel stored [*features, *in] (a decoding layout's choice, models/layout.py): each output
+  # then reads one contiguous row of weights, which XLA:CPU streams faster for a single row of x.
+  output_major: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     contracted = x.shape[-self.num_contracted:]
-    rank = self.num_contracted + len(self.features)
-    init = nn.initializers.variance_scaling(
-        self.init_scale ** 2, 'fan_in', 'normal', in_axis=tuple(range(self.num_contracted)),
-        out_axis=tuple(range(self.num_contracted, rank)))
-    kernel = self.param('kernel', partitioned(init, self.names),
-                        contracted + self.features, self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.num_contracted,
-                      preferred_element_type=self.output_dtype)
+    num_in, num_out = self.num_contracted, len(self.features)
+    inputs, outputs = tuple(range(num_in)), tuple(range(num_in, num_in + num_out))
+    shape, names = contracted + self.features, self.names
+    if self.output_major:
+      inputs, outputs = tuple(range(num_out, num_out + num_in)), tuple(range(num_out))
+      shape, names = self.features + contracted, names[num_in:] + names[:num_in]
+    init = nn.initializers.variance_scaling(self.init_scale ** 2, 'fan_in', 'normal',
+                                            in_axis=inputs, out_axis=outputs)
+    kernel = self.param('kernel', partitioned(init, names), shape, self.param_dtype)
+    if self.output_major:
+      # As one [out, in] matrix: with several output axes left apart, XLA:CPU transposes the
+      # whole kernel to input-major on every call.
+      flat = jax.lax.dot_general(
+          x.reshape(*x.shape[:-num_in], math.prod(contracted)).astype(self.dtype),
+          kernel.reshape(math.prod(self.features), math.prod(contracted)).astype(self.dtype),
+          (((x.ndim - num_in,), (1,)), ((), ())), preferred_element_type=self.output_dtype)
+      y = flat.reshape(*x.shape[:-num_in], *self.features)
+    else:
+      y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=num_in,
+                        preferred_element_type=self.output_dtype)
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros_init(),
                                             self.names[-len(self.features):]),
@@ -71,7 +86,7 @@ class Dense(nn.Module):
 
 def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
           use_bias=False, init_scale: float = 1.0, dtype, param_dtype, name: str,
-          output_dtype=None) -> Dense:
+          output_dtype=None, output_major: bool = False) -> Dense:
   """A Dense whose kernel (and bias) carry logical axis names.
 
   `names` names every kernel axis: the contracted input axes first, then the output axes;
@@ -81,7 +96,7 @@ def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1
   num_contracted = len(axis) if isinstance(axis, Sequence) else 1
   return Dense(features=features, names=tuple(names), num_contracted=num_contracted,
                use_bias=use_bias, init_scale=init_scale, dtype=dtype, param_dtype=param_dtype,
-               output_dtype=output_dtype, name=name)
+               output_dtype=output_dtype, output_major=output_major, name=name)
 
 
 class RMSNorm(nn.Module):

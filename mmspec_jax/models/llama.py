@@ -37,7 +37,8 @@ class Attention(nn.Module):
   def _project(self, x):
     """[B, T, D] -> query [B, T, N, H], key and value [B, T, K, H]."""
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
+                  output_major=self.layout.output_major_kernels)
     if self.layout.fused_projections:
       group = cfg.num_heads // cfg.num_kv_heads
       qkv = dense((cfg.num_kv_heads, group + 2, cfg.head_dim),
@@ -62,7 +63,8 @@ class Attention(nn.Module):
     unused), then are written into the cache. Returns ([B, T, D], the updated cache or None).
     """
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
+                  output_major=self.layout.output_major_kernels)
     query, key, value = self._project(x)
     inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     query = apply_rope(query, positions, inv_freq)
@@ -84,7 +86,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
+                  output_major=self.layout.output_major_kernels)
     if self.layout.fused_projections:
       gate_up = dense((2, cfg.intermediate_size), (axes.EMBED, None, axes.MLP),
                       name='gate_up_proj', **kwargs)(x)  # [B, T, 2, F]
@@ -136,7 +139,8 @@ class Llama(nn.Module):
     self.norm = RMSNorm(cfg.rms_norm_eps, name='norm', **kwargs)
     if not cfg.tie_word_embeddings:
       self.lm_head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), name='lm_head',
-                           output_dtype=jnp.float32, **kwargs)
+                           output_dtype=jnp.float32,
+                           output_major=self.layout.output_major_kernels, **kwargs)
     if self.layout.scanned:
       # One scanned layer stack: parameters get a leading [L] axis named `layers`, and XLA
       # compiles the layer body once however deep the model. The cache view rides in the carry.
