@@ -123,7 +123,7 @@ def main(argv=None):
     wide = _widened_target(pair)
     comparisons['widened target'], wide_tokens = speculative.compare(
         wide, (3, 5), num_prompts=3, max_new_tokens=32, repeats=args.repeats, log=_log,
-        label='[3/4] widened target')
+        label='[3/4] widened target', verify_sizes=(2, 4, 6, 8))
     _check_widened(comparisons['widened target'], pair, wide, wide_tokens)
     results['speculative'] = comparisons
     del wide

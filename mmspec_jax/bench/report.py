@@ -96,6 +96,12 @@ def _speculative(comparisons: dict[str, dict[str, Any]]) -> list[str]:
           f'{row["measured_speedup"]:.2f}x | '
           f'{_goal(row["measured_over_predicted"], GOALS["measured_over_predicted"])} | '
           f'{"yes" if row["tokens_identical_to_autoregressive"] else "NO"} |')
+  for label, comparison in comparisons.items():
+    ratios = comparison.get('verification_cost_ratio')
+    if ratios:
+      lines += ['', f'{label}: one target call on n tokens costs, against one on 1 token: '
+                + ', '.join(f'n = {n}: {ratio:.2f}x' for n, ratio in ratios.items())
+                + ' (goal for n = gamma + 1: <= 1.3x, memory-bound as on an accelerator).']
   return lines + ['']
 
 

@@ -133,7 +133,8 @@ def decode(pair: Pair, gamma: int, batch_size: int, num_prompts: int, max_new_to
   return run.summary()
 
 
-def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[str, float]:
+def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5,
+               verify_sizes: Sequence[int] = ()) -> dict[str, float]:
   """Seconds (median of `repeats`, batch 1, measured round-robin) of the calls a decode is made
   of: the target's and the draft's prefill of the first prompt, and on a cache already holding
   `context` tokens one target call on 1 and on gamma + 1 tokens and one 1-token draft call.
@@ -172,10 +173,11 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5) -> dict[s
     return [call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
   target_calls = calls(pair.target_config, TARGET_LAYOUT, pair.target_params, tokens,
-                       int(lengths[0]), with_images, (1, gamma + 1))
+                       int(lengths[0]), with_images, (1, gamma + 1, *verify_sizes))
   draft_calls = calls(pair.draft_config, DRAFT_LAYOUT, pair.draft_params, text, text.shape[1],
                       None, (1,))
-  names = ('target_prefill', 'target_1', 'target_verify', 'draft_prefill', 'draft_1')
+  names = ('target_prefill', 'target_1', 'target_verify',
+           *[f'target_{n}' for n in verify_sizes], 'draft_prefill', 'draft_1')
   timed = target_calls + draft_calls
   interleaved(timed, repeats)
   return {name: call.timing().median for name, call in zip(names, timed)}
@@ -210,9 +212,11 @@ def predicted_speedup(autoregressive: dict[str, Any], speculative: dict[str, Any
 
 
 def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens: int,
-            repeats: int, log, label: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+            repeats: int, log, label: str,
+            verify_sizes: Sequence[int] = ()) -> tuple[dict[str, Any], list[np.ndarray]]:
   """Batch-1 autoregressive against speculative decoding at each gamma, with predictions. All
-  runs are timed round-robin, then every gamma's call costs.
+  runs are timed round-robin, then every gamma's call costs; with `verify_sizes`, the cost of a
+  target call on n tokens over one on 1 token for each n (with the first gamma's costs).
 
   Returns (the figures, the autoregressive run's new tokens per prompt)."""
   log(f'{label}: autoregressive and speculative (gamma {", ".join(map(str, gammas))}), '
@@ -222,10 +226,17 @@ def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens:
   autoregressive, *speculative_runs = [run.summary() for run in runs]
   ar_tokens = autoregressive.pop('tokens')
   ar_rate = autoregressive['tokens_per_second']['median']
-  rows = []
+  rows, verification = [], {}
   for result in speculative_runs:
     gamma = result['gamma']
-    costs = call_costs(pair, gamma, pair.length + max_new_tokens // 2)
+    costs = call_costs(pair, gamma, pair.length + max_new_tokens // 2,
+                       verify_sizes=() if verification else verify_sizes)
+    for n in verify_sizes:
+      if f'target_{n}' in costs:
+        verification[n] = costs.pop(f'target_{n}') / costs['target_1']
+    if verification and not rows:
+      log(f'{label}: a target call on n tokens over one on 1: ' + ', '.join(
+          f'{n}: {ratio:.2f}x' for n, ratio in verification.items()))
     predicted = predicted_speedup(autoregressive, result, costs)
     measured = result['tokens_per_second']['median'] / ar_rate
     identical = all(np.array_equal(a, b) for a, b in zip(result.pop('tokens'), ar_tokens))
@@ -240,6 +251,8 @@ def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens:
   summary = {'target_parameters': parameter_count(pair.target_params),
              'draft_parameters': parameter_count(pair.draft_params),
              'autoregressive': autoregressive, 'speculative': rows}
+  if verification:
+    summary['verification_cost_ratio'] = verification
   return summary, ar_tokens
 
 
