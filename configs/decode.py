@@ -62,6 +62,6 @@ def get_config():
       layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
       attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
-  # The draft's own rules: by default replicated weights, batch over data x fsdp only.
+  # The draft's own rules: by default data parallel over the whole mesh (sharding.DRAFT_RULES).
   config.draft_logical_axis_rules = sharding.DRAFT_RULES
   return config

@@ -1,4 +1,5 @@
-r"""The 7B-scale plan check: compile on abstract shapes, report per-device memory.
+r"""The 7B-scale plan check: compile on abstract shapes, report per-device memory and the cost
+(bytes, flops, temporaries, predicted step times and speedup) of one decoding step.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m mmspec_jax.plan --config=configs/plan.py --config.mesh.tensor=8
@@ -30,6 +31,25 @@ def get_config():
                                                 num_micro_batches=4))
   # Per-device memory to check against, e.g. 16 GiB for a TPU v5e chip.
   config.memory_per_device_gib = 16.0
+  # The cost report (mmspec_jax/plan_costs.py): one target step, one verification and one draft
+  # step compiled apart, each row's target cache holding `live_length` valid positions (the
+  # language-only draft's then holds live_length - num_image_tokens: no image slots). 1536 =
+  # prompt + half the new tokens: the mean live length over the decode phase. 0 skips the report.
+  config.live_length = 1536
+  # Block efficiency at num_draft_tokens (5) for the predicted speedup: the mean greedy tau of
+  # the language-only draft at gamma 5 over README's three tasks (2.35, 2.83, 2.78), measured
+  # on the offline world's small pair (`make demo`), not on LLaVA-7B.
+  config.tau = 2.65
+  # The dtype the cost calls compile in; '' = `dtype`, except float32 on CPU (XLA:CPU has no
+  # bfloat16 scatter and converts the whole cache around each write; TPU and GPU do not).
+  config.cost_dtype = ''
+  # How the models' language layers run (models/layout.py, as configs/decode.py): the TPU's
+  # decoding layout, whatever machine runs the plan (a field left out or empty takes the TPU's
+  # default). layers: 'scanned' | 'unrolled'; attention: 'blockwise' | 'xla' | 'cudnn'.
+  config.layout = ml_collections.ConfigDict(dict(
+      layers='scanned', fused_projections=True, attention='blockwise', attention_block_size=256))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=-1))
   config.logical_axis_rules = sharding.DEFAULT_RULES
+  # The draft's own rules, as decode.py's: data parallel over the whole mesh.
+  config.draft_logical_axis_rules = sharding.DRAFT_RULES
   return config

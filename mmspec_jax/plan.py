@@ -1,4 +1,5 @@
-r"""Will it fit? Compiles full-size programs on abstract shapes and reports per-device memory.
+r"""Will it fit, and how fast? Compiles full-size programs on abstract shapes and reports
+per-device memory and the cost of each decoding call.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m mmspec_jax.plan --config=configs/plan.py --config.mesh.tensor=8
@@ -7,7 +8,10 @@ Lowers and compiles, without allocating a single weight, (1) the whole speculati
 program (prefill with images, the while_loop of drafting and verification) for the target and
 draft presets, and (2) the draft's train step, on the mesh of the devices present (real TPU/GPU
 devices, or fake CPU ones), then prints per-device parameter, KV cache and temporary bytes from the
-compiled programs' memory analysis and whether they fit `memory_per_device_gib`.
+compiled programs' memory analysis and whether they fit `memory_per_device_gib`; then (3) the
+cost report of `mmspec_jax/plan_costs.py`: bytes, flops and temporaries of one target step, one
+verification and one draft step at `live_length`, against the ideal bytes, with the step times and
+speculative speedup they predict. Models run in the decoding layout of `config.layout`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmspec_jax import sharding
+from mmspec_jax import plan_costs, sharding
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
                                text_config)
 from mmspec_jax.models.config import with_dtype
+from mmspec_jax.models.layout import Layout
 from mmspec_jax.training.optimizer import make_optimizer
 from mmspec_jax.training.step import Objective, state_shardings, train_step
 
@@ -46,9 +51,9 @@ def _bytes_per_device(structs) -> int:
   return total
 
 
-def _abstract(config, mesh, rules):
-  return sharding.placed_structs(nn.unbox(abstract_params(config)),
-                                 placement.param_shardings(config, mesh, rules))
+def _abstract(config, mesh, rules, layout: Layout):
+  return sharding.placed_structs(nn.unbox(abstract_params(config, layout)),
+                                 placement.param_shardings(config, mesh, rules, layout))
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -58,36 +63,47 @@ def _memory(compiled) -> dict[str, int]:
   return {name: int(getattr(analysis, name, 0) or 0) for name in fields}
 
 
-def plan_decoding(config, mesh, rules) -> dict:
+def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
+  """The whole decoding program, as decode.py compiles it: the draft placed by its own rules,
+  its cache sized to its own prompt (the language-only draft of LLaVA holds no image slots)."""
   target = with_dtype(presets.get(config.target), config.dtype)
   draft = with_dtype(presets.get(config.draft), config.dtype) if config.draft else None
-  target_params = _abstract(target, mesh, rules)
-  draft_params = _abstract(draft, mesh, rules) if draft else None
+  target_params = _abstract(target, mesh, rules, layout)
+  draft_params = _abstract(draft, mesh, draft_rules, layout) if draft else None
   gamma = config.num_draft_tokens if draft else 0
-  decoder = SpeculativeDecoder(build(target), build(draft) if draft else None, gamma,
-                               SamplingConfig(temperature=config.temperature),
-                               config.max_new_tokens, (2,))
-  image_shape = None
+  decoder = SpeculativeDecoder(build(target, layout), build(draft, layout) if draft else None,
+                               gamma, SamplingConfig(temperature=config.temperature),
+                               config.max_new_tokens, (2,), draft_rules=draft_rules)
+  image_shape, prompt = None, [0] * config.prompt_length
   if isinstance(target, LlavaConfig):
     image_shape = (target.vision.image_size, target.vision.image_size, 3)
+    prompt[:target.num_image_tokens] = [target.image_token_index] * target.num_image_tokens
+  draft_prompt_length = decoder.draft_prompt_length([prompt], config.prompt_length)
   inputs = placement.input_structs(config.batch_size, config.prompt_length, image_shape, mesh,
                                    rules)
   start = time.time()
   with placement.mesh_context(mesh, rules):
-    compiled = decoder.generate.lower(target_params, draft_params, *inputs,
-                                      jax.random.key(0)).compile()
-  cache_length = config.prompt_length + config.max_new_tokens + gamma + 1
-  caches = [jax.eval_shape(lambda c=c: KVCache.init(text_config(c), config.batch_size,
-                                                     cache_length))
-            for c in (target, draft) if c is not None]
-  cache_structs = [sharding.placed_structs(
-      cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, rules))
-                   for cache in caches]
+    compiled = decoder.generate.lower(target_params, draft_params, *inputs, jax.random.key(0),
+                                      draft_prompt_length=draft_prompt_length).compile()
+  new_positions = config.max_new_tokens + gamma + 1
+  cache_length = config.prompt_length + new_positions
+  caches = [(target, cache_length, rules)]
+  if draft:
+    caches.append((draft, (draft_prompt_length or config.prompt_length) + new_positions,
+                   draft_rules))
+  cache_structs = []
+  for model, length, model_rules in caches:
+    cache = jax.eval_shape(lambda m=model, n=length: KVCache.init(text_config(m),
+                                                                  config.batch_size, n))
+    cache_structs.append(sharding.placed_structs(
+        cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, model_rules)))
   return {
       'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
-                 f'{config.batch_size}, gamma {gamma}, {cache_length} positions',
+                 f'{config.batch_size}, gamma {gamma}, {cache_length} positions'
+                 + (f' (draft {caches[1][1]})' if draft else '') + f', layers {layout.layers}',
       'compile_seconds': round(time.time() - start, 1),
       'parameter_bytes': _bytes_per_device([target_params, draft_params]),
+      'draft_parameter_bytes': _bytes_per_device(draft_params),
       'kv_cache_bytes': _bytes_per_device(cache_structs),
       **_memory(compiled)}
 
@@ -129,9 +145,13 @@ def _peak(report: dict) -> int:
 def run(config) -> list[dict]:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+  draft_rules = tuple(tuple(rule) for rule in config.draft_logical_axis_rules)
+  # The layout decoding would use on TPU, whatever runs the plan (fields left out of
+  # config.layout, or empty, take the TPU's defaults).
+  layout = placement.decoding_layout(config.layout, backend='tpu')
   print(f'{len(jax.devices())} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, '
-        f'{config.dtype}', flush=True)
-  reports = [plan_decoding(config, mesh, rules)]
+        f'{config.dtype}, {layout}', flush=True)
+  reports = [plan_decoding(config, mesh, rules, draft_rules, layout)]
   if config.draft and config.train.batch_size:
     reports.append(plan_training(config, mesh, rules))
   for report in reports:
@@ -143,6 +163,9 @@ def run(config) -> list[dict]:
         print(f'  {name:32s} {value / GIB:9.3f} GiB per device')
     verdict = 'fits' if report['fits'] else 'does NOT fit'
     print(f"  -> {verdict} in {config.memory_per_device_gib} GiB per device")
+  if config.live_length:
+    reports[0]['costs'] = plan_costs.report(config, mesh, rules, draft_rules, layout)
+    plan_costs.print_report(reports[0]['costs'])
   return reports
 
 

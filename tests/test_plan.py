@@ -1,16 +1,19 @@
 """The plan check runs end to end for a scaled-down config on 8 fake CPU devices."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from mmspec_jax.models import presets
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.target=tiny_llava', '--config.draft=tiny_llama', '--config.prompt_length=64',
          '--config.max_new_tokens=64', '--config.train.batch_size=8', '--config.train.seq_len=64',
-         '--config.dtype=float32', '--config.memory_per_device_gib=0.5']
+         '--config.dtype=float32', '--config.memory_per_device_gib=0.5', '--config.live_length=96']
 
 
 def _plan(tmp_path, name, *flags):
@@ -47,5 +50,49 @@ def test_reports_decoding_and_training_memory(plans):
 
 def test_tensor_parallelism_divides_parameter_bytes(plans):
   (_, replicated), (_, sharded) = plans
-  assert sharded[0]['parameter_bytes'] < 0.5 * replicated[0]['parameter_bytes']
+  # The target's weights split over tensor; the draft's stay whole (sharding.DRAFT_RULES).
+  target = lambda report: report['parameter_bytes'] - report['draft_parameter_bytes']
+  assert target(sharded[0]) < 0.5 * target(replicated[0])
+  assert sharded[0]['draft_parameter_bytes'] == replicated[0]['draft_parameter_bytes'] > 0
   assert sharded[1]['optimizer_bytes'] < 0.5 * replicated[1]['optimizer_bytes']
+
+
+def _ideal(model, rows: int, tokens: int, live: int) -> int:
+  """One device's ideal bytes of a float32 `extend` on the replicated mesh (every weight and kv
+  head on every device, `rows` rows per device), from the config alone."""
+  d, h, f = model.hidden_size, model.head_dim, model.intermediate_size
+  n, k, layers = model.num_heads, model.num_kv_heads, model.num_layers
+  per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d  # attention, MLP, two norms
+  weights = layers * per_layer + d + d * model.vocab_size  # + final norm + LM head (untied)
+  weights += rows * tokens * d  # the embedding rows gathered, not the whole table
+  kv = 2 * layers * rows * k * h  # keys and values of one position
+  return 4 * (weights + kv * live + kv * tokens)
+
+
+def test_cost_report(plans):
+  (stdout, reports), _ = plans
+  costs = reports[0]['costs']
+  assert 'speedup = tau * t_step / (gamma * t_draft + t_verify)' in stdout
+  assert costs['per'] == 'device' and costs['cost_dtype'] == 'float32'
+  target = presets.get('tiny_llava')
+  draft = presets.get('tiny_llama')
+  image_slots = target.num_image_tokens
+  rows = 8 // 8  # batch 8 over data=8
+  expected = {'target step': (target.text, 1, 96, 64 + 64 + 5 + 1),
+              'verification': (target.text, 6, 96, 64 + 64 + 5 + 1),
+              'draft step': (draft, 1, 96 - image_slots, 64 - image_slots + 64 + 5 + 1)}
+  assert [call['call'] for call in costs['calls']] == list(expected)
+  for call in costs['calls']:
+    model, tokens, live, capacity = expected[call['call']]
+    assert (call['tokens_per_row'], call['live_length'], call['cache_capacity']) == (
+        tokens, live, capacity)
+    assert call['xla_bytes_accessed'] > call['bytes_accessed'] > 0 and call['flops'] > 0
+    assert call['ideal_bytes'] == _ideal(model, rows, tokens, live), call['call']
+    assert math.isfinite(call['ratio']) and 1 <= call['ratio'] < 50
+    assert call['cache_aliased'] and call['temp_size_in_bytes'] >= 0
+    assert call['kv_cache_bytes'] == 2 * 4 * model.num_layers * rows * capacity * (
+        model.num_kv_heads * model.head_dim)
+    times = call['predicted_seconds']
+    assert set(times) == {'TPU v5e', 'TPU v5p', 'H100 SXM', 'H200'}
+    assert times['TPU v5e'] > times['H200'] > 0
+  assert 0 < costs['speedup'] < costs['tau'] and 0 < costs['ideal_speedup'] < costs['tau']

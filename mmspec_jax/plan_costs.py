@@ -1,0 +1,276 @@
+"""The plan check's cost report: what one decoding call reads and writes, and what that predicts.
+
+Three calls are compiled apart, on the plan's mesh and abstract shapes, at a stated live length
+(every row's cache holds `live_length` valid positions): one autoregressive target step (the
+target's `extend` of 1 token per row), one verification (`extend` of gamma + 1 tokens) and one
+draft step (the draft's `extend` of 1 token). For each: XLA's own figures (`cost_analysis()`:
+bytes accessed and flops; `memory_analysis()`: temporaries), the ideal bytes (every weight read
+once, the live KV read once, the new KV written once), their ratio, and the step times those
+bytes predict at each accelerator's HBM bandwidth; then the speculative speedup they predict at
+a measured tau.
+
+How each figure is made exact (see README, "Cost of a decoding step"):
+
+- XLA's cost analysis counts a while loop's body once, whatever its trip count. So the calls are
+  compiled with the layers unrolled (a scanned stack is a while loop over the layers) and with an
+  attention block of exactly the live length (the blockwise attention's loop then runs once, over
+  exactly the live prefix).
+- XLA counts a scatter's whole operand and result, even when it updates a donated buffer in place.
+  A cache write (`LayerCache.write`) is compiled alone on one device with one device's shapes, and
+  what XLA counts for it beyond the slots it writes is subtracted once per write (2 per layer).
+- XLA:CPU has no bfloat16 scatter: in a bfloat16 program it converts the whole cache to float32
+  and back around every write (and some weights around their dots), which TPU and GPU do not. On
+  CPU the calls are therefore compiled in float32 (`cost_dtype`), and bytes are scaled to the
+  plan's dtype by its item size (weights and KV halve; float32 statistics would not, so the scaled
+  figure slightly underestimates).
+
+Every figure is per device: XLA compiles one device's partition of the program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmspec_jax import sharding
+from mmspec_jax.decoding import placement
+from mmspec_jax.models import (AdapterDraftConfig, KVCache, LlavaConfig, abstract_params, build,
+                               presets, text_config)
+from mmspec_jax.models.config import resolve_dtype, with_dtype
+from mmspec_jax.models.kv_cache import LayerCache
+from mmspec_jax.models.layout import Layout
+
+# HBM bandwidth per chip, bytes/s (vendor figures).
+HBM_BANDWIDTH = (('TPU v5e', 819e9), ('TPU v5p', 2765e9), ('H100 SXM', 3350e9), ('H200', 4800e9))
+SPEEDUP_FORMULA = 'speedup = tau * t_step / (gamma * t_draft + t_verify)'
+MIB = 1024 ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CostCall:
+  """One compiled call: `model.extend` of `num_tokens` tokens per row into caches of `capacity`
+  positions that hold `live` valid ones."""
+  name: str
+  model: object  # LlamaConfig: the language model that runs (LLaVA's extend is its LM's)
+  num_tokens: int
+  capacity: int
+  live: int
+  is_draft: bool = False  # Placed by the draft's logical-axis rules.
+
+
+def cost_dtype(config) -> str:
+  """The dtype the cost calls compile in: `cost_dtype`, or the plan's dtype except on CPU."""
+  if config.cost_dtype:
+    return config.cost_dtype
+  return 'float32' if jax.default_backend() == 'cpu' else config.dtype
+
+
+def cost_calls(config, dtype: str) -> list[CostCall]:
+  """The target step, the verification and the draft step of `config`, in `dtype`."""
+  target = with_dtype(presets.get(config.target), dtype)
+  gamma = config.num_draft_tokens if config.draft else 0
+  capacity = config.prompt_length + config.max_new_tokens + gamma + 1
+  live = config.live_length
+  calls = [CostCall('target step', text_config(target), 1, capacity, live)]
+  if not config.draft:
+    return calls
+  calls.append(CostCall('verification', text_config(target), gamma + 1, capacity, live))
+  draft = with_dtype(presets.get(config.draft), dtype)
+  # The language-only draft of a LLaVA target reads the text alone: its cache holds no image slots.
+  image_slots = 0
+  if isinstance(target, LlavaConfig) and not isinstance(draft, AdapterDraftConfig):
+    image_slots = target.num_image_tokens
+  calls.append(CostCall('draft step', text_config(draft), 1, capacity - image_slots,
+                        live - image_slots, is_draft=True))
+  return calls
+
+
+def _per_device(struct) -> int:
+  return math.prod(struct.sharding.shard_shape(struct.shape)) * np.dtype(struct.dtype).itemsize
+
+
+def _shard_shape(struct) -> tuple[int, ...]:
+  return tuple(struct.sharding.shard_shape(struct.shape))
+
+
+def _xla_cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {'bytes': float(cost.get('bytes accessed', 0.0)), 'flops': float(cost.get('flops', 0.0))}
+
+
+def write_accounting(cache_shard: tuple[int, ...], num_tokens: int, dtype: str) -> dict:
+  """XLA's count for the model's cache write alone (`LayerCache.write`: keys and values, one
+  layer), compiled on one device with one device's shapes, the buffers donated.
+
+  Returns the buffer and update bytes (one of keys/values), XLA's bytes for the two writes, the
+  temporaries (about 0 when the write is in place), whether it is, and the excess per write: XLA's
+  count beyond the bytes an in-place write touches (the update read and its slots written), 0
+  when the write is not in place."""
+  layers, batch, capacity, kv_heads, head_dim = cache_shard
+  dtype = resolve_dtype(dtype)
+  buffer = jax.ShapeDtypeStruct(cache_shard, dtype)
+  new = jax.ShapeDtypeStruct((batch, num_tokens, kv_heads, head_dim), dtype)
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+  def write(keys, values, lengths, new_keys, new_values):
+    view = LayerCache(keys=keys, values=values, lengths=lengths, layer=layers // 2)
+    positions = lengths[:, None] + jnp.arange(num_tokens)[None, :]
+    written = view.write(new_keys, new_values, positions)
+    return written.keys, written.values
+
+  compiled = jax.jit(write, donate_argnums=(0, 1)).lower(buffer, buffer, lengths, new,
+                                                        new).compile()
+  update_bytes = math.prod(new.shape) * np.dtype(dtype).itemsize
+  buffer_bytes = math.prod(cache_shard) * np.dtype(dtype).itemsize
+  xla_bytes = _xla_cost(compiled)['bytes']
+  temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  # Not in place (e.g. XLA:CPU in bfloat16 converts the buffer): the excess is real traffic, and
+  # the same write inside the model may be fused otherwise; nothing is subtracted then.
+  in_place = temp < buffer_bytes
+  excess = max(0.0, (xla_bytes - 2 * 2 * update_bytes) / 2) if in_place else 0.0
+  return {'buffer_bytes': buffer_bytes, 'update_bytes': update_bytes, 'xla_bytes': xla_bytes,
+          'in_place': in_place, 'excess_per_write': excess, 'temp_size_in_bytes': temp}
+
+
+def ideal_bytes(params, cache, num_tokens: int, live: int) -> dict:
+  """One device's bytes for a call that reads every weight once (of the embedding table, only the
+  rows it gathers), reads the live KV once and writes the new KV once.
+
+  params: the language model's placed abstract params; cache: its placed abstract KVCache."""
+  layers, batch, _, kv_heads, head_dim = _shard_shape(cache.keys)
+  itemsize = np.dtype(cache.keys.dtype).itemsize
+  table = params['embed_tokens']['embedding']
+  rows = batch * num_tokens * _shard_shape(table)[1] * np.dtype(table.dtype).itemsize
+  weights = sum(_per_device(leaf) for leaf in jax.tree.leaves(params)) - _per_device(table) + rows
+  kv_read = 2 * layers * batch * live * kv_heads * head_dim * itemsize
+  kv_written = 2 * layers * batch * num_tokens * kv_heads * head_dim * itemsize
+  return {'weights': weights, 'kv_read': kv_read, 'kv_written': kv_written,
+          'total': weights + kv_read + kv_written}
+
+
+def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dict:
+  """Compiles `call` (layers unrolled, one attention block of the live length) and measures it."""
+  if not 0 < call.live <= call.capacity - call.num_tokens:
+    raise ValueError(f'{call.name}: live length {call.live} must lie in [1, '
+                     f'{call.capacity - call.num_tokens}] (cache capacity {call.capacity} minus '
+                     f'{call.num_tokens} new tokens); set --config.live_length')
+  layout = dataclasses.replace(layout, layers='unrolled', attention_block_size=call.live)
+  params = sharding.placed_structs(nn.unbox(abstract_params(call.model, layout)),
+                                   placement.param_shardings(call.model, mesh, rules, layout))
+  cache = jax.eval_shape(lambda: KVCache.init(call.model, batch_size, call.capacity))
+  cache = sharding.placed_structs(
+      cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, rules))
+  rows = (batch_size, call.num_tokens)
+  tokens = jax.ShapeDtypeStruct(rows, np.int32, sharding=placement.batch_sharding(rows, mesh,
+                                                                                   rules))
+  model = build(call.model, layout)
+  extend = jax.jit(lambda p, t, c: model.apply({'params': p}, t, c, method='extend'),
+                   donate_argnums=2)
+  start = time.time()
+  with placement.mesh_context(mesh, rules):
+    compiled = extend.lower(params, tokens, cache).compile()
+  seconds = time.time() - start
+  xla = _xla_cost(compiled)
+  memory = compiled.memory_analysis()
+  write = write_accounting(_shard_shape(cache.keys), call.num_tokens, call.model.dtype)
+  num_writes = 2 * call.model.num_layers  # Keys and values, per layer.
+  excess = num_writes * write['excess_per_write']
+  ideal = ideal_bytes(params, cache, call.num_tokens, call.live)
+  kv_cache_bytes = _per_device(cache.keys) + _per_device(cache.values)
+  corrected = xla['bytes'] - excess
+  return {
+      'call': call.name, 'tokens_per_row': call.num_tokens, 'batch_size': batch_size,
+      'live_length': call.live, 'cache_capacity': call.capacity,
+      'compile_seconds': round(seconds, 1),
+      'xla_bytes_accessed': xla['bytes'], 'flops': xla['flops'],
+      'num_cache_writes': num_writes, 'cache_write_excess_bytes': excess,
+      'bytes_accessed': corrected,
+      'ideal_bytes': ideal['total'], 'ideal': ideal, 'ratio': corrected / ideal['total'],
+      'temp_size_in_bytes': int(memory.temp_size_in_bytes), 'kv_cache_bytes': kv_cache_bytes,
+      'cache_aliased': int(memory.alias_size_in_bytes) >= kv_cache_bytes,
+      'write_accounting': write}
+
+
+def report(config, mesh, rules, draft_rules, layout: Layout) -> dict:
+  """The cost report of `config`'s calls (see the module docstring); figures per device. The
+  draft's call is placed by `draft_rules`, as the decoder runs it."""
+  dtype = cost_dtype(config)
+  # Bytes at the plan's dtype: every weight and KV byte scales with the item size.
+  scale = np.dtype(resolve_dtype(config.dtype)).itemsize / np.dtype(resolve_dtype(dtype)).itemsize
+  calls = [measure(call, config.batch_size, layout, mesh,
+                   draft_rules if call.is_draft else rules)
+           for call in cost_calls(config, dtype)]
+  for call in calls:
+    call['plan_dtype_bytes'] = call['bytes_accessed'] * scale
+    call['predicted_seconds'] = {name: call['plan_dtype_bytes'] / bandwidth
+                                 for name, bandwidth in HBM_BANDWIDTH}
+  result = {'live_length': config.live_length, 'cost_dtype': dtype, 'plan_dtype': config.dtype,
+            'per': 'device', 'calls': calls}
+  if config.draft:
+    gamma, tau = config.num_draft_tokens, config.tau
+    step, verify, draft = (c['bytes_accessed'] for c in calls)
+    ideal_step, ideal_verify, ideal_draft = (c['ideal_bytes'] for c in calls)
+    result.update(
+        gamma=gamma, tau=tau, formula=SPEEDUP_FORMULA,
+        # t = bytes / bandwidth for every call, so the bandwidth cancels: one speedup for all.
+        speedup=tau * step / (gamma * draft + verify),
+        ideal_speedup=tau * ideal_step / (gamma * ideal_draft + ideal_verify))
+  return result
+
+
+def _mib(value) -> str:
+  return f'{value / MIB:,.1f}'
+
+
+def print_report(costs: dict) -> None:
+  calls = costs['calls']
+  dtype = costs['cost_dtype']
+  print(f"\nCost of one call at live length {costs['live_length']} (per device; compiled in "
+        f"{dtype}, layers unrolled, one attention block of the live length, cache donated)")
+  if dtype != costs['plan_dtype']:
+    print(f"  ({costs['plan_dtype']} bytes = {dtype} bytes scaled by item size: XLA:CPU has no "
+          f"bfloat16 scatter and converts the whole cache to float32 around each write)")
+  print(f"  {'call':13s} {'rows x tok':>10s} {'live':>5s} {'XLA MiB':>11s} {'writes MiB':>11s} "
+        f"{'corrected':>9s} {'ideal MiB':>9s} {'ratio':>5s} {'GFLOP':>6s} {'temp MiB':>8s} "
+        f"{'KV MiB':>8s}")
+  for c in calls:
+    print(f"  {c['call']:13s} {c['batch_size']:>5d} x {c['tokens_per_row']:<2d} "
+          f"{c['live_length']:>5d} {_mib(c['xla_bytes_accessed']):>11s} "
+          f"{_mib(c['cache_write_excess_bytes']):>11s} {_mib(c['bytes_accessed']):>9s} "
+          f"{_mib(c['ideal_bytes']):>9s} {c['ratio']:5.2f} {c['flops'] / 1e9:6.1f} "
+          f"{_mib(c['temp_size_in_bytes']):>8s} {_mib(c['kv_cache_bytes']):>8s}"
+          + ('' if c['cache_aliased'] else '  (cache NOT updated in place)'))
+  print('  corrected = XLA - writes; ratio = corrected / ideal; temp = temporaries, against the '
+        "call's KV cache (KV)")
+  for c in calls:
+    w, i = c['write_accounting'], c['ideal']
+    print(f"  {c['call']}: ideal = weights {_mib(i['weights'])} (of the embedding table only the "
+          f"rows gathered) + live KV read {_mib(i['kv_read'])} + new KV written "
+          f"{_mib(i['kv_written'])} MiB")
+    if w['in_place']:
+      print(f"    writes: a lone cache write (LayerCache.write into one device's "
+            f"{_mib(w['buffer_bytes'])} MiB buffer, donated) puts {w['update_bytes'] / 1024:,.0f} "
+            f"KiB in place (temporaries {w['temp_size_in_bytes'] / 1024:,.0f} KiB), yet XLA "
+            f"counts {_mib(w['xla_bytes'] / 2)} MiB: {_mib(w['excess_per_write'])} MiB too many, "
+            f"subtracted for each of the {c['num_cache_writes']} writes (keys, values per layer)")
+    else:
+      print(f"    writes: NOT in place: a lone cache write into one device's "
+            f"{_mib(w['buffer_bytes'])} MiB buffer needs {_mib(w['temp_size_in_bytes'])} MiB of "
+            f"temporaries; nothing subtracted (on CPU, use --config.cost_dtype=float32)")
+  names = [name for name, _ in HBM_BANDWIDTH]
+  print(f"  predicted time per call in {costs['plan_dtype']} (bytes / HBM bandwidth), ms:")
+  print('  ' + ' ' * 13 + ''.join(f'{name:>10s}' for name in names))
+  for c in calls:
+    print(f"  {c['call']:13s}" + ''.join(f"{c['predicted_seconds'][n] * 1e3:10.3f}"
+                                        for n in names))
+  if 'speedup' in costs:
+    print(f"  {costs['formula']}, tau {costs['tau']} at gamma {costs['gamma']}: "
+          f"{costs['speedup']:.2f}x from XLA's bytes ({costs['ideal_speedup']:.2f}x from the "
+          f"ideal bytes); t = bytes / bandwidth, so the same on every accelerator")
