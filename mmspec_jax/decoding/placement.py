@@ -35,8 +35,13 @@ def decoding_layout(layout_config=None, backend: str | None = None, *,
   fields = dict(layout_config)
   if not fields.get('layers'):
     fields['layers'] = default.layers
-  if fields.get('output_major_kernels', '') == '':
-    fields['output_major_kernels'] = default.output_major_kernels
+  # A string field in the config ('' = default), so the command line gives 'True' / 'False'.
+  choice = str(fields.get('output_major_kernels', '')).strip().lower()
+  if choice not in ('', 'true', 'false'):
+    raise ValueError(f'layout.output_major_kernels must be True, False or empty (the default), '
+                     f'got {fields["output_major_kernels"]!r}')
+  fields['output_major_kernels'] = (default.output_major_kernels if choice == ''
+                                    else choice == 'true')
   return Layout(**fields)
 
 
