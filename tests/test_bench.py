@@ -96,7 +96,7 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
                'generate_step_ms': 10.5} for bucket in (256, 2048)]},
   }
   text = report.markdown(results)
-  assert 'fraction of roofline: 0.90 (goal >= 0.85: met)' in text
+  assert 'fraction of roofline: 0.90 (goal >= 0.9: met)' in text
   assert 'speedup over transformers: 1.20 (goal >= 1.6: not met)' in text
   assert '0.75 (goal >= 0.9: not met)' in text
   assert 'error: `ValueError: boom`' in text
