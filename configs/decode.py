@@ -9,59 +9,8 @@ Input lines: {"id": ..., "prompt": "...", "image": "path"} or {"id": ..., "input
 and OUT.summary.json (run statistics), and prints the statistics table.
 """
 
-import ml_collections
-
-from mmspec_jax import sharding
+from mmspec_jax.decoding.defaults import decode_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  # Target model: a Hugging Face LLaVA/LLaMA directory or a converted one (mmspec_config.json);
-  # '' = the checkpoints `make demo` trained (target and language-only draft).
-  config.target = ''
-  # Draft model directory (LLaMA or adapter draft, HF or converted); '' = plain autoregressive.
-  config.draft = ''
-  # Draft tokens proposed per verification step (gamma); must be >= 1 when a draft is given.
-  config.num_draft_tokens = 5
-  # Sampling temperature; 0 = greedy (argmax).
-  config.temperature = 0.0
-  # Keep only the k most likely tokens before sampling; 0 = off.
-  config.top_k = 0
-  # Nucleus sampling mass in (0, 1]; 1 = off.
-  config.top_p = 1.0
-  # Tokens generated per prompt at most (EOS stops a row earlier).
-  config.max_new_tokens = 128
-  # Rows decoded together; the last batch is padded with copies of its first row.
-  config.batch_size = 8
-  # The run's PRNG seed. A request samples from fold_in(key(seed), hash of its id), or from
-  # key(its own "seed") when its JSONL line gives one: never from its batch or position.
-  config.seed = 0
-  # Input JSONL path. Relative "image" paths are resolved against this file's directory.
-  config.prompts = ''
-  # Output JSONL path; the summary goes next to it (OUT.jsonl -> OUT.summary.json).
-  config.output = ''
-  # True: "prompt" is the full model input (only tokenized); False: wrapped in the chat template.
-  config.raw_prompt = False
-  # Compute and parameter dtype of both models: 'float32' | 'bfloat16' | 'float16'.
-  config.dtype = 'float32'
-  # Prompts are right-padded to the smallest bucket that fits, so a run compiles a few shapes;
-  # longer prompts use their length rounded up to a multiple of 64.
-  config.length_buckets = (64, 128, 256, 512, 1024, 2048, 4096)
-  # Devices: mesh axis sizes (-1 takes the rest): batch over data x fsdp, heads and MLP over
-  # tensor, e.g. --config.mesh.data=2 --config.mesh.tensor=4 on 8 chips. Train and decode share
-  # the logical-axis rules (mmspec_jax/sharding.py).
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # How both models' language layers run (mmspec_jax/models/layout.py). layers: 'scanned' (one
-  # stacked array per weight, nn.scan) | 'unrolled' (one array per layer) | '' = the backend's
-  # default (scanned on TPU, unrolled elsewhere). output_major_kernels: True | False | '' = the
-  # default (on CPU: True for the draft and for a target decoding alone, False for a target that
-  # verifies drafts). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
-  # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
-  # same API's XLA implementation).
-  config.layout = ml_collections.ConfigDict(dict(
-      layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
-      attention_block_size=256))
-  config.logical_axis_rules = sharding.DEFAULT_RULES
-  # The draft's own rules: by default data parallel over the whole mesh (sharding.DRAFT_RULES).
-  config.draft_logical_axis_rules = sharding.DRAFT_RULES
-  return config
+  return decode_config()

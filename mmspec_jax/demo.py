@@ -18,9 +18,8 @@ import json
 import os
 import time
 
-import ml_collections
 
-from mmspec_jax import artifacts, sharding
+from mmspec_jax import artifacts
 
 STAGES = ('target', 'draft_pretrain', 'draft_chat', 'adapter_stage1', 'adapter_stage2')
 DRAFTS = {'language': 'draft_chat', 'adapter': 'adapter_stage2'}
@@ -81,18 +80,18 @@ def _example_prompts(world: str, path: str):
 
 def decode_examples(world: str):
   from mmspec_jax.decoding import runner, statistics
+  from mmspec_jax.decoding.defaults import decode_config
   _banner(f'speculative decoding of held-out images (language-only draft, gamma {GAMMA})')
   results = artifacts.results_dir()
   os.makedirs(results, exist_ok=True)
   prompts = os.path.join(world, 'demo_prompts.jsonl')
   rows = _example_prompts(world, prompts)
-  config = ml_collections.ConfigDict(dict(
+  config = decode_config()
+  config.update(dict(
       target=artifacts.export_dir('target'), draft=artifacts.export_dir(DRAFTS['language']),
-      num_draft_tokens=GAMMA, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=96,
-      batch_size=len(rows), seed=0, prompts=prompts,
-      output=os.path.join(results, 'demo_decode.jsonl'), raw_prompt=False, dtype='float32',
-      length_buckets=(256,), mesh=dict(data=-1, fsdp=1, tensor=1),
-      logical_axis_rules=sharding.DEFAULT_RULES))
+      num_draft_tokens=GAMMA, temperature=0.0, max_new_tokens=96, batch_size=len(rows),
+      prompts=prompts, output=os.path.join(results, 'demo_decode.jsonl'),
+      length_buckets=(256,)))
   stats = runner.run(config)
   with open(config.output) as f:
     outputs = [json.loads(line) for line in f]
