@@ -3,11 +3,12 @@
 Axis legend: B batch, T new tokens, N query heads, K kv heads, G query heads per kv head
 (N = K * G), H head dim, S cache capacity, C cache slots per block, L layers.
 
-A call appends T tokens at each row's length. Their queries attend to (a) the row's cached slots
-[0, lengths[b]), and (b) the new tokens causally. Both parts are computed from what is already there
-and combined by their softmax statistics (online softmax), so the new keys and values are written
-into the cache afterwards, as a pure in-place scatter: the cache is only read (its live part) and
-appended to, never copied. Prefill is the case lengths == 0: attention within the prompt, T x T.
+A call appends T tokens at each row's length. Their keys and values are first written into the
+cache (an in-place scatter: nothing else reads the incoming buffer), then their queries attend to
+(a) the row's cached slots [0, lengths[b]), visited block by block only up to the longest row, and
+(b) the new tokens causally, from their own arrays; the parts are combined by their softmax
+statistics (online softmax). The cache is only appended to and its live part read, never copied.
+Prefill is the case lengths == 0: attention within the prompt, in blocks when it is long.
 """
 
 from __future__ import annotations
