@@ -45,9 +45,11 @@ def get_config():
   config.cost_dtype = ''
   # How the models' language layers run (models/layout.py, as configs/decode.py): the TPU's
   # decoding layout, whatever machine runs the plan (a field left out or empty takes the TPU's
-  # default). layers: 'scanned' | 'unrolled'; attention: 'blockwise' | 'xla' | 'cudnn'.
+  # default). layers: 'scanned' | 'unrolled'; output_major_kernels: True | False | '' (default);
+  # attention: 'blockwise' | 'xla' | 'cudnn'.
   config.layout = ml_collections.ConfigDict(dict(
-      layers='scanned', fused_projections=True, attention='blockwise', attention_block_size=256))
+      layers='scanned', fused_projections=True, output_major_kernels='', attention='blockwise',
+      attention_block_size=256))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=-1))
   config.logical_axis_rules = sharding.DEFAULT_RULES
   # The draft's own rules, as decode.py's: data parallel over the whole mesh.

@@ -105,6 +105,8 @@ def _output_major(params, stacked: bool):
     num_in = _NUM_INPUT_AXES.get(names[-2], 1)
     axes_in = list(range(lead, lead + num_in))
     axes_out = list(range(lead + num_in, kernel.ndim))
+    if names[-2] == 'gate_up_proj':  # [D, 2, F] -> [F, 2, D]: F major (llama.Mlp says why).
+      axes_out = axes_out[::-1]
     return jnp.transpose(kernel, list(range(lead)) + axes_out + axes_in)
   return jax.tree_util.tree_map_with_path(move, params)
 

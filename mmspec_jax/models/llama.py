@@ -88,7 +88,13 @@ class Mlp(nn.Module):
     cfg = self.config
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
                   output_major=self.layout.output_major_kernels)
-    if self.layout.fused_projections:
+    if self.layout.fused_projections and self.layout.output_major_kernels:
+      # Kernel [F, 2, D]: flattened to one [F * 2, D] matrix its sharded F axis stays major
+      # ([2, F, D] would interleave the shards, and GSPMD would gather the whole kernel).
+      gate_up = dense((cfg.intermediate_size, 2), (axes.EMBED, axes.MLP, None),
+                      name='gate_up_proj', **kwargs)(x)  # [B, T, F, 2]
+      gate, up = gate_up[..., 0], gate_up[..., 1]
+    elif self.layout.fused_projections:
       gate_up = dense((2, cfg.intermediate_size), (axes.EMBED, None, axes.MLP),
                       name='gate_up_proj', **kwargs)(x)  # [B, T, 2, F]
       gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
