@@ -3,9 +3,9 @@
 Read from the optimized HLO of the whole compiled decode program, at a shape where the caches
 dominate (a 64-token prompt bucket, 1024 new tokens): inside any loop body (the decode
 while_loop, the draft's scan, the layer scan, the attention's block loop) no instruction copies a
-cache-sized buffer, and the program's temporaries beyond the caches stay below the caches' size. Before the
-cache was written in place, every call copied it: the scanned layer stack took it as scan input
-and output, the unrolled one re-stacked each layer's slice.
+cache-sized buffer, and the program's temporaries beyond the caches stay below the caches' size.
+Before the cache was written in place, every call copied it: the scanned layer stack took it as
+scan input and output, the unrolled one re-stacked each layer's slice.
 """
 
 import dataclasses
@@ -36,7 +36,8 @@ def _copies_in_loops(hlo: str, shape: str) -> list[str]:
   for line in hlo.splitlines():
     if line and not line.startswith(' ') and line.rstrip().endswith('{'):
       computation = line.split(' ')[0]
-    elif (computation != 'ENTRY' and re.search(r'= ' + re.escape(shape) + r'\{[^}]*\} copy\(', line)):
+    elif computation != 'ENTRY' and re.search(
+        r'= ' + re.escape(shape) + r'\{[^}]*\} copy\(', line):
       found.append(f'{computation}: {line.strip()[:160]}')
   return found
 

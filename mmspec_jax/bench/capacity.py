@@ -10,9 +10,9 @@ Timing, round-robin over both buckets: a decode step is one 1-token `extend` of 
 cache holding the prompts and 32 generated tokens, timed inside a jitted loop of calls (as in the
 decoder's while_loop; `timing.call_timer`); the prefill is timed apart, and so is the whole jitted
 `generate` (prefill + new_tokens - 1 steps), whose decode phase (generate - prefill) per step is
-reported too, though the padded prefill dominates its time at the large bucket. The model (22M parameters, 8 kv heads of 64) is sized so
-that at the larger bucket its cache (0.28 GB) outweighs its weights (0.09 GB): a step that read the
-cache whole would show it.
+reported too, though the padded prefill dominates its time at the large bucket. The model (22M
+parameters, 8 kv heads of 64) is sized so that at the larger bucket its cache (0.28 GB) outweighs
+its weights (0.09 GB): a step that read the cache whole would show it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmspec_jax.bench.autoregressive import kv_cache_bytes
 from mmspec_jax.bench.timing import (Timed, call_timer, compile_timed, interleaved,
                                      parameter_bytes)
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.models import KVCache, LlamaConfig, build, init_params
+from mmspec_jax.models import KVCache, LlamaConfig, build, init_params, parameter_count
 
 MODEL = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4,
                     num_heads=8, num_kv_heads=8, head_dim=64, max_position_embeddings=4096)
@@ -40,10 +41,6 @@ def _prompts(batch_size: int, mean_length: int, seed: int = 0):
   lengths = rng.randint(mean_length - 10, mean_length + 11, batch_size).astype(np.int32)
   ids = rng.randint(3, MODEL.vocab_size, (batch_size, lengths.max())).astype(np.int32)
   return ids, lengths
-
-
-def _cache_bytes(batch_size: int, capacity: int) -> int:
-  return 2 * MODEL.num_layers * batch_size * capacity * MODEL.num_kv_heads * MODEL.head_dim * 4
 
 
 def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048),
@@ -97,7 +94,7 @@ def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048)
     capacity = bucket + new_tokens + 1
     rows.append({
         'prompt_bucket': bucket, 'cache_capacity': capacity,
-        'cache_bytes': _cache_bytes(batch_size, capacity),
+        'cache_bytes': kv_cache_bytes(MODEL, capacity, batch_size),
         'step_ms': 1e3 * step.median, 'step_ms_low': 1e3 * step.low,
         'step_ms_high': 1e3 * step.high, 'prefill_ms': 1e3 * prefill.median,
         'generate_ms': 1e3 * generate.median,
@@ -107,7 +104,7 @@ def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048)
     log(f'[5/5] bucket {bucket}: step {rows[-1]["step_ms"]:.2f} ms '
         f'({rows[-1]["generate_step_ms"]:.2f} ms from generate - prefill), prefill '
         f'{rows[-1]["prefill_ms"]:.1f} ms')
-  return {'model': {'parameters': sum(int(x.size) for x in jax.tree.leaves(params)),
+  return {'model': {'parameters': parameter_count(params),
                     'weight_bytes': parameter_bytes(params), 'layout': str(layout)},
           'batch_size': batch_size, 'mean_prompt_tokens': float(lengths.mean()),
           'live_tokens': float(lengths.mean()) + new_tokens // 2, 'new_tokens': new_tokens,

@@ -187,7 +187,8 @@ def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
   batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
   tokens, _, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
-  logits = [jax.jit(build(p.target_config, TARGET_LAYOUT).apply)({'params': p.target_params}, tokens, images)
+  logits = [jax.jit(build(p.target_config, TARGET_LAYOUT).apply)({'params': p.target_params},
+                                                                 tokens, images)
             for p in (pair, other)]  # [B, T, V] each
   return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 

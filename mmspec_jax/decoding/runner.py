@@ -268,7 +268,8 @@ def run(config) -> statistics.RunStatistics:
       rng = placement.place_keys(inputs.request_keys(batch.requests, base_key), mesh, rules)
       start = time.perf_counter()
       result = jax.block_until_ready(
-          compiled[program_shape(decoder, batch)](target_params, draft_params, tokens, lengths, images, rng))
+          compiled[program_shape(decoder, batch)](target_params, draft_params, tokens, lengths,
+                                                  images, rng))
       decode_seconds += time.perf_counter() - start
       counts.append(_write_batch(out, batch, result, processor))
       new_tokens += int(counts[-1][0].sum())

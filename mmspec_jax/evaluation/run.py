@@ -262,7 +262,8 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   base_key = jax.random.key(seed)
   for name, gamma, sampling in specs:
     decoder = SpeculativeDecoder(
-        target=target_model, draft=None if name is None else build(draft_configs[name], draft_layout),
+        target=target_model,
+        draft=None if name is None else build(draft_configs[name], draft_layout),
         num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
         eos_token_ids=eos, draft_rules=sharding.DRAFT_RULES)
     params = None if name is None else draft_params[name]
