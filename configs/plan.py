@@ -46,7 +46,7 @@ def get_config():
   # How the models' language layers run (models/layout.py, as configs/decode.py): the TPU's
   # decoding layout, whatever machine runs the plan (a field left out or empty takes the TPU's
   # default). layers: 'scanned' | 'unrolled'; output_major_kernels: True | False | '' (default);
-  # attention: 'blockwise' | 'xla' | 'cudnn'.
+  # attention: 'blockwise' | 'xla' | 'cudnn' | 'pallas' (the cost report measures blockwise).
   config.layout = ml_collections.ConfigDict(dict(
       layers='scanned', fused_projections=True, output_major_kernels='', attention='blockwise',
       attention_block_size=256))

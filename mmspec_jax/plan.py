@@ -93,10 +93,10 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
                    draft_rules))
   cache_structs = []
   for model, length, model_rules in caches:
-    cache = jax.eval_shape(lambda m=model, n=length: KVCache.init(text_config(m),
-                                                                  config.batch_size, n))
-    cache_structs.append(sharding.placed_structs(
-        cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, model_rules)))
+    cache = jax.eval_shape(lambda m=model, n=length: KVCache.init(
+        text_config(m), config.batch_size, n, layout=layout))
+    cache_structs.append(sharding.placed_structs(cache, sharding.tree_shardings(
+        cache, KVCache.logical_axes(layout.cache_heads_first), mesh, model_rules)))
   return {
       'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
                  f'{config.batch_size}, gamma {gamma}, {cache_length} positions'

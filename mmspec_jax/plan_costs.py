@@ -161,12 +161,16 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
     raise ValueError(f'{call.name}: live length {call.live} must lie in [1, '
                      f'{call.capacity - call.num_tokens}] (cache capacity {call.capacity} minus '
                      f'{call.num_tokens} new tokens); set --config.live_length')
-  layout = dataclasses.replace(layout, layers='unrolled', attention_block_size=call.live)
+  # The pure-JAX attention, which compiles anywhere: a TPU kernel ('pallas') is opaque to XLA's
+  # cost analysis and off TPU would be measured as its interpreter.
+  layout = dataclasses.replace(layout, layers='unrolled', attention='blockwise',
+                               attention_block_size=call.live)
   params = sharding.placed_structs(nn.unbox(abstract_params(call.model, layout)),
                                    placement.param_shardings(call.model, mesh, rules, layout))
-  cache = jax.eval_shape(lambda: KVCache.init(call.model, batch_size, call.capacity))
-  cache = sharding.placed_structs(
-      cache, sharding.tree_shardings(cache, KVCache.logical_axes(), mesh, rules))
+  cache = jax.eval_shape(lambda: KVCache.init(call.model, batch_size, call.capacity,
+                                              layout=layout))
+  cache = sharding.placed_structs(cache, sharding.tree_shardings(
+      cache, KVCache.logical_axes(layout.cache_heads_first), mesh, rules))
   rows = (batch_size, call.num_tokens)
   tokens = jax.ShapeDtypeStruct(rows, np.int32, sharding=placement.batch_sharding(rows, mesh,
                                                                                    rules))

@@ -109,6 +109,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, _fits(spec, x.shape, mesh))
 
 
+def active_specs(names: Sequence[Sequence[str | None]], shapes: Sequence[Sequence[int]]):
+  """The PartitionSpecs that the active mesh and rules give arrays of these logical names and
+  shapes (as `constrain` would place them), or None without a mesh: for code that runs per shard
+  (`jax.shard_map`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules = nn.get_logical_axis_rules()
+  return [_fits(nn.logical_to_mesh_axes(tuple(n), rules), shape, mesh)
+          for n, shape in zip(names, shapes)]
+
+
 def logical_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                      rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """The NamedSharding of one array from its logical axis names."""

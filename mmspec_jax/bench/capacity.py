@@ -68,7 +68,7 @@ def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048)
     capacity = bucket + new_tokens + 1
 
     def prefill(params, tokens, lengths, capacity=capacity):
-      cache = KVCache.init(MODEL, batch_size, capacity)
+      cache = KVCache.init(MODEL, batch_size, capacity, layout=layout)
       return model.apply({'params': params}, tokens, lengths, cache, method='prefill')
     generate, generate_seconds = compile_timed(decoder.generate, params, None, tokens, lengths,
                                                None, key)

@@ -150,7 +150,8 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5,
 
   def calls(config, layout, params, prompt, prompt_length, prompt_images, step_sizes):
     model = build(config, layout)
-    empty = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8)
+    empty = KVCache.init(text_config(config), 1, max(context, pair.length) + gamma + 8,
+                         layout=layout)
     extra = {} if prompt_images is None else {'images': prompt_images}
 
     def prefill(params, total):  # The carry feeds the input, so the loop cannot hoist the call.

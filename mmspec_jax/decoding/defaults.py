@@ -50,7 +50,8 @@ def decode_config() -> ml_collections.ConfigDict:
   # default (on CPU: True for the draft and for a target decoding alone, False for a target that
   # verifies drafts). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
   # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
-  # same API's XLA implementation).
+  # same API's XLA implementation) | 'pallas' (JAX's TPU paged-attention kernel, heads-first cache;
+  # meant for bfloat16 on TPU, interpreted elsewhere).
   config.layout = ml_collections.ConfigDict(dict(
       layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
       attention_block_size=256))

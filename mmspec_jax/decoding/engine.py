@@ -140,7 +140,8 @@ class SpeculativeDecoder:
   # --- prefill ---------------------------------------------------------------------------------
 
   def _prefill_target(self, params, tokens, lengths, images, cache_length):
-    cache = KVCache.init(text_config(self.target.config), tokens.shape[0], cache_length)
+    cache = KVCache.init(text_config(self.target.config), tokens.shape[0], cache_length,
+                         layout=self.target.layout)
     variables = {'params': params}
     if images is None or not isinstance(self.target, Llava):
       return self.target.apply(variables, tokens, lengths, cache, method='prefill') + (None,)
@@ -165,7 +166,8 @@ class SpeculativeDecoder:
     tokens, lengths = self._draft_prompt(tokens, lengths)
     tokens = tokens[:, :prompt_length]
     cache_length = prompt_length + self.max_new_tokens + self.num_draft_tokens + 1
-    cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length)
+    cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length,
+                         layout=self.draft.layout)
     kwargs = {}
     if isinstance(self.draft, AdapterDraft) and vision_features is not None:
       kwargs['vision_features'] = vision_features

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
+from jax.sharding import PartitionSpec as P
 
-from mmspec_jax.models.kv_cache import LayerCache
-from mmspec_jax.models.layout import Layout
+from mmspec_jax import sharding
+from mmspec_jax.models.kv_cache import HEADS_FIRST_CACHE_AXES, LayerCache
+from mmspec_jax.models.layout import PAGE_SIZE, Layout
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -99,10 +103,7 @@ def _blockwise(query, keys, values, cache: LayerCache, block_size: int):
 
   def visit_cached(index, state):
     start, slots, own = _block_start(index, block, capacity)
-    window = (cache.layer, 0, start, 0, 0)
-    shape = (1, batch, block, num_kv_heads, head_dim)
-    block_keys = jax.lax.dynamic_slice(cache.keys, window, shape)[0]  # [B, C, K, H]
-    block_values = jax.lax.dynamic_slice(cache.values, window, shape)[0]
+    block_keys, block_values = cache.block(start, block)  # [B, C, K, H]
     live = own[None, :] & (slots[None, :] < cache.lengths[:, None])  # [B, C]
     return _visit(state, grouped, block_keys, block_values, live[:, None, :])
 
@@ -129,6 +130,55 @@ def _fused_kernel(query, keys, values, cache: LayerCache, implementation: str):
           + new * jnp.exp(new_lse - combined)[..., None])
 
 
+# The paged kernel takes one query per row: a call of T new tokens runs it over B * T rows that
+# share their row's pages, so it reads the live cache T times. Right for decode and verification
+# (T = gamma + 1); a longer call (a prefill) runs blockwise.
+PAGED_MAX_QUERIES = 16
+
+
+def _paged_kernel(query, cache: LayerCache, block_size: int):
+  """The TPU paged-attention kernel over the heads-first cache, which already holds the new
+  tokens: new token t of row b reads the row's slots [0, lengths[b] + t]. Off TPU the kernel is
+  interpreted (slow: for tests). Under a mesh it runs per shard (a Pallas kernel is not
+  partitioned by XLA): rows and kv heads stay where the cache's sharding puts them."""
+  def local(query, keys, values, lengths, layer):
+    batch, length, num_heads, head_dim = query.shape
+    num_kv_heads, _, _, capacity, _ = keys.shape
+    pages_per_row = capacity // PAGE_SIZE
+    # [K, L, B, S, H] -> [K, L * B * S / P, P, H]: a reshape, not a copy. Row b of this layer
+    # owns pages (layer * B + b) * S / P onwards.
+    as_pages = lambda buffer: buffer.reshape(num_kv_heads, -1, PAGE_SIZE, head_dim)
+    rows = jnp.repeat(jnp.arange(batch), length)  # [B * T]: each new token is its own row
+    page_indices = ((layer * batch + rows)[:, None] * pages_per_row
+                    + jnp.arange(pages_per_row)[None, :])  # [B * T, S / P]
+    seen = lengths[:, None] + jnp.arange(1, length + 1)[None, :]  # [B, T]
+    scaled = (query * head_dim ** -0.5).reshape(batch * length, num_heads, head_dim)
+    run = lambda: tpu_paged_attention(
+        scaled, as_pages(keys), as_pages(values), seen.reshape(-1).astype(jnp.int32),
+        page_indices.astype(jnp.int32), pages_per_compute_block=block_size // PAGE_SIZE)
+    if jax.default_backend() == 'tpu':
+      out = run()
+    else:
+      with pltpu.force_tpu_interpret_mode():
+        out = run()
+    return out.reshape(batch, length, num_heads, head_dim)
+
+  layer = jnp.asarray(cache.layer, jnp.int32)
+  specs = sharding.active_specs([HEADS_FIRST_CACHE_AXES], [cache.keys.shape])
+  if specs is None:
+    return local(query, cache.keys, cache.values, cache.lengths, layer)
+  cache_spec, = specs
+  if any(cache_spec[i] is not None for i in (1, 3, 4)):
+    raise ValueError("layout.attention='pallas' needs the cache's layers, sequence and head dim "
+                     f'unsharded; the logical axis rules give {cache_spec}')
+  # Query heads n = k * G + g: splitting the kv heads splits the query heads alike.
+  kv_heads, _, rows = cache_spec[:3]
+  query_spec = P(rows, None, kv_heads, None)
+  return jax.shard_map(local, in_specs=(query_spec, cache_spec, cache_spec, P(rows), P()),
+                       out_specs=query_spec, check_vma=False)(
+                           query, cache.keys, cache.values, cache.lengths, layer)
+
+
 def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache: LayerCache,
                      layout: Layout):
   """New tokens' queries [B, T, N, H] over the cache's live slots and the new keys and values
@@ -136,11 +186,17 @@ def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache
 
   Returns ([B, T, N, H] in the query's dtype, the cache with the new entries).
   """
+  if cache.heads_first != layout.cache_heads_first:
+    raise ValueError(f'layout.attention={layout.attention!r} reads a cache stored '
+                     f'{"heads first" if layout.cache_heads_first else "sequence major"}; this one '
+                     'is not: build it with KVCache.init(..., layout=<the model\'s layout>)')
   # Written first, then read (the new slots lie past `lengths` and are masked there): the write
   # then consumes the incoming buffer and nothing else reads it, so XLA updates it in place. Were
   # the write after the reads, XLA could not order the two and would copy the whole cache first.
   written = cache.write(keys, values, cache.lengths[:, None] + jnp.arange(query.shape[1])[None, :])
-  if layout.attention == 'blockwise':
+  if layout.attention == 'pallas' and query.shape[1] <= PAGED_MAX_QUERIES:
+    out = _paged_kernel(query, written, layout.attention_block_size)
+  elif layout.attention in ('blockwise', 'pallas'):
     out = _blockwise(query, keys, values, written, layout.attention_block_size)
   else:
     out = _fused_kernel(query, keys, values, written, layout.attention)

@@ -15,35 +15,49 @@ import jax.numpy as jnp
 
 from mmspec_jax import axes
 from mmspec_jax.models.config import LlamaConfig, resolve_dtype
+from mmspec_jax.models.layout import CANONICAL, Layout
 
-# Logical names of the stacked [L, B, S, K, H] key and value arrays.
+# Logical names of the stacked [L, B, S, K, H] key and value arrays, and of the heads-first
+# [K, L, B, S, H] ones (`Layout.cache_heads_first`: the TPU paged kernel's order).
 CACHE_AXES = (axes.CACHE_LAYERS, axes.CACHE_BATCH, axes.CACHE_SEQUENCE, axes.CACHE_KV_HEADS,
               axes.CACHE_HEAD_DIM)
+HEADS_FIRST_CACHE_AXES = (axes.CACHE_KV_HEADS, axes.CACHE_LAYERS, axes.CACHE_BATCH,
+                          axes.CACHE_SEQUENCE, axes.CACHE_HEAD_DIM)
+
+
+def _capacity(keys: jax.Array, heads_first: bool) -> int:
+  return keys.shape[3 if heads_first else 2]
 
 
 @flax.struct.dataclass
 class KVCache:
-  keys: jax.Array  # [L, B, S, K, H]
-  values: jax.Array  # [L, B, S, K, H]
+  keys: jax.Array  # [L, B, S, K, H], or [K, L, B, S, H] when heads_first
+  values: jax.Array  # as keys
   lengths: jax.Array  # int32[B]: valid slots per row
+  heads_first: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def init(cls, config: LlamaConfig, batch_size: int, max_length: int,
-           dtype: str | None = None) -> 'KVCache':
-    """An empty cache holding up to `max_length` positions per row, in the compute dtype."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+           dtype: str | None = None, layout: Layout = CANONICAL) -> 'KVCache':
+    """An empty cache holding at least `max_length` positions per row, in the compute dtype,
+    stored as `layout` (the model's) reads it."""
+    capacity = layout.cache_capacity(max_length)
+    shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    if layout.cache_heads_first:
+      shape = (shape[3],) + shape[:3] + shape[4:]
     dtype = resolve_dtype(dtype or config.dtype)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch_size,), jnp.int32))
+               lengths=jnp.zeros((batch_size,), jnp.int32), heads_first=layout.cache_heads_first)
 
   @classmethod
-  def logical_axes(cls) -> 'KVCache':
+  def logical_axes(cls, heads_first: bool = False) -> 'KVCache':
     """The same pytree with each leaf replaced by its tuple of logical axis names."""
-    return cls(keys=CACHE_AXES, values=CACHE_AXES, lengths=(axes.CACHE_BATCH,))
+    names = HEADS_FIRST_CACHE_AXES if heads_first else CACHE_AXES
+    return cls(keys=names, values=names, lengths=(axes.CACHE_BATCH,), heads_first=heads_first)
 
   @property
   def max_length(self) -> int:
-    return self.keys.shape[2]
+    return _capacity(self.keys, self.heads_first)
 
   def with_lengths(self, lengths: jax.Array) -> 'KVCache':
     """Sets each row's valid length; a shorter length rolls the row back."""
@@ -54,19 +68,21 @@ class KVCache:
 class LayerCache:
   """One layer's view of the stacked cache, inside the layer loop.
 
-  It holds the whole [L, B, S, K, H] buffers and the layer's index rather than that layer's
-  [B, S, K, H] slice: a layer reads only its live blocks (`attention.cached_attention`) and
-  writes only its new entries, in place. Slicing a layer out and stacking it back (or scanning the
-  cache as the layer scan's input and output) rewrites the whole cache on every call.
+  It holds the whole [L, B, S, K, H] (or heads-first [K, L, B, S, H]) buffers and the layer's
+  index rather than that layer's slice: a layer reads only its live blocks
+  (`attention.cached_attention`) and writes only its new entries, in place. Slicing a layer out
+  and stacking it back (or scanning the cache as the layer scan's input and output) rewrites the
+  whole cache on every call.
   """
-  keys: jax.Array  # [L, B, S, K, H]
-  values: jax.Array  # [L, B, S, K, H]
+  keys: jax.Array  # [L, B, S, K, H] or [K, L, B, S, H]
+  values: jax.Array
   lengths: jax.Array  # int32[B]: valid slots before this call's tokens
   layer: jax.Array  # int32[] (or a Python int in the unrolled layout)
+  heads_first: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def max_length(self) -> int:
-    return self.keys.shape[2]
+    return _capacity(self.keys, self.heads_first)
 
   def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> 'LayerCache':
     """Writes this call's keys and values [B, T, K, H] at their positions int32[B, T].
@@ -75,6 +91,24 @@ class LayerCache:
     onto valid slots.
     """
     rows = jnp.arange(keys.shape[0])[:, None]  # [B, 1]
-    put = lambda buffer, new: buffer.at[self.layer, rows, positions].set(
-        new.astype(buffer.dtype), mode='drop')
+    if self.heads_first:
+      # The adjacent index arrays select [K, B, T, H] entries.
+      put = lambda buffer, new: buffer.at[:, self.layer, rows, positions].set(
+          new.transpose(2, 0, 1, 3).astype(buffer.dtype), mode='drop')
+    else:
+      put = lambda buffer, new: buffer.at[self.layer, rows, positions].set(
+          new.astype(buffer.dtype), mode='drop')
     return self.replace(keys=put(self.keys, keys), values=put(self.values, values))
+
+  def block(self, start, size: int):
+    """Keys and values [B, C, K, H] of slots [start, start + size) of this layer."""
+    if self.heads_first:
+      window = (0, self.layer, 0, start, 0)
+      shape = (self.keys.shape[0], 1, self.keys.shape[2], size, self.keys.shape[4])
+      take = lambda buffer: jax.lax.dynamic_slice(buffer, window, shape)[:, 0].transpose(
+          1, 2, 0, 3)
+    else:
+      window = (self.layer, 0, start, 0, 0)
+      shape = (1, self.keys.shape[1], size) + self.keys.shape[3:]
+      take = lambda buffer: jax.lax.dynamic_slice(buffer, window, shape)[0]
+    return take(self.keys), take(self.values)

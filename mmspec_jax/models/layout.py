@@ -19,8 +19,13 @@ import jax.numpy as jnp
 LAYER_STACKS = ('scanned', 'unrolled')
 # 'blockwise': pure JAX, online softmax over the cache's live blocks only; runs on every backend
 # and is the reference. 'xla' / 'cudnn': jax.nn.dot_product_attention's implementations (cuDNN's
-# fused flash kernel on NVIDIA GPUs) over the whole cache, masked by each row's length.
-ATTENTION_KERNELS = ('blockwise', 'xla', 'cudnn')
+# fused flash kernel on NVIDIA GPUs) over the whole cache, masked by each row's length. 'pallas':
+# the TPU paged-attention kernel JAX ships (jax.experimental.pallas.ops.tpu), which reads each
+# row's live pages only; it needs the cache stored heads first (see `cache_heads_first`).
+ATTENTION_KERNELS = ('blockwise', 'xla', 'cudnn', 'pallas')
+# KV slots per page of the 'pallas' kernel's cache: a multiple of 8 sublanes (float32) and of 16
+# (bfloat16) on a TPU.
+PAGE_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +45,9 @@ class Layout:
   # decoding, not for a target that verifies drafts.
   output_major_kernels: bool = False
   attention: str = 'blockwise'
-  # KV slots per block of the blockwise attention (a row's last block may be partly filled).
+  # KV slots per block of the blockwise attention (a row's last block may be partly filled), and
+  # per compute block of the 'pallas' kernel (a multiple of PAGE_SIZE; the cache's capacity is
+  # then rounded up to a multiple of it).
   attention_block_size: int = 256
 
   def __post_init__(self):
@@ -52,6 +59,24 @@ class Layout:
     if self.attention_block_size < 1:
       raise ValueError(f'layout.attention_block_size must be >= 1, got '
                        f'{self.attention_block_size}')
+    if self.attention == 'pallas' and self.attention_block_size % PAGE_SIZE:
+      raise ValueError(f"layout.attention='pallas' reads the cache in pages of {PAGE_SIZE} slots: "
+                       f'layout.attention_block_size must be a multiple of {PAGE_SIZE}, got '
+                       f'{self.attention_block_size}')
+
+  @property
+  def cache_heads_first(self) -> bool:
+    """Whether the KV cache is stored [K, L, B, S, H] rather than [L, B, S, K, H]: the TPU
+    paged kernel reads pages [K, pages, PAGE_SIZE, H], which the heads-first cache is, reshaped
+    (no copy), while the sequence-major one would be transposed on every call."""
+    return self.attention == 'pallas'
+
+  def cache_capacity(self, max_length: int) -> int:
+    """The cache slots per row that hold `max_length` positions in this layout: the 'pallas'
+    kernel visits whole compute blocks, so it rounds up to a multiple of one."""
+    if self.attention != 'pallas':
+      return max_length
+    return -(-max_length // self.attention_block_size) * self.attention_block_size
 
   @property
   def scanned(self) -> bool:

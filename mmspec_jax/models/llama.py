@@ -198,7 +198,7 @@ class Llama(nn.Module):
       positions = cache.lengths[:, None] + jnp.arange(length)[None, :]  # [B, T]
       first_layer = jnp.zeros((), jnp.int32) if self.layout.scanned else 0
       view = LayerCache(keys=cache.keys, values=cache.values, lengths=cache.lengths,
-                        layer=first_layer)
+                        layer=first_layer, heads_first=cache.heads_first)
     else:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(length)[None, :], (batch, length))
@@ -215,10 +215,10 @@ class Llama(nn.Module):
     if cache is None:
       return hidden, None
     grown = length if num_new_tokens is None else num_new_tokens
-    new_cache = KVCache(
-        keys=sharding.constrain(view.keys, KVCache.logical_axes().keys),
-        values=sharding.constrain(view.values, KVCache.logical_axes().values),
-        lengths=cache.lengths + grown)
+    names = KVCache.logical_axes(cache.heads_first)
+    new_cache = KVCache(keys=sharding.constrain(view.keys, names.keys),
+                        values=sharding.constrain(view.values, names.values),
+                        lengths=cache.lengths + grown, heads_first=cache.heads_first)
     return hidden, new_cache
 
   def __call__(self, tokens, *, positions=None, segment_ids=None):
