@@ -1,0 +1,88 @@
+"""Several processes (hosts) running one job: how they start and how they agree.
+
+Every process runs the same command; `--config.multihost=True` makes it join the others through
+`jax.distributed.initialize`. On a TPU slice, SLURM or Open MPI, JAX finds the coordinator, the
+process count and this process's id by itself; elsewhere (several GPU nodes, or several processes
+on one machine as the tests run them) pass them:
+
+  --config.distributed.coordinator_address=HOST:PORT   (process 0's address)
+  --config.distributed.num_processes=N
+  --config.distributed.process_id=I                    (0 .. N-1, one per process)
+
+The helpers below are no-ops for one process, so single-host code paths stay unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def add_config(config: ml_collections.ConfigDict):
+  """The `multihost` switch and its `distributed` fields, shared by train.py and decode.py."""
+  config.multihost = False
+  # Empty / -1: detected by JAX (TPU, SLURM, Open MPI environments).
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=-1, process_id=-1, initialization_timeout=300))
+
+
+def initialize(config):
+  """Joins the other processes when config.multihost; before any other JAX call."""
+  if not config.get('multihost', False):
+    return
+  settings = config.distributed
+  given = {'coordinator_address': settings.coordinator_address or None,
+           'num_processes': settings.num_processes if settings.num_processes > 0 else None,
+           'process_id': settings.process_id if settings.process_id >= 0 else None}
+  if given['num_processes'] is not None and given['process_id'] is not None and not (
+      0 <= given['process_id'] < given['num_processes']):
+    raise ValueError(f'config.distributed.process_id {settings.process_id} must lie in [0, '
+                     f'{settings.num_processes}) (config.distributed.num_processes)')
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(initialization_timeout=settings.initialization_timeout,
+                             **{name: value for name, value in given.items()
+                                if value is not None})
+
+
+def is_primary() -> bool:
+  """The process that writes shared files and speaks."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str):
+  """Every process waits here until all have arrived (e.g. after process 0 prepared files)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any: how all hosts agree to stop at the same step
+  when only some received SIGTERM."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+def gather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serializable `value`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes)]
+
+
+def fetch(tree):
+  """A pytree of (possibly multi-host sharded) arrays as numpy arrays on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
