@@ -14,7 +14,6 @@ process behind.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -108,4 +107,3 @@ def run(command: list[str], num_processes: int = 2, timeout: float = 300) -> lis
     return [job.output(i) for i in range(num_processes)]
 
 
-__all__ = ['Processes', 'free_port', 'run', 'signal']

@@ -128,7 +128,10 @@ def is_converted_dir(path: str) -> bool:
 
 
 def save_converted(out_dir: str, config: ModelConfig, params, *, source_dir: str | None = None):
-  """Writes a converted directory: config, orbax params, tokenizer files of `source_dir`."""
+  """Writes a converted directory: config, orbax params, tokenizer files of `source_dir`.
+
+  Called by one process (of one or several): `params` must be host arrays or arrays this process
+  holds whole (e.g. gathered with distributed.fetch); no other process takes part."""
   import orbax.checkpoint as ocp
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -137,7 +140,9 @@ def save_converted(out_dir: str, config: ModelConfig, params, *, source_dir: str
     raise ConversionError(f'{params_dir!r} already exists; choose an empty --out_dir')
   if source_dir is not None:
     copy_tokenizer_files(source_dir, out_dir)
-  checkpointer = ocp.StandardCheckpointer()
+  this_process = jax.process_index()
+  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=this_process, active_processes={this_process}))
   checkpointer.save(params_dir, params)
   checkpointer.wait_until_finished()
   checkpointer.close()

@@ -6,7 +6,8 @@
   local_files.py          what both builders share: globs, stable held-out split, provenance
   conversation.py         LLaVA-1.5 conversation -> (token ids, loss mask)
   packing.py              examples -> rows of inputs / targets / loss_mask / positions / segments
-  pipeline.py             BatchIterator (deterministic, resumable, per-host), make_iterator()
+  pipeline.py             BatchIterator (deterministic, resumable, the same global batches on
+                          any number of hosts), make_iterator(), merge_states()
 
 Nothing here imports the models or the training code; the training loop consumes BatchIterator.
 Modules are imported on use (`from mmspec_jax.data import pipeline`): the builders pull in

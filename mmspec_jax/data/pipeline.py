@@ -1,4 +1,5 @@
-"""Deterministic, resumable, per-host-sharded batches from a random-access data source.
+"""Deterministic, resumable batches from a random-access data source, the same global batches
+on any number of hosts.
 
   it = make_iterator('pretrain', load_source('lm1b', data_dir), tokenizer, batch_size=8,
                      seq_len=1024, seed=0, process_index=jax.process_index(),
@@ -7,17 +8,23 @@
   state = it.get_state()      # JSON-serializable; save it with the checkpoint
   it.set_state(state)         # the next batches are those an uninterrupted run would produce
 
-Order: epoch e visits a permutation of range(N) drawn by numpy's Generator seeded with
-(seed, e), cut to a multiple of process_count; host i takes entries i, i + process_count, ...,
-so hosts see disjoint examples and all take the same number of batches per epoch. Epochs never
-end: the iterator is infinite. The permutation is materialized (8 bytes per example per host);
-that is fine for LLaVA-sized sets and lm1b, not for C4's 365M documents.
+Order: one global stream of examples, epoch after epoch, each epoch a permutation of range(N)
+drawn by numpy's Generator seeded with (seed, epoch). A global batch of S rows is S row *slots*;
+slot s reads entries s, s + S, s + 2S, ... of the stream. Host i of P holds the slots
+[i * S / P, (i + 1) * S / P), each batch_size = S / P of them. A slot's rows depend on the slot
+alone, never on which host reads it or how many hosts there are: so the global batches are the
+same on 1 host or 64, and a state saved by P hosts resumes exactly on P' (every host takes the
+cursors of its own slots from the merged state, see `merge_states`).
 
-State: a cursor (epoch, position in this host's order, piece of that document) pointing at the
-first piece not yet in a returned batch. For packed text this is the packing leftover: the piece
-that did not fit in the last batch and the rest of its document are re-read and re-tokenized from
-the source on resume, so the state stays a handful of integers. A background thread prefetches a
-few batches ahead; the state always describes the batches already returned, never prefetched ones.
+Rows: a conversation row (chat, multimodal) is the slot's next conversation. A packed text row
+is filled to exactly seq_len pairs with the slot's next documents, the last one cut at the row's
+end and continued in the slot's next row (each piece its own segment, positions from 0: see
+packing.py).
+
+State: per slot a cursor (entries of the slot read, pairs of the current document already in a
+returned row), a handful of integers; on resume the current document is re-read and
+re-tokenized. A background thread prefetches a few batches ahead; the state always describes the
+batches already returned, never prefetched ones.
 """
 
 from __future__ import annotations
@@ -33,44 +40,37 @@ from mmspec_jax.data import packing
 from mmspec_jax.data.conversation import ConversationEncoder
 
 KINDS = ('pretrain', 'chat', 'multimodal')
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Cursor(NamedTuple):
-  epoch: int
-  position: int  # Index into this host's order of the epoch.
-  piece: int  # First piece of that document not yet in a batch (packed text only).
+  """Where a slot stands: `entry` entries of its stream read (the next is its `entry`-th), and
+  `offset` pairs of that entry's document already in returned rows (packed text only)."""
+  entry: int
+  offset: int
 
 
-class EpochOrder:
-  """This host's visiting order over a source of num_examples, one permutation per epoch."""
+class GlobalOrder:
+  """The global stream of source indices: epoch after epoch, each a seeded permutation."""
 
-  def __init__(self, num_examples: int, seed: int, process_index: int, process_count: int):
-    self.num_examples, self.seed = num_examples, seed
-    self.process_index, self.process_count = process_index, process_count
-    # Every host takes the same count per epoch, so hosts stay in step across epochs.
-    self.epoch_length = num_examples // process_count
-    if self.epoch_length == 0:
-      raise ValueError(f'the source has {num_examples} examples, fewer than process_count='
-                       f'{process_count}: some hosts would get none')
-    self._cached: tuple[int, np.ndarray] | None = None
+  def __init__(self, num_examples: int, seed: int, num_slots: int):
+    if num_examples < 1:
+      raise ValueError('the source is empty: nothing to train on')
+    self.num_examples, self.seed, self.num_slots = num_examples, seed, num_slots
+    self._cached: dict[int, np.ndarray] = {}  # The current and the next epoch's permutations.
 
-  def indices(self, epoch: int) -> np.ndarray:
-    """int64[epoch_length]: source indices this host visits in `epoch`, in order."""
-    if self._cached is None or self._cached[0] != epoch:
-      permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-      usable = permutation[:self.epoch_length * self.process_count]
-      self._cached = (epoch, usable[self.process_index::self.process_count])
-    return self._cached[1]
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._cached:
+      if len(self._cached) >= 2:
+        self._cached.pop(min(self._cached))
+      self._cached[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+          self.num_examples)
+    return self._cached[epoch]
 
-  def index(self, cursor: Cursor) -> int:
-    return int(self.indices(cursor.epoch)[cursor.position])
-
-  def advance(self, cursor: Cursor) -> Cursor:
-    """The cursor at the start of the next example."""
-    if cursor.position + 1 < self.epoch_length:
-      return Cursor(cursor.epoch, cursor.position + 1, 0)
-    return Cursor(cursor.epoch + 1, 0, 0)
+  def index(self, slot: int, entry: int) -> int:
+    """The source index of slot `slot`'s `entry`-th example."""
+    epoch, position = divmod(slot + self.num_slots * entry, self.num_examples)
+    return int(self.permutation(epoch)[position])
 
 
 def _text(example: Any, key: str) -> str:
@@ -102,47 +102,53 @@ def _image(example: Any) -> np.ndarray:
 
 class PackedTextBatcher:
   """Packed pretraining rows: each document is tokenized (BOS as the tokenizer adds it, then EOS)
-  and its pieces are packed into rows, first fit (see packing.py)."""
+  and a slot's documents fill its row to seq_len pairs, the last one cut at the row's end."""
 
-  def __init__(self, source: Sequence[Any], order: EpochOrder, tokenizer, *, text_key: str,
-               batch_size: int, seq_len: int, pad_id: int):
+  def __init__(self, source: Sequence[Any], order: GlobalOrder, tokenizer, *, text_key: str,
+               seq_len: int, pad_id: int):
     if tokenizer.eos_token_id is None:
       raise ValueError('the tokenizer has no EOS token; packed documents must end with one')
     self.source, self.order, self.tokenizer, self.text_key = source, order, tokenizer, text_key
-    self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
-    self._last: tuple[int, list[packing.Pairs]] | None = None  # The document cut by a batch end.
+    self.seq_len, self.pad_id = seq_len, pad_id
+    self._current: dict[int, tuple[int, packing.Pairs]] = {}  # slot -> its document, tokenized
 
-  def pieces(self, index: int) -> list[packing.Pairs]:
-    if self._last is None or self._last[0] != index:
+  def pairs(self, slot: int, index: int) -> packing.Pairs:
+    if self._current.get(slot, (None,))[0] != index:
       ids = list(self.tokenizer(_text(self.source[index], self.text_key))['input_ids'])
       if not ids or ids[-1] != self.tokenizer.eos_token_id:  # Unless the tokenizer added it.
         ids.append(self.tokenizer.eos_token_id)
-      self._last = (index, packing.split_pieces(packing.to_pairs(ids), self.seq_len))
-    return self._last[1]
+      self._current[slot] = (index, packing.to_pairs(ids))
+    return self._current[slot][1]
 
-  def next_batch(self, cursor: Cursor) -> tuple[dict[str, np.ndarray], Cursor]:
-    packer = packing.RowPacker(self.batch_size, self.seq_len, self.pad_id)
-    empty_in_a_row = 0
-    while True:
-      pieces = self.pieces(self.order.index(cursor))
-      for piece in pieces[cursor.piece:]:
-        if not packer.add(piece):
-          return packer.take(), cursor
-        cursor = cursor._replace(piece=cursor.piece + 1)
-      empty_in_a_row = 0 if pieces else empty_in_a_row + 1
-      if empty_in_a_row > self.order.epoch_length:
+  def next_row(self, slot: int, cursor: Cursor) -> tuple[dict[str, np.ndarray], Cursor]:
+    packer = packing.RowPacker(1, self.seq_len, self.pad_id)
+    room, empty_in_a_row = self.seq_len, 0
+    while room:
+      pairs = self.pairs(slot, self.order.index(slot, cursor.entry))
+      piece = pairs.slice(cursor.offset, cursor.offset + room)
+      packer.add(piece)
+      room -= len(piece)
+      cursor = Cursor(cursor.entry, cursor.offset + len(piece))
+      if cursor.offset == len(pairs):
+        cursor = Cursor(cursor.entry + 1, 0)
+      empty_in_a_row = 0 if len(pairs) else empty_in_a_row + 1
+      if empty_in_a_row > self.order.num_examples:
         raise ValueError('no document of the source has two or more tokens: nothing to train on')
-      cursor = self.order.advance(cursor)
+    return packer.take(), cursor
+
+  def next_batch(self, slots: Sequence[int], cursors: Sequence[Cursor]):
+    rows, advanced = zip(*(self.next_row(s, c) for s, c in zip(slots, cursors)))
+    return {key: np.concatenate([row[key] for row in rows]) for key in rows[0]}, list(advanced)
 
 
 class ConversationBatcher:
   """One conversation a row; with `preprocess_images`, also the rows' images."""
 
-  def __init__(self, source: Sequence[Any], order: EpochOrder, encoder: ConversationEncoder, *,
-               batch_size: int, seq_len: int, pad_id: int,
+  def __init__(self, source: Sequence[Any], order: GlobalOrder, encoder: ConversationEncoder, *,
+               seq_len: int, pad_id: int,
                preprocess_images: Callable[[list[np.ndarray]], np.ndarray] | None = None):
     self.source, self.order, self.encoder = source, order, encoder
-    self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+    self.seq_len, self.pad_id = seq_len, pad_id
     self.preprocess_images = preprocess_images
 
   def _check_image_tokens(self, ids: np.ndarray, has_image: bool, example: Any):
@@ -158,11 +164,9 @@ class ConversationBatcher:
       raise ValueError(f'record {_record_id(example)!r}: its image tokens end at position '
                        f'{where[-1]}, past seq_len={self.seq_len}; use a longer seq_len')
 
-  def next_batch(self, cursor: Cursor) -> tuple[dict[str, np.ndarray], Cursor]:
-    indices = []
-    for _ in range(self.batch_size):
-      indices.append(self.order.index(cursor))
-      cursor = self.order.advance(cursor)
+  def next_batch(self, slots: Sequence[int], cursors: Sequence[Cursor]):
+    indices = [self.order.index(slot, cursor.entry) for slot, cursor in zip(slots, cursors)]
+    cursors = [Cursor(cursor.entry + 1, 0) for cursor in cursors]
     # TFDS data sources read a list of records in parallel; lists and other sequences one by one.
     getitems = getattr(self.source, '__getitems__', None)
     examples = getitems(indices) if getitems else [self.source[i] for i in indices]
@@ -181,12 +185,12 @@ class ConversationBatcher:
       # Records without an image carry a placeholder (LlavaConversations stores a 1x1 black
       # image); it goes through the same preprocessing for a uniform shape and is then zeroed.
       images = np.array(self.preprocess_images([_image(e) for e in examples]), np.float32)
-      if images.ndim != 4 or images.shape[0] != self.batch_size or images.shape[-1] != 3:
+      if images.ndim != 4 or images.shape[0] != len(slots) or images.shape[-1] != 3:
         raise ValueError(f'preprocess_images returned shape {images.shape}; expected '
-                         f'[{self.batch_size}, H, W, 3]')
+                         f'[{len(slots)}, H, W, 3]')
       images[~has_image] = 0.0
       batch['images'], batch['has_image'] = images, has_image
-    return batch, cursor
+    return batch, cursors
 
 
 class _Failure(NamedTuple):
@@ -203,32 +207,35 @@ def _put(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
   return False
 
 
-def _produce(batcher, cursor: Cursor, out: queue.Queue, stop: threading.Event):
+def _produce(batcher, slots, cursors, out: queue.Queue, stop: threading.Event):
   # A module-level function, not a method: the thread must not keep the iterator alive.
   try:
     while not stop.is_set():
-      batch, cursor = batcher.next_batch(cursor)
-      if not _put(out, (batch, cursor), stop):
+      batch, cursors = batcher.next_batch(slots, cursors)
+      if not _put(out, (batch, cursors), stop):
         return
   except BaseException as e:  # pylint: disable=broad-except  # Re-raised by __next__.
     _put(out, _Failure(e), stop)
 
 
 class BatchIterator:
-  """An infinite iterator of batches with get_state() / set_state() (see the module docstring)."""
+  """An infinite iterator of this host's batches with get_state() / set_state() (see the module
+  docstring)."""
 
-  def __init__(self, batcher, order: EpochOrder, *, kind: str, prefetch: int = 2):
+  def __init__(self, batcher, order: GlobalOrder, slots: range, *, kind: str, prefetch: int = 2):
     """Args:
-      batcher: PackedTextBatcher or ConversationBatcher; its next_batch(cursor) -> (batch,
-        cursor) must depend on the cursor alone.
-      order: the EpochOrder the batcher reads through.
+      batcher: PackedTextBatcher or ConversationBatcher; its next_batch(slots, cursors) ->
+        (batch, cursors) must depend on the slots and cursors alone.
+      order: the GlobalOrder the batcher reads through.
+      slots: this host's row slots, in row order.
       kind: recorded in the state, so a state is not restored into another kind of iterator.
       prefetch: batches computed ahead in a background thread; 0 computes them in next().
     """
     if prefetch < 0:
       raise ValueError(f'prefetch must be >= 0, got {prefetch}')
-    self._batcher, self._order, self._kind, self._prefetch = batcher, order, kind, prefetch
-    self._cursor = Cursor(0, 0, 0)  # After the last batch returned.
+    self._batcher, self._order, self._slots = batcher, order, slots
+    self._kind, self._prefetch = kind, prefetch
+    self._cursors = [Cursor(0, 0) for _ in slots]  # After the last batch returned.
     self._thread: threading.Thread | None = None
     self._queue: queue.Queue | None = None
     self._stop: threading.Event | None = None
@@ -238,19 +245,20 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._prefetch == 0:
-      batch, self._cursor = self._batcher.next_batch(self._cursor)
+      batch, self._cursors = self._batcher.next_batch(self._slots, self._cursors)
       return batch
     if self._thread is None:
       self._stop, self._queue = threading.Event(), queue.Queue(maxsize=self._prefetch)
       self._thread = threading.Thread(
-          target=_produce, args=(self._batcher, self._cursor, self._queue, self._stop),
+          target=_produce, args=(self._batcher, self._slots, self._cursors, self._queue,
+                                 self._stop),
           daemon=True, name='BatchIterator-prefetch')
       self._thread.start()
     item = self._queue.get()
     if isinstance(item, _Failure):
-      self.close()  # The next call starts over from the last good cursor.
+      self.close()  # The next call starts over from the last good cursors.
       raise item.error
-    batch, self._cursor = item
+    batch, self._cursors = item
     return batch
 
   def close(self):
@@ -275,31 +283,49 @@ class BatchIterator:
   def _identity(self) -> dict[str, Any]:
     order = self._order
     return {'version': STATE_VERSION, 'kind': self._kind, 'seed': order.seed,
-            'num_examples': order.num_examples, 'process_index': order.process_index,
-            'process_count': order.process_count}
+            'num_examples': order.num_examples, 'num_slots': order.num_slots}
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serializable ints and strings: the identity of the order and the cursor after the
-    last batch returned by next()."""
-    return {**self._identity(), 'epoch': self._cursor.epoch, 'position': self._cursor.position,
-            'piece': self._cursor.piece}
+    """JSON-serializable: the identity of the order and, per slot of this host, its cursor after
+    the last batch returned by next(). `merge_states` joins the hosts' states into one."""
+    return {**self._identity(), 'cursors': {
+        str(slot): list(cursor) for slot, cursor in zip(self._slots, self._cursors)}}
 
   def set_state(self, state: dict[str, Any]):
-    """Continues from a get_state() of an iterator built with the same arguments."""
-    missing = sorted({'epoch', 'position', 'piece', *self._identity()} - set(state))
+    """Continues from a get_state() (or a merge of every host's) of iterators over the same
+    source, seed, kind and global batch: from this host's slots' cursors."""
+    missing = sorted({'cursors', *self._identity()} - set(state))
     if missing:
       raise ValueError(f'iterator state is missing {missing}')
     for key, value in self._identity().items():
       if state[key] != value:
+        hint = ('; the global batch (batch_size x hosts) must not change across a resume'
+                if key == 'num_slots' else '')
         raise ValueError(f'iterator state has {key}={state[key]!r} but this iterator has '
-                         f'{value!r}; a state only restores an iterator built the same way')
-    cursor = Cursor(int(state['epoch']), int(state['position']), int(state['piece']))
-    if (cursor.epoch < 0 or not 0 <= cursor.position < self._order.epoch_length
-        or cursor.piece < 0):
-      raise ValueError(f'iterator state cursor out of range: {cursor} (epoch length '
-                       f'{self._order.epoch_length})')
-    self.close()  # Drops prefetched batches: they followed the old cursor.
-    self._cursor = cursor
+                         f'{value!r}; a state only restores an iterator built the same way{hint}')
+    absent = [slot for slot in self._slots if str(slot) not in state['cursors']]
+    if absent:
+      raise ValueError(f'iterator state holds no cursor for row slots {absent} (it has '
+                       f'{sorted(map(int, state["cursors"]))}): merge every host\'s state '
+                       'with merge_states() before saving it')
+    cursors = [Cursor(*map(int, state['cursors'][str(slot)])) for slot in self._slots]
+    if any(cursor.entry < 0 or cursor.offset < 0 for cursor in cursors):
+      raise ValueError(f'iterator state cursors out of range: {cursors}')
+    self.close()  # Drops prefetched batches: they followed the old cursors.
+    self._cursors = cursors
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One state holding every host's slots, from each host's get_state(): what a checkpoint saves,
+  so that any number of hosts can resume from it."""
+  identities = [{k: v for k, v in state.items() if k != 'cursors'} for state in states]
+  if any(identity != identities[0] for identity in identities):
+    raise ValueError(f'the hosts\' iterator states differ in more than their cursors: '
+                     f'{identities}')
+  cursors = {}
+  for state in states:
+    cursors.update(state['cursors'])
+  return {**identities[0], 'cursors': cursors}
 
 
 def make_iterator(kind: str, source: Sequence[Any], tokenizer, *, batch_size: int, seq_len: int,
@@ -316,10 +342,11 @@ def make_iterator(kind: str, source: Sequence[Any], tokenizer, *, batch_size: in
       with their images; `source[i]['image']` uint8[H, W, 3] and `source[i]['has_image']`).
     source: len() and [i] random access: load_source(...), builder.as_data_source(split), a list.
     tokenizer: a transformers tokenizer.
-    batch_size: B, rows per batch on this host.
+    batch_size: B, rows per batch on this host (the global batch is B x process_count).
     seq_len: T, tokens per row.
     seed: orders the epochs (non-negative).
-    process_index, process_count: this host and the number of hosts.
+    process_index, process_count: this host and the number of hosts: it reads row slots
+      [process_index * B, (process_index + 1) * B) of the global batch.
     image_mode: conversation kinds only: 'drop' for chat (the default); 'expand' (default) or
       'keep' for multimodal.
     num_image_tokens: image token copies per image ('expand').
@@ -343,14 +370,15 @@ def make_iterator(kind: str, source: Sequence[Any], tokenizer, *, batch_size: in
   if not 0 <= process_index < process_count:
     raise ValueError(f'need 0 <= process_index < process_count, got {process_index}, '
                      f'{process_count}')
-  order = EpochOrder(len(source), int(seed), process_index, process_count)
+  order = GlobalOrder(len(source), int(seed), batch_size * process_count)
+  slots = range(process_index * batch_size, (process_index + 1) * batch_size)
   pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
   if kind == 'pretrain':
     if image_mode is not None or preprocess_images is not None:
       raise ValueError("kind='pretrain' reads text only; image_mode and preprocess_images do not "
                        'apply')
-    batcher = PackedTextBatcher(source, order, tokenizer, text_key=text_key,
-                                batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
+    batcher = PackedTextBatcher(source, order, tokenizer, text_key=text_key, seq_len=seq_len,
+                                pad_id=pad_id)
   else:
     allowed = ('drop',) if kind == 'chat' else ('expand', 'keep')
     image_mode = image_mode or allowed[0]
@@ -363,6 +391,6 @@ def make_iterator(kind: str, source: Sequence[Any], tokenizer, *, batch_size: in
                        'MultimodalProcessor.preprocess_images)')
     encoder = ConversationEncoder(tokenizer, image_mode=image_mode,
                                   num_image_tokens=num_image_tokens, image_token_id=image_token_id)
-    batcher = ConversationBatcher(source, order, encoder, batch_size=batch_size, seq_len=seq_len,
-                                  pad_id=pad_id, preprocess_images=preprocess_images)
-  return BatchIterator(batcher, order, kind=kind, prefetch=prefetch)
+    batcher = ConversationBatcher(source, order, encoder, seq_len=seq_len, pad_id=pad_id,
+                                  preprocess_images=preprocess_images)
+  return BatchIterator(batcher, order, slots, kind=kind, prefetch=prefetch)

@@ -34,6 +34,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save (the interval says so)."""
+    return self._manager.should_save(step)
+
   def save(self, step: int, state, data_state: dict[str, Any], *, force: bool = False) -> bool:
     """Starts saving (if the interval or `force` says so); returns whether a save started."""
     return self._manager.save(step, args=ocp.args.Composite(
@@ -54,8 +58,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def check_workdir_config(workdir: str, config_dict: dict[str, Any]):
-  """Writes the run's config on first use; refuses a workdir made by another model or stage."""
+def check_workdir_config(workdir: str, config_dict: dict[str, Any], *, write: bool = True):
+  """Writes the run's config on first use (if `write`: one process of several); refuses a
+  workdir made by another model or stage."""
   directory = epath.Path(workdir)  # Local or gs:// alike.
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / CONFIG_FILE
@@ -67,4 +72,5 @@ def check_workdir_config(workdir: str, config_dict: dict[str, Any]):
             f'workdir {workdir!r} holds a run of another config: its {field!r} differs '
             f'({previous.get(field)!r} there, {config_dict.get(field)!r} now). Use a new '
             '--workdir, or the same config to resume.')
-  path.write_text(json.dumps(config_dict, indent=2, default=str))
+  if write:
+    path.write_text(json.dumps(config_dict, indent=2, default=str))

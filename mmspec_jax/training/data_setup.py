@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from mmspec_jax import distributed
 from mmspec_jax.convert.loading import read_config
 from mmspec_jax.data import builders
 from mmspec_jax.data.pipeline import make_iterator
@@ -60,9 +61,10 @@ class DataSetup:
       if spec.builder not in sources:
         raise ValueError(f'unknown config.data.prepare.builder {spec.builder!r}; expected one of '
                          f'{sorted(sources)}')
-      if jax.process_index() == 0:
+      if distributed.is_primary():
         builders.prepare(spec.builder, data.data_dir, config_name=spec.config_name,
                          validation_fraction=spec.validation_fraction, **sources[spec.builder])
+      distributed.barrier('data prepared')  # The other hosts read what process 0 wrote.
       return data.name or f'{spec.builder}/{spec.config_name}'
     if not data.name:
       raise ValueError('config.data.name is empty: name a prepared dataset (e.g. lm1b) or set '

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmspec_jax import sharding
+from mmspec_jax import distributed, sharding
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,8 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices: mesh axis sizes (-1 takes the rest) and the logical-axis rules (sharding.py).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = sharding.DEFAULT_RULES
-  # Call jax.distributed.initialize() (multi-host TPU pods, multi-node GPU).
-  config.multihost = False
+  # Several processes (multi-host TPU slices, multi-node GPU): config.multihost and
+  # config.distributed (see mmspec_jax/distributed.py).
+  distributed.add_config(config)
   return config
 
 

@@ -2,6 +2,11 @@
 
 Restartable at any point: the newest checkpoint in the workdir (state and data position) is
 resumed automatically; SIGTERM (TPU preemption) saves the current step before exiting.
+
+On several processes (config.multihost) every process runs this same loop: the data position
+saved is every host's, merged (so a run resumes exactly on any number of hosts); a SIGTERM on
+any host stops every host after the same step, which they all save; the export gathers the
+parameters and process 0 writes it.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax import artifacts, sharding
+from mmspec_jax import artifacts, distributed, sharding
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
+from mmspec_jax.data.pipeline import merge_states
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abstract_params,
                                build, initialize, parameter_count)
 from mmspec_jax.models.config import from_dict, with_dtype
@@ -53,7 +59,7 @@ class _Preemption:
 
 
 def _log(message: str):
-  if jax.process_index() == 0:  # Only process 0 speaks on multi-host runs.
+  if distributed.is_primary():  # Only process 0 speaks on multi-host runs.
     print(message, flush=True)
 
 
@@ -77,14 +83,18 @@ class Trainer:
   """Holds what a run needs; `run()` trains to config.num_train_steps."""
 
   def __init__(self, config, workdir: str):
-    if config.multihost:
-      jax.distributed.initialize()
+    distributed.initialize(config)
     self.config, self.workdir = config, workdir
     self.rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
     self.mesh = sharding.make_mesh(config.mesh.to_dict())
     self.model_config = _model_config(config)
-    check_workdir_config(workdir, {'stage': config.stage, 'task': config.task,
-                                   'model': config.model.to_dict(), 'config': config.to_dict()})
+    identity = {'stage': config.stage, 'task': config.task, 'model': config.model.to_dict(),
+                'config': config.to_dict()}
+    # Every process checks before process 0 writes: all refuse a foreign workdir alike.
+    check_workdir_config(workdir, identity, write=False)
+    distributed.barrier('workdir checked')
+    if distributed.is_primary():
+      check_workdir_config(workdir, identity)
     self.teacher_config, self.teacher_params = self._load_teacher()
     if isinstance(self.model_config, AdapterDraftConfig):
       self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
@@ -104,6 +114,8 @@ class Trainer:
     self.checkpointer = Checkpointer(workdir, save_every=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
     self._build_state_shardings()
+    # Compiled once, on the first evaluation.
+    self._eval_fn = jax.jit(functools.partial(eval_step, self.objective))
     self.history: list[tuple[int, float]] = []  # (step, training loss) at each log line.
 
   def _load_teacher(self):
@@ -169,7 +181,8 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
           state, metrics = step_fn(state, batch, self.teacher_params)
         step += 1
-        self.checkpointer.save(step, state, iterator.get_state())
+        if self.checkpointer.should_save(step):
+          self.checkpointer.save(step, state, _data_state(iterator))
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
           metrics = jax.device_get(metrics)  # Waits for the step: the window's time is real.
           seconds_per_step = (time.time() - window_start) / (step - window_first_step)
@@ -189,12 +202,13 @@ class Trainer:
                                        or step == config.num_train_steps):
           self._evaluate(state, step, writer)
           window_start, window_first_step = time.time(), step  # Keep eval out of tokens/s.
-        if preemption.requested.is_set():
+        # Every host agrees, so all leave after the same step, which they all save.
+        if distributed.any_process(preemption.requested.is_set()):
           _log(f'SIGTERM at step {step}: saving and exiting')
           break
       self.checkpointer.wait()
       if self.checkpointer.latest_step() != step:
-        self.checkpointer.save(step, state, iterator.get_state(), force=True)
+        self.checkpointer.save(step, state, _data_state(iterator), force=True)
     self.checkpointer.close()
     if writer:
       writer.flush()
@@ -203,13 +217,12 @@ class Trainer:
     return state
 
   def _evaluate(self, state, step, writer):
-    eval_fn = jax.jit(functools.partial(eval_step, self.objective))
     total, count = 0.0, 0.0
     with self.data.eval_iterator() as iterator:
       for _ in range(self.config.eval_steps):
         batch = _device_batch(next(iterator), self.mesh)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-          loss_sum, tokens = eval_fn(state.params, batch, self.teacher_params)
+          loss_sum, tokens = self._eval_fn(state.params, batch, self.teacher_params)
         total, count = total + float(loss_sum), count + float(tokens)
     loss = total / max(count, 1.0)
     _log(f'eval step {step}: held-out loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.2f}')
@@ -218,9 +231,9 @@ class Trainer:
       writer.scalar('eval/perplexity', math.exp(min(loss, 50)), step)
 
   def _export(self, state):
-    if jax.process_index() != 0:
+    params = distributed.fetch(state.params)  # Every process takes part in the gather.
+    if not distributed.is_primary():
       return
-    params = jax.device_get(state.params)
     out = os.path.join(self.workdir, 'export')
     if os.path.exists(out):
       shutil.rmtree(out)
@@ -232,6 +245,11 @@ class Trainer:
       export_to_hf(params, self.model_config, hf_dir, tokenizer_dir=self.data.tokenizer_dir)
       message += f' and {hf_dir} (Hugging Face)'
     _log(message)
+
+
+def _data_state(iterator):
+  """Every host's data position, merged: what a checkpoint saves (all processes call this)."""
+  return merge_states(distributed.gather_json(iterator.get_state()))
 
 
 def _fit_adapter_to_target(config: AdapterDraftConfig, target) -> AdapterDraftConfig:
@@ -248,7 +266,7 @@ def text_dims(config):
 
 
 def _summary_writer(workdir):
-  if jax.process_index() != 0:
+  if not distributed.is_primary():
     return None
   try:
     from flax.metrics import tensorboard
