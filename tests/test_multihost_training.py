@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -34,15 +33,10 @@ def world(tmp_path_factory):
 
 def train_command(world, name, *flags):
   """train.py on its own workdir and its own (unprepared) data_dir."""
-  return [sys.executable, os.path.join(fx.REPO, 'train.py'),
-          '--config=' + os.path.join(fx.REPO, 'configs', 'draft_pretrain.py') + ':tiny',
-          f'--workdir={world["root"] / name}', f'--config.tokenizer={world["tokenizer"]}',
-          f'--config.data.data_dir={world["root"] / name / "tfds"}',
-          '--config.data.prepare.builder=text_corpus',
-          f'--config.data.prepare.files={world["corpus"]}',
-          f'--config.model.vocab_size={fx.DRAFT_VOCAB}', '--config.eval_every_steps=1000',
-          f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=4',
-          '--config.log_every_steps=1', *flags]
+  return fx.pretrain_command(world['root'] / name, world['tokenizer'], world['corpus'],
+                             world['root'] / name / 'tfds', f'--config.num_train_steps={STEPS}',
+                             '--config.checkpoint_every_steps=4', '--config.log_every_steps=1',
+                             *flags)
 
 
 def one_process(command, devices=8):

@@ -9,7 +9,6 @@ and fall.
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -161,14 +160,8 @@ def test_distillation_stage(world, pretrained):
 
 
 def _train_command(world, workdir, *flags):
-  return [sys.executable, os.path.join(fx.REPO, 'train.py'),
-          '--config=' + os.path.join(fx.REPO, 'configs', 'draft_pretrain.py') + ':tiny',
-          f'--workdir={workdir}', f'--config.tokenizer={world["tokenizer"]}',
-          f'--config.data.data_dir={world["data_dir"]}',
-          '--config.data.prepare.builder=text_corpus',
-          f'--config.data.prepare.files={world["corpus"]}',
-          f'--config.model.vocab_size={fx.DRAFT_VOCAB}', '--config.export=False',
-          '--config.eval_every_steps=1000', *flags]
+  return fx.pretrain_command(workdir, world['tokenizer'], world['corpus'], world['data_dir'],
+                             '--config.export=False', *flags)
 
 
 def _final_state(workdir, step):

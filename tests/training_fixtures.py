@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -65,6 +66,16 @@ def write_target(directory, seed=0):
   tiny_hf.save(llava, directory)
   tiny_hf.save_llava_processor(tiny_hf.word_tokenizer(), directory)
   return directory
+
+
+def pretrain_command(workdir, tokenizer, corpus, data_dir, *flags):
+  """train.py's tiny draft pretraining on `corpus`, prepared into `data_dir`."""
+  return [sys.executable, os.path.join(REPO, 'train.py'),
+          '--config=' + os.path.join(REPO, 'configs', 'draft_pretrain.py') + ':tiny',
+          f'--workdir={workdir}', f'--config.tokenizer={tokenizer}',
+          f'--config.data.data_dir={data_dir}', '--config.data.prepare.builder=text_corpus',
+          f'--config.data.prepare.files={corpus}', f'--config.model.vocab_size={DRAFT_VOCAB}',
+          '--config.eval_every_steps=1000', *flags]
 
 
 def load_stage_config(stage: str, scale: str = 'tiny'):
