@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from multiprocess import Processes
 from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import save_converted
 from mmspec_jax.decoding import runner
@@ -335,6 +336,30 @@ def test_cli(ckpt):
   assert 'error: top_p must be in (0, 1]' in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(ckpt['root'] / 'cli_bad.jsonl')
+
+
+@pytest.mark.parametrize('sampling', [[], ['--config.temperature=1.0', '--config.seed=3']],
+                         ids=['greedy', 'sampled'])
+def test_two_processes_decode_what_one_decodes(ckpt, sampling):
+  """decode.py on 2 processes x 4 CPU devices (rows split over all 8) against 1 process x 8."""
+  name = 'hosts_' + ('sampled' if sampling else 'greedy')
+  command = [sys.executable, 'decode.py', '--config=configs/decode.py',
+             f'--config.target={ckpt["target"]}', f'--config.draft={ckpt["draft"]}',
+             f'--config.prompts={ckpt["prompts"]}', '--config.batch_size=8',
+             '--config.num_draft_tokens=3', f'--config.max_new_tokens={MAX_NEW_TOKENS}', *sampling]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  subprocess.run(command + [f'--config.output={ckpt["root"] / name}_one.jsonl'], cwd=REPO,
+                 env=env, check=True, capture_output=True, timeout=300)
+  with Processes(command + [f'--config.output={ckpt["root"] / name}_two.jsonl'],
+                 num_processes=2) as job:
+    job.wait()
+    assert 'wrote' in job.output(0) and 'wrote' not in job.output(1)  # Process 0 writes.
+  one = read_jsonl(ckpt['root'] / f'{name}_one.jsonl')
+  assert read_jsonl(ckpt['root'] / f'{name}_two.jsonl') == one
+  assert len(one) == len(ROWS)
+  with open(ckpt['root'] / f'{name}_two.summary.json') as f:
+    assert json.load(f)['num_rows'] == len(ROWS)
 
 
 def test_no_target_and_no_demo_checkpoints_is_explained(ckpt, monkeypatch, tmp_path):

@@ -3,7 +3,7 @@ tests start from it too, so a new setting reaches every caller)."""
 
 import ml_collections
 
-from mmspec_jax import sharding
+from mmspec_jax import distributed, sharding
 
 
 def decode_config() -> ml_collections.ConfigDict:
@@ -56,6 +56,9 @@ def decode_config() -> ml_collections.ConfigDict:
       layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
       attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
+  # Several processes (multi-host TPU slices, GPU clusters): config.multihost and
+  # config.distributed (mmspec_jax/distributed.py); every process runs the same command.
+  distributed.add_config(config)
   # The draft's own rules: by default data parallel over the whole mesh (sharding.DRAFT_RULES).
   config.draft_logical_axis_rules = sharding.DRAFT_RULES
   return config

@@ -82,13 +82,25 @@ def keys_struct(batch_size: int, mesh, rules=sharding.DEFAULT_RULES):
                               sharding=batch_sharding((batch_size,), mesh, rules))
 
 
+def _place(value, mesh, rules):
+  """A host array that every process holds whole -> a global array split over the batch axes
+  (each process puts only the rows of its own devices)."""
+  if value is None:
+    return None
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # Typed keys: place their data.
+    placed = _place(jax.random.key_data(value), mesh, rules)
+    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(value))
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, batch_sharding(value.shape, mesh, rules),
+                                      lambda index: value[index])
+
+
 def place_keys(keys, mesh, rules=sharding.DEFAULT_RULES):
-  return jax.device_put(keys, batch_sharding(keys.shape, mesh, rules))
+  return _place(keys, mesh, rules)
 
 
 def place_inputs(tokens, lengths, images, mesh, rules=sharding.DEFAULT_RULES):
-  put = lambda x: None if x is None else jax.device_put(x, batch_sharding(x.shape, mesh, rules))
-  return put(tokens), put(lengths), put(images)
+  return tuple(_place(x, mesh, rules) for x in (tokens, lengths, images))
 
 
 @contextlib.contextmanager

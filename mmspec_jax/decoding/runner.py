@@ -7,6 +7,10 @@ next to the destination and moved into place at the end, so a failed run leaves 
 
 Compilation is timed apart from decoding: every distinct batch shape (one per prompt-length
 bucket in use) is compiled ahead of time, and decode time counts only the compiled programs.
+
+On several processes (config.multihost) every process reads the whole input and runs the same
+batches, each batch split over all devices of all hosts; the outputs are gathered and process 0
+alone writes the output and the summary (and shows progress).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import tqdm
 
 from mmspec_jax.convert.loading import read_config
-from mmspec_jax import artifacts, sharding
+from mmspec_jax import artifacts, distributed, sharding
 from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
@@ -209,9 +213,18 @@ def atomic_writer(path: str):
     raise
 
 
+@contextlib.contextmanager
+def _discarding_writer(path: str):
+  """What a process other than 0 writes to: nothing."""
+  del path
+  with open(os.devnull, 'w', encoding='utf-8') as f:
+    yield f
+
+
 def run(config) -> statistics.RunStatistics:
   """Decodes config.prompts into config.output and config.output's summary; see module doc."""
   # --- validation: nothing loaded, compiled or written yet ------------------------------------
+  distributed.initialize(config)
   use_demo_checkpoints(config)
   check_settings(config)
   sampling = sampling_config(config)
@@ -260,8 +273,11 @@ def run(config) -> statistics.RunStatistics:
   counts = []
   decode_seconds, new_tokens = 0.0, 0
   base_key = jax.random.key(config.seed)
-  progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding')
-  with progress, atomic_writer(config.output) as out:
+  primary = distributed.is_primary()
+  progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding',
+                       disable=not primary)
+  writer = atomic_writer if primary else _discarding_writer
+  with progress, writer(config.output) as out:
     for batch in batches:
       tokens, lengths, images = placement.place_inputs(
           *batch_arrays(batch, processor, image_shape), mesh, rules)
@@ -271,6 +287,7 @@ def run(config) -> statistics.RunStatistics:
           compiled[program_shape(decoder, batch)](target_params, draft_params, tokens, lengths,
                                                   images, rng))
       decode_seconds += time.perf_counter() - start
+      result = distributed.fetch(result)  # Rows live on every host's devices.
       counts.append(_write_batch(out, batch, result, processor))
       new_tokens += int(counts[-1][0].sum())
       progress.update(batch.num_real)
@@ -282,7 +299,7 @@ def run(config) -> statistics.RunStatistics:
         target_parameters=parameter_count(target_params), decode_seconds=decode_seconds,
         compile_seconds=compile_seconds)
     # Inside the output's block: the summary and the output appear together or not at all.
-    with atomic_writer(summary_path(config.output)) as f:
+    with writer(summary_path(config.output)) as f:
       json.dump(stats.as_dict(), f, indent=2)
   return stats
 
