@@ -19,8 +19,10 @@ $(STAMP): $(PY) setup.py
 
 setup: $(STAMP)
 
+# Two workers, each taking whole test files (module-scoped fixtures are built once): much of a
+# test's time is single-threaded tracing and compiling, so 2 cores run the suite ~1.4x faster.
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2 --dist loadfile
 
 demo: setup
 	$(PY) -m mmspec_jax.demo

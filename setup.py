@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         # The torch reference for parity tests. Pinned: an unpinned torch pulls a CUDA build.
-        'test': ['pytest>=8', 'scipy>=1.10', 'torch==2.13.0'],
+        # pytest-xdist: `make test` runs the test files on 2 workers.
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.10', 'torch==2.13.0'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
     },

@@ -1,4 +1,5 @@
-"""train.py end to end at tiny scale: every stage, resume after kill -9, SIGTERM, bad inputs.
+"""train.py end to end at tiny scale: every stage, bad inputs (kill -9, SIGTERM and restarts:
+test_training_restarts.py).
 
 Every stage runs in the paper's vocabulary layout: the drafts have the base vocabulary (128 ids),
 `<image>` (128) and `<pad>` (129) lie past it, the target's text vocabulary is 136. Each stage's
@@ -7,8 +8,6 @@ and fall.
 """
 
 import os
-import signal
-import subprocess
 
 import jax
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import training_fixtures as fx
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.testing import tiny_hf
-from mmspec_jax.training.checkpointing import Checkpointer
 from mmspec_jax.training.loop import Trainer
 
 
@@ -157,66 +155,6 @@ def test_distillation_stage(world, pretrained):
   losses = [loss for _, loss in trainer.history]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
   assert_finite_and_falling(trainer.history, 'distill')
-
-
-def _train_command(world, workdir, *flags):
-  return fx.pretrain_command(workdir, world['tokenizer'], world['corpus'], world['data_dir'],
-                             '--config.export=False', *flags)
-
-
-def _final_state(workdir, step):
-  checkpointer = Checkpointer(workdir, save_every=1, keep=10, asynchronous=False)
-  # Restore without a target structure: plain numpy arrays, compared bit for bit.
-  import orbax.checkpoint as ocp
-  restored = checkpointer._manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
-  checkpointer.close()
-  return restored['state'], restored['data']
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run(world, pretrained, tmp_path):
-  steps = ['--config.num_train_steps=24', '--config.checkpoint_every_steps=4',
-           '--config.log_every_steps=1']
-  reference = str(tmp_path / 'reference')
-  subprocess.run(_train_command(world, reference, *steps), check=True, capture_output=True,
-                 timeout=300)
-  interrupted = str(tmp_path / 'interrupted')
-  process = subprocess.Popen(_train_command(world, interrupted, *steps),
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  for line in process.stdout:  # Kill once a few checkpoints exist, mid-run.
-    if line.startswith('step 14/'):
-      process.send_signal(signal.SIGKILL)
-      break
-  process.wait(timeout=60)
-  assert process.returncode == -signal.SIGKILL
-  resumed = subprocess.run(_train_command(world, interrupted, *steps), check=True,
-                           capture_output=True, text=True, timeout=300)
-  assert 'resumed from step' in resumed.stdout
-  resumed_from = int(resumed.stdout.split('resumed from step ')[1].split()[0])
-  assert 0 < resumed_from < 24
-  expected, expected_data = _final_state(reference, 24)
-  actual, actual_data = _final_state(interrupted, 24)
-  assert actual_data == expected_data  # Same position in the data: nothing skipped or repeated.
-  jax.tree.map(np.testing.assert_array_equal, actual, expected)
-
-
-def test_sigterm_saves_the_current_step(world, pretrained, tmp_path):
-  workdir = str(tmp_path / 'preempted')
-  process = subprocess.Popen(
-      _train_command(world, workdir, '--config.num_train_steps=100000',
-                     '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1'),
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  for line in process.stdout:
-    if line.startswith('step 7/'):
-      process.send_signal(signal.SIGTERM)
-      break
-  output = process.communicate(timeout=120)[0]
-  assert process.returncode == 0
-  stopped_at = int(output.split('SIGTERM at step ')[1].split(':')[0])
-  assert stopped_at >= 7
-  checkpointer = Checkpointer(workdir, save_every=1, keep=10)
-  assert checkpointer.latest_step() == stopped_at  # Not a multiple of the save interval.
-  checkpointer.close()
 
 
 def test_workdir_of_another_config_is_refused(world, pretrained):

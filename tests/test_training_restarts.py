@@ -1,8 +1,11 @@
-"""train.py on 2 processes x 4 CPU devices (multiprocess.py), against 1 process x 8 devices.
+"""train.py killed, preempted and restarted, on 1 process x 8 CPU devices and on 2 processes x 4
+(multiprocess.py), against 1 uninterrupted process x 8 devices.
 
-The global batches do not depend on the number of processes (data/pipeline.py), so 2 processes
-killed with -9 mid-run and restarted must end where 1 uninterrupted process ends; a SIGTERM on
-one process stops both after the same step, which they save; the export is gathered. Each run
+1 process killed with -9 and restarted ends bit for bit where the uninterrupted run ends. The
+global batches do not depend on the number of processes (data/pipeline.py), so 2 processes
+killed and restarted end there too, up to the rounding of the cross-process gradient sum. A
+SIGTERM on one process stops both after the same step, which they save; a restart on 1 process
+continues from it, and stops and saves on its own SIGTERM. The export is gathered. Each run
 starts on an unprepared data_dir: process 0 prepares it while process 1 waits at a barrier."""
 
 import json
@@ -39,12 +42,32 @@ def train_command(world, name, *flags):
                              *flags)
 
 
-def one_process(command, devices=8):
-  """The command as one process on `devices` CPU devices (the 2 x 4 runs' mesh)."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+ONE_PROCESS_ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+                   'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}  # 2 x 4's mesh
+
+
+def one_process(command):
   return subprocess.run(command, check=True, capture_output=True, text=True, timeout=300,
-                        env=env, cwd=fx.REPO).stdout
+                        env=ONE_PROCESS_ENV, cwd=fx.REPO).stdout
+
+
+def one_process_signalled(command, line, sig):
+  """Runs the command as one process, sends `sig` once it printed a line starting with `line`;
+  returns (exit code, output)."""
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=ONE_PROCESS_ENV, cwd=fx.REPO)
+  output = []
+  for printed in process.stdout:
+    output.append(printed)
+    if printed.startswith(line):
+      process.send_signal(sig)
+      break
+  output.append(process.communicate(timeout=120)[0])
+  return process.returncode, ''.join(output)
+
+
+def stopped_at(output):
+  return int(output.split('SIGTERM at step ')[1].split(':')[0])
 
 
 def final_state(workdir, step):
@@ -63,10 +86,33 @@ def final_state(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def killed_and_resumed(world):
+def reference(world):
+  """The uninterrupted 1-process run's workdir."""
+  one_process(train_command(world, 'reference'))
+  return world['root'] / 'reference'
+
+
+def resumed_from(output):
+  step = int(output.split('resumed from step ')[1].split()[0])
+  assert 0 < step < STEPS
+  return step
+
+
+def test_one_process_killed_and_resumed_equals_uninterrupted_bit_for_bit(world, reference):
+  command = train_command(world, 'one_process', '--config.export=False')
+  code, _ = one_process_signalled(command, 'step 14/', signal.SIGKILL)  # Mid-run, 3 saved.
+  assert code == -signal.SIGKILL
+  resumed_from(one_process(command))
+  expected, expected_data = final_state(reference, STEPS)
+  actual, actual_data = final_state(world['root'] / 'one_process', STEPS)
+  assert actual_data == expected_data  # Same position in the data: nothing skipped or repeated.
+  jax.tree.map(np.testing.assert_array_equal, actual, expected)
+
+
+@pytest.fixture(scope='module')
+def killed_and_resumed(world, reference):
   """(1-process reference workdir, 2-process workdir killed at step 14 and resumed, the
   resumed run's output)."""
-  one_process(train_command(world, 'reference'))
   command = train_command(world, 'two_processes')
   with Processes(command, num_processes=2) as job:
     job.wait_for_line('step 14/')
@@ -75,13 +121,12 @@ def killed_and_resumed(world):
   with Processes(command, num_processes=2) as job:
     job.wait()
     resumed = job.output(0)
-  return world['root'] / 'reference', world['root'] / 'two_processes', resumed
+  return reference, world['root'] / 'two_processes', resumed
 
 
 def test_two_processes_killed_and_resumed_equal_one_uninterrupted(killed_and_resumed):
   reference, workdir, resumed = killed_and_resumed
-  resumed_from = int(resumed.split('resumed from step ')[1].split()[0])
-  assert 0 < resumed_from < STEPS
+  resumed_from(resumed)
   expected, expected_data = final_state(reference, STEPS)
   actual, actual_data = final_state(workdir, STEPS)
   # Every row slot's data position: the same documents were read, none skipped or repeated.
@@ -116,14 +161,21 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(world):
     job.signal(signal.SIGTERM, indices=[1])  # Only process 1 is told.
     assert job.wait() == [0, 0]
     output = job.output(0)
-  stopped_at = int(output.split('SIGTERM at step ')[1].split(':')[0])
-  assert stopped_at >= 7
-  checkpointer = Checkpointer(str(world['root'] / 'preempted'), save_every=1, keep=10)
+  assert 'SIGTERM at step' not in job.output(1)  # Process 0 alone speaks.
+  first_stop = stopped_at(output)
+  assert first_stop >= 7
   # Saved by both at that step (a save is collective: had they stopped apart, it would hang).
-  assert checkpointer.latest_step() == stopped_at
+  assert latest_step(world['root'] / 'preempted') == first_stop
+  # The restart continues from it, here on one process (the data position is every slot's),
+  # and a SIGTERM there saves its own current step, though no interval asks for one.
+  code, output = one_process_signalled(command, f'step {first_stop + 2}/', signal.SIGTERM)
+  assert code == 0 and f'resumed from step {first_stop}' in output
+  assert stopped_at(output) >= first_stop + 2
+  assert latest_step(world['root'] / 'preempted') == stopped_at(output)
+
+
+def latest_step(workdir):
+  checkpointer = Checkpointer(str(workdir), save_every=1, keep=10)
+  step = checkpointer.latest_step()
   checkpointer.close()
-  # The restart continues from it, here on one process: the data position is every slot's.
-  resumed = one_process(train_command(world, 'preempted', f'--config.num_train_steps='
-                                      f'{stopped_at + 2}', '--config.export=False'))
-  assert f'resumed from step {stopped_at}' in resumed
-  assert f'step {stopped_at + 2}/{stopped_at + 2}' in resumed
+  return step
