@@ -96,6 +96,12 @@ def test_global_order_visits_each_epoch_as_a_permutation():
   assert stream[:6] == np.random.default_rng([3, 0]).permutation(6).tolist()
 
 
+def _global_batches(per_host):
+  """Each host's list of batches -> the global batches: rows concatenated in host order."""
+  return [{key: np.concatenate([host[k][key] for host in per_host]) for key in per_host[0][k]}
+          for k in range(len(per_host[0]))]
+
+
 def _host_batches(kind, source, tok, num_hosts, count, global_batch=4, **kwargs):
   """The global batches `num_hosts` hosts produce: their rows concatenated in host order."""
   hosts = [pipeline.make_iterator(kind, source, tok, batch_size=global_batch // num_hosts,
@@ -105,8 +111,7 @@ def _host_batches(kind, source, tok, num_hosts, count, global_batch=4, **kwargs)
   states = [it.get_state() for it in hosts]
   for it in hosts:
     it.close()
-  return [{key: np.concatenate([host[k][key] for host in batches]) for key in batches[0][k]}
-          for k in range(count)], pipeline.merge_states(states)
+  return _global_batches(batches), pipeline.merge_states(states)
 
 
 @pytest.mark.parametrize('kind', ['pretrain', 'chat'])
@@ -143,8 +148,7 @@ def test_a_state_saved_on_two_hosts_resumes_on_one_or_four(tok, docs, records, k
     resumed = [take(it, 4) for it in hosts]
     for it in hosts:
       it.close()
-    assert_same([{key: np.concatenate([host[k][key] for host in resumed]) for key in resumed[0][k]}
-                 for k in range(4)], expected[3:])
+    assert_same(_global_batches(resumed), expected[3:])
   # One host's own state lacks the other host's slots: refused on a host that reads them.
   with pipeline.make_iterator(kind, source, tok, batch_size=2, seed=5, seq_len=seq_len,
                               process_index=0, process_count=2) as it:

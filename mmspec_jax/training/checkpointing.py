@@ -58,12 +58,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def check_workdir_config(workdir: str, config_dict: dict[str, Any], *, write: bool = True):
-  """Writes the run's config on first use (if `write`: one process of several); refuses a
-  workdir made by another model or stage."""
-  directory = epath.Path(workdir)  # Local or gs:// alike.
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / CONFIG_FILE
+def check_workdir_config(workdir: str, config_dict: dict[str, Any]):
+  """Refuses a workdir made by another model or stage (every process checks)."""
+  path = epath.Path(workdir) / CONFIG_FILE  # Local or gs:// alike.
   if path.exists():
     previous = json.loads(path.read_text())
     for field in IDENTITY_FIELDS:
@@ -72,5 +69,10 @@ def check_workdir_config(workdir: str, config_dict: dict[str, Any], *, write: bo
             f'workdir {workdir!r} holds a run of another config: its {field!r} differs '
             f'({previous.get(field)!r} there, {config_dict.get(field)!r} now). Use a new '
             '--workdir, or the same config to resume.')
-  if write:
-    path.write_text(json.dumps(config_dict, indent=2, default=str))
+
+
+def write_workdir_config(workdir: str, config_dict: dict[str, Any]):
+  """Records the run's config in its workdir (one process of several writes it)."""
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, default=str))

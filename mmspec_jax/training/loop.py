@@ -33,7 +33,8 @@ from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abs
                                build, initialize, parameter_count)
 from mmspec_jax.models.config import from_dict, with_dtype
 from mmspec_jax.training import data_setup
-from mmspec_jax.training.checkpointing import Checkpointer, check_workdir_config
+from mmspec_jax.training.checkpointing import (Checkpointer, check_workdir_config,
+                                               write_workdir_config)
 from mmspec_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from mmspec_jax.training.step import (Objective, TrainState, create_state, eval_step,
                                       state_shardings, train_step)
@@ -91,10 +92,10 @@ class Trainer:
     identity = {'stage': config.stage, 'task': config.task, 'model': config.model.to_dict(),
                 'config': config.to_dict()}
     # Every process checks before process 0 writes: all refuse a foreign workdir alike.
-    check_workdir_config(workdir, identity, write=False)
+    check_workdir_config(workdir, identity)
     distributed.barrier('workdir checked')
     if distributed.is_primary():
-      check_workdir_config(workdir, identity)
+      write_workdir_config(workdir, identity)
     self.teacher_config, self.teacher_params = self._load_teacher()
     if isinstance(self.model_config, AdapterDraftConfig):
       self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
