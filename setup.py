@@ -19,6 +19,7 @@ setup(
         'tokenizers>=0.21',
         'safetensors>=0.5',
         'tensorflow-datasets>=4.9',
+        'grain>=0.2.12',  # The input pipeline: index shuffle, read-ahead, worker processes.
         'tensorflow-cpu>=2.18',
         'ml-collections>=1.0',
         'tensorboard>=2.15',  # Training summaries (flax.metrics.tensorboard).

@@ -112,8 +112,9 @@ def test_one_process_killed_and_resumed_equals_uninterrupted_bit_for_bit(world, 
 @pytest.fixture(scope='module')
 def killed_and_resumed(world, reference):
   """(1-process reference workdir, 2-process workdir killed at step 14 and resumed, the
-  resumed run's output)."""
-  command = train_command(world, 'two_processes')
+  resumed run's output). The 2 processes read through a grain worker process each (the
+  reference through none): the batches must not depend on it."""
+  command = train_command(world, 'two_processes', '--config.data.workers=1')
   with Processes(command, num_processes=2) as job:
     job.wait_for_line('step 14/')
     job.signal(signal.SIGKILL)

@@ -86,7 +86,8 @@ class DataSetup:
     return make_iterator(
         data.kind, source, self.tokenizer, batch_size=config.batch_size // process_count,
         seq_len=data.seq_len, seed=seed, process_index=jax.process_index(),
-        process_count=process_count, text_key=data.text_key, prefetch=data.prefetch, **extra)
+        process_count=process_count, text_key=data.text_key, prefetch=data.prefetch,
+        workers=data.workers, **extra)
 
   def train_iterator(self):
     return self._iterator(self.config.data.train_split, self.config.seed)

@@ -40,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'  # '' disables evaluation.
   config.data.text_key = 'text'  # The text feature of a text dataset.
   config.data.seq_len = 128  # Tokens per row.
-  config.data.prefetch = 2  # Batches prepared ahead by the input thread.
+  config.data.prefetch = 2  # Batches read ahead (grain, in a thread or in the workers).
+  # grain worker processes that read, tokenize and preprocess images (0: a thread of the training
+  # process). Any count gives the same batches; on a TPU or GPU host give it spare cores (2
+  # workers read the world's images 2.2x faster than none on 2 cores; each takes seconds to start).
+  config.data.workers = 0
 
   # Optimization.
   config.batch_size = 8  # Global rows per update (all hosts together).
