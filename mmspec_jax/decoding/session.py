@@ -1,0 +1,282 @@
+"""One decode session: a target and its drafts loaded once onto a mesh, and the compiled programs
+that decode batches of requests with them.
+
+decode.py's runner, the evaluation, the data stage that asks the target for answers
+(mmspec_jax/distillation.py) and the benchmarks all decode through this object:
+
+  session = DecodeSession(target_dir, {'language': draft_dir}, dtype='float32')
+  requests = session.read_requests('prompts.jsonl', max_new_tokens=64, num_draft_tokens=5)
+  decoder = session.decoder('language', num_draft_tokens=5, sampling=SamplingConfig(),
+                            max_new_tokens=64)
+  batches = inputs.make_batches(requests, batch_size=8, buckets=(128, 256))
+  compile_seconds = session.compile(decoder, batches)     # one program per prompt-length bucket
+  for batch in batches:
+    result, seconds = session.decode(decoder, batch, jax.random.key(0))  # on this host
+
+Everything that can be checked is checked when the session is built, before any weights are
+loaded: the models' kinds, the adapter draft against the target's vision tower, each draft's
+vocabulary against the target's. On several processes every process builds the same session and
+decodes the same batches; each batch is split over all devices of all hosts and `decode`
+returns the whole result on every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmspec_jax import distributed, sharding
+from mmspec_jax.convert.loading import read_config
+from mmspec_jax.decoding import inputs, placement
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
+                               parameter_count, text_config)
+from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
+from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor
+from mmspec_jax.vocabulary import check_compatible_vocabularies
+
+DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
+
+
+def target_config(target: str, dtype: str) -> ModelConfig:
+  """The target's config in `dtype` (no weights read); refused unless LLaVA or LLaMA."""
+  if dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f'unsupported dtype {dtype!r}; expected one of {SUPPORTED_DTYPES}')
+  config = with_dtype(read_config(target), dtype)
+  if not isinstance(config, (LlavaConfig, LlamaConfig)):
+    raise ValueError(f'target {target!r} must be a LLaVA or LLaMA model, not an adapter draft')
+  return config
+
+
+def draft_config(draft: str, target: ModelConfig, dtype: str) -> ModelConfig:
+  """A draft's config in `dtype`, checked against the target's (no weights read)."""
+  config = with_dtype(read_config(draft), dtype)
+  if not isinstance(config, (LlamaConfig, AdapterDraftConfig)):
+    raise ValueError(f'draft {draft!r} must be a LLaMA or adapter draft model, not '
+                     f'{type(config).__name__}')
+  if isinstance(config, AdapterDraftConfig) and isinstance(target, LlavaConfig):
+    # The adapter reads the target's vision features and fills the target's placeholders.
+    if config.vision_hidden_size != target.vision.hidden_size:
+      raise ValueError(f'adapter draft {draft!r} expects vision features of width '
+                       f'{config.vision_hidden_size}, the target\'s vision tower gives '
+                       f'{target.vision.hidden_size}')
+    if config.image_token_index != target.image_token_index:
+      raise ValueError(f'adapter draft {draft!r} uses image token {config.image_token_index}, '
+                       f'the target {target.image_token_index}')
+  return config
+
+
+def check_draft_vocabulary(draft: str, processor: MultimodalProcessor, target: ModelConfig,
+                           config: ModelConfig):
+  has_tokenizer = any(os.path.isfile(os.path.join(draft, f)) for f in TOKENIZER_FILES)
+  # A draft directory without tokenizer files is taken to share the target's tokenizer.
+  draft_tokenizer = (MultimodalProcessor.from_pretrained(draft).tokenizer if has_tokenizer
+                     else processor.tokenizer)
+  try:
+    check_compatible_vocabularies(processor.tokenizer, draft_tokenizer,
+                                  text_config(config).vocab_size, text_config(target).vocab_size)
+  except ValueError as e:
+    raise ValueError(f'draft {draft!r}: {e}') from e
+
+
+def eos_token_ids(target: ModelConfig, processor: MultimodalProcessor) -> tuple[int, ...]:
+  """The target's text EOS id(s) (several for LLaMA 3), else the tokenizer's, else none."""
+  eos = text_config(target).eos_token_id
+  if eos is None:
+    eos = processor.eos_token_id
+  if eos is None:
+    return ()
+  return tuple(int(i) for i in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A decoder of the session: which draft (None: the target alone), gamma and sampling, and
+  whether its programs take images (a run without any passes none: no vision tower runs)."""
+  draft: str | None
+  num_draft_tokens: int
+  sampling: SamplingConfig
+  max_new_tokens: int
+  with_images: bool
+
+
+class DecodeSession:
+  """See the module docstring."""
+
+  def __init__(self, target: str, drafts: Mapping[str, str] | None = None, *,
+               dtype: str = 'float32', mesh_shape: Mapping[str, int] | None = None,
+               rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES,
+               draft_rules: Sequence[tuple[str, Any]] = sharding.DRAFT_RULES,
+               layout_config: Mapping[str, Any] | None = None):
+    """Args:
+      target: the LLaVA (or LLaMA) target's directory, Hugging Face or converted.
+      drafts: {name: directory} of the drafts to decode with (LLaMA or adapter drafts).
+      dtype: compute and parameter dtype of every model.
+      mesh_shape: axis -> size (-1 fills); default every device on `data`.
+      rules, draft_rules: logical axis rules of the target and of the drafts.
+      layout_config: decode.py's config.layout (attention kernel, scan); default the backend's.
+    """
+    drafts = dict(drafts or {})
+    self.target_dir, self.draft_dirs, self.dtype = target, drafts, dtype
+    self.rules, self.draft_rules = tuple(map(tuple, rules)), tuple(map(tuple, draft_rules))
+    self.target_config = target_config(target, dtype)
+    self.processor = MultimodalProcessor.from_pretrained(target)
+    self.draft_configs = {}
+    for name, directory in drafts.items():
+      self.draft_configs[name] = draft_config(directory, self.target_config, dtype)
+      check_draft_vocabulary(directory, self.processor, self.target_config,
+                             self.draft_configs[name])
+    self.eos_token_ids = eos_token_ids(self.target_config, self.processor)
+    self.image_shape = None
+    if isinstance(self.target_config, LlavaConfig):
+      vision = self.target_config.vision
+      self.image_shape = (vision.image_size, vision.image_size, vision.num_channels)
+    self.target_layout = placement.decoding_layout(layout_config, verifies=bool(drafts))
+    self.draft_layout = placement.decoding_layout(layout_config)
+    self.mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
+    self._image_size_checked = False
+    self._decoders: dict[Decoder, SpeculativeDecoder] = {}
+    self._compiled: dict[tuple[Decoder, int, int, int | None], Any] = {}
+    self.target_params = self.draft_params = None
+
+  # --- loading ------------------------------------------------------------------------------
+  def load(self) -> DecodeSession:
+    """Loads every model straight onto the mesh, in its decoding layout (once)."""
+    if self.target_params is None:
+      logging.info('loading target %s', self.target_dir)
+      self.target_params = placement.load_for_decoding(
+          self.target_dir, self.target_config, self.dtype, self.mesh, self.rules,
+          layout=self.target_layout)
+      self.draft_params = {}
+      for name, directory in self.draft_dirs.items():
+        logging.info('loading draft %s', directory)
+        self.draft_params[name] = placement.load_for_decoding(
+            directory, self.draft_configs[name], self.dtype, self.mesh, self.draft_rules,
+            layout=self.draft_layout)
+    return self
+
+  def parameter_counts(self) -> dict[str | None, int]:
+    """{None: the target's, draft name: the draft's} parameter counts (after load())."""
+    self.load()
+    return {None: parameter_count(self.target_params),
+            **{name: parameter_count(p) for name, p in self.draft_params.items()}}
+
+  # --- requests -------------------------------------------------------------------------------
+  def read_requests(self, path: str, *, max_new_tokens: int, num_draft_tokens: int = 0,
+                    raw_prompt: bool = False) -> list[inputs.Request]:
+    """decode.py's JSONL prompts, validated for this target and every draft."""
+    requests = inputs.read_requests(
+        path, self.processor, self.target_config, raw_prompt=raw_prompt,
+        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+        drafts=tuple(self.draft_configs.values()))
+    self.check_images(requests)
+    return requests
+
+  def check_images(self, requests: Sequence[inputs.Request]):
+    """The processor must produce what the vision tower was built for; checked on one image."""
+    image = next((r.image for r in requests if r.image is not None), None)
+    if image is None or self._image_size_checked or self.image_shape is None:
+      return
+    pixels = self.processor.preprocess_images([image])
+    if pixels.shape[1:] != self.image_shape:
+      raise ValueError(f'the image processor of {image!r} gives pixels of shape '
+                       f'{pixels.shape[1:]}, the target\'s vision tower expects '
+                       f'{self.image_shape}')
+    self._image_size_checked = True
+
+  def batch_arrays(self, batch: inputs.Batch, with_images: bool = True):
+    """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None)."""
+    tokens, lengths = self.processor.pad_batch([r.token_ids for r in batch.requests],
+                                               pad_to=batch.length)
+    if self.image_shape is None or not with_images:
+      return tokens, lengths, None
+    # Rows without an image get zeros: they have no placeholders, so the zeros are never read.
+    images = np.zeros((len(batch.requests),) + self.image_shape, np.float32)
+    rows = [i for i, r in enumerate(batch.requests) if r.image is not None]
+    if rows:
+      images[rows] = self.processor.preprocess_images([batch.requests[i].image for i in rows])
+    return tokens, lengths, images
+
+  # --- decoders and programs ------------------------------------------------------------------
+  def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
+              max_new_tokens: int, requests: Sequence[inputs.Request] = ()) -> Decoder:
+    """The decoder for these settings, built once. `requests`: those it will decode; its
+    programs take images when the target is a LLaVA and any of them has one."""
+    if draft is not None and draft not in self.draft_configs:
+      raise ValueError(f'unknown draft {draft!r}; this session has {sorted(self.draft_configs)}')
+    if draft is not None and num_draft_tokens < 1:
+      raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
+                       f'{num_draft_tokens}')
+    with_images = self.image_shape is not None and any(r.image is not None for r in requests)
+    spec = Decoder(draft, num_draft_tokens if draft is not None else 0, sampling,
+                   max_new_tokens, with_images)
+    if spec not in self._decoders:
+      self._decoders[spec] = SpeculativeDecoder(
+          target=build(self.target_config, self.target_layout),
+          draft=None if draft is None else build(self.draft_configs[draft], self.draft_layout),
+          num_draft_tokens=spec.num_draft_tokens, sampling=sampling,
+          max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
+          draft_rules=self.draft_rules)
+    return spec
+
+  def engine(self, decoder: Decoder) -> SpeculativeDecoder:
+    return self._decoders[decoder]
+
+  def _program_key(self, decoder: Decoder, batch: inputs.Batch, draft_prompt_length=None):
+    engine = self._decoders[decoder]
+    if draft_prompt_length is None:
+      draft_prompt_length = engine.draft_prompt_length([r.token_ids for r in batch.requests],
+                                                        batch.length)
+    return decoder, len(batch.requests), batch.length, draft_prompt_length
+
+  def compile(self, decoder: Decoder, batches: Sequence[inputs.Batch],
+              draft_prompt_length: int | None = None) -> float:
+    """Compiles (ahead of time) one program per distinct batch shape; returns the seconds.
+
+    draft_prompt_length: one draft prompt width for every batch (default: each batch's own).
+    """
+    self.load()
+    start = time.perf_counter()
+    engine, params = self._decoders[decoder], self._params(decoder)
+    with placement.mesh_context(self.mesh, self.rules):
+      for batch in batches:
+        key = self._program_key(decoder, batch, draft_prompt_length)
+        if key in self._compiled:
+          continue
+        _, batch_size, length, draft_length = key
+        image_shape = self.image_shape if decoder.with_images else None
+        self._compiled[key] = engine.generate.lower(
+            self.target_params, params,
+            *placement.input_structs(batch_size, length, image_shape, self.mesh, self.rules),
+            placement.keys_struct(batch_size, self.mesh, self.rules),
+            draft_prompt_length=draft_length).compile()
+    return time.perf_counter() - start
+
+  def _params(self, decoder: Decoder):
+    return None if decoder.draft is None else self.draft_params[decoder.draft]
+
+  def decode(self, decoder: Decoder, batch: inputs.Batch, key: jax.Array,
+             draft_prompt_length: int | None = None):
+    """Decodes one batch with its compiled program: (the engine's result on this host, as numpy
+    arrays, every row included; the seconds the program ran). Rows are keyed by
+    inputs.request_keys(batch.requests, key)."""
+    program = self._compiled.get(self._program_key(decoder, batch, draft_prompt_length))
+    if program is None:
+      raise ValueError('this batch\'s program is not compiled: call compile() with its batches '
+                       'first')
+    arrays = self.batch_arrays(batch, decoder.with_images)
+    tokens, lengths, images = placement.place_inputs(*arrays, self.mesh, self.rules)
+    keys = placement.place_keys(inputs.request_keys(batch.requests, key), self.mesh, self.rules)
+    start = time.perf_counter()
+    result = jax.block_until_ready(program(self.target_params, self._params(decoder), tokens,
+                                           lengths, images, keys))
+    seconds = time.perf_counter() - start
+    return jax.tree.map(np.asarray, distributed.fetch(result)), seconds
