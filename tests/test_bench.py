@@ -50,9 +50,8 @@ def test_predicted_speedup_is_tau_when_drafts_and_prefills_are_free():
 
 def test_text_only_prompts_drop_placeholders_and_images():
   request = inputs.Request(id=0, line=1, token_ids=(1, 7, 4, 4, 9), image='x.png')
-  pair = types.SimpleNamespace(target_config=types.SimpleNamespace(image_token_index=4),
-                               requests=[request])
-  pair = speculative.Pair(**{f: getattr(pair, f, None) for f in speculative.Pair.__annotations__})
+  session = types.SimpleNamespace(target_config=types.SimpleNamespace(image_token_index=4))
+  pair = speculative.Pair(session=session, requests=[request], length=8)
   [text] = assisted.text_only(pair).requests
   assert text.token_ids == (1, 7, 9) and text.image is None
 

@@ -18,6 +18,7 @@ from multiprocess import Processes
 from mmspec_jax.testing import tiny_hf as hf_builders
 from mmspec_jax.convert.loading import save_converted
 from mmspec_jax.decoding import runner
+from mmspec_jax.decoding import session as session_module
 from mmspec_jax.decoding.engine import DecodeResult
 from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, init_params
 from mmspec_jax.processing import MultimodalProcessor
@@ -174,22 +175,19 @@ MIXED = [LONG[0], SUBJECT, SEEDED, ROWS[0], LONG[1]]
 
 
 def _cached_compile(cache: dict):
-  """runner.compile_programs that reuses programs compiled for the same decoder and shape: runs
-  differing only in their inputs or seed share them (their arguments carry params and keys)."""
-  compile_programs = runner.compile_programs
+  """DecodeSession._compile_program that reuses programs compiled for the same decoder and shape:
+  runs differing only in their inputs or seed share them (their arguments carry params and
+  keys)."""
+  compile_program = session_module.DecodeSession._compile_program
 
-  def compile_cached(decoder, target_params, draft_params, batch_size, shapes, image_shape,
-                     mesh, rules):
-    key = (decoder.target, decoder.draft, decoder.sampling, decoder.num_draft_tokens,
-           decoder.max_new_tokens, decoder.eos_token_ids, decoder.draft_rules, batch_size,
-           image_shape)
-    missing = sorted({shape for shape in shapes if (key, shape) not in cache}, key=str)
-    seconds = 1e-9
-    if missing:
-      compiled, seconds = compile_programs(decoder, target_params, draft_params, batch_size,
-                                           missing, image_shape, mesh, rules)
-      cache.update({(key, shape): program for shape, program in compiled.items()})
-    return {shape: cache[key, shape] for shape in set(shapes)}, seconds
+  def compile_cached(self, engine, decoder, batch_size, length, draft_prompt_length):
+    key = (engine.target, engine.draft, engine.sampling, engine.num_draft_tokens,
+           engine.max_new_tokens, engine.eos_token_ids, engine.draft_rules, decoder.with_images,
+           batch_size, length, draft_prompt_length)
+    if key not in cache:
+      cache[key] = compile_program(self, engine, decoder, batch_size, length,
+                                   draft_prompt_length)
+    return cache[key]
   return compile_cached
 
 
@@ -204,13 +202,13 @@ def sampled(ckpt):
           'auto_mixed': ('', mixed, 3, 0)}
   outputs, programs = {}, {}
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(runner, 'compile_programs', _cached_compile(programs))
+    patch.setattr(session_module.DecodeSession, '_compile_program', _cached_compile(programs))
     for name, (draft, prompts, batch_size, seed) in runs.items():
       config = make_config(ckpt, f'sampled_{name}', draft=draft, prompts=prompts,
                            batch_size=batch_size, seed=seed, temperature=1.0)
       runner.run(config)
       outputs[name] = {line['id']: line for line in read_jsonl(config.output)}
-  return outputs, sorted({(key[-2], shape[0]) for key, shape in programs})
+  return outputs, sorted({(key[-3], key[-2]) for key in programs})
 
 
 def test_a_request_samples_the_same_tokens_alone_and_in_any_batch(sampled):
@@ -263,8 +261,8 @@ def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
                         accepted_by_position=np.zeros((batch, 0), np.int32),
                         reached_by_position=np.zeros((batch, 0), np.int32))
 
-  monkeypatch.setattr(runner, 'compile_programs',
-                      lambda *args: ({length: generate for length in args[4]}, 0.0))
+  monkeypatch.setattr(session_module.DecodeSession, '_compile_program',
+                      lambda *args: generate)
   config = make_config(ckpt, 'interrupted')
   with pytest.raises(RuntimeError, match='device lost'):
     runner.run(config)

@@ -30,7 +30,6 @@ from mmspec_jax import artifacts
 from mmspec_jax.bench import assisted, autoregressive, capacity, report, speculative, widen
 from mmspec_jax.bench.timing import read_bandwidth
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.decoding import placement
 from mmspec_jax.models import parameter_count
 
 TASKS = ('captioning', 'sqa', 'conversation')
@@ -150,8 +149,7 @@ def _widened_target(pair: speculative.Pair) -> speculative.Pair:
   _log(f'[3/4] target widened to {parameter_count(params) / 1e9:.2f}B parameters '
        f'(hidden {config.text.hidden_size}, {config.text.num_heads} heads, MLP '
        f'{config.text.intermediate_size}, {config.text.num_layers} layers)')
-  return pair.with_target(config, placement.decoding_params(config, params,
-                                                            speculative.TARGET_LAYOUT))
+  return pair.with_target(config, params)
 
 
 def _check_widened(comparison, pair, wide, wide_tokens):

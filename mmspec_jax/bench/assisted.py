@@ -72,7 +72,7 @@ def run_section(pair: speculative.Pair, target_hf: str, draft_hf: str, *, num_pr
   target = transformers.AutoModelForImageTextToText.from_pretrained(
       target_hf, dtype=torch.float32).eval()
   draft = transformers.AutoModelForCausalLM.from_pretrained(draft_hf, dtype=torch.float32).eval()
-  eos = pair.eos
+  eos = pair.session.eos_token_ids
   results = {}
   for kind, prompts in (('image', pair), ('text', text_only(pair))):
     rows = _hf_inputs(prompts, num_prompts)

@@ -23,17 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmspec_jax.bench.timing import Timed, call_timer, compile_timed, interleaved
+from mmspec_jax.bench.timing import Timed, call_timer, interleaved
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.decoding import inputs, placement, runner, statistics
-from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding import inputs, placement, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.evaluation import tasks as task_data
-from mmspec_jax.models import KVCache, LlavaConfig, build, parameter_count, text_config
+from mmspec_jax.models import KVCache, build, parameter_count, text_config
 from mmspec_jax.processing import MultimodalProcessor
 
-# The decoding layouts of this backend (models/layout.py): every pair's params are arranged so.
-# The target is laid out for verification, and serves the autoregressive baseline as it is.
+# The decoding layouts of this backend (models/layout.py), as the pair's session arranges its
+# params: the target laid out for verification serves the autoregressive baseline as it is.
 TARGET_LAYOUT = placement.decoding_layout(verifies=True)
 DRAFT_LAYOUT = placement.decoding_layout()
 
@@ -41,69 +41,67 @@ GREEDY = SamplingConfig(temperature=0.0)
 LENGTH_BUCKETS = (64, 128, 256, 512)
 
 
+DRAFT = 'draft'  # The pair's draft in its session.
+
+
 @dataclasses.dataclass
 class Pair:
-  """A target and a draft with held-out prompts, every prompt padded to one length."""
-  target_config: Any
-  target_params: Any
-  draft_config: Any
-  draft_params: Any
-  processor: MultimodalProcessor
+  """A target and a draft in one in-memory DecodeSession, with held-out prompts, every prompt
+  padded to one length."""
+  session: DecodeSession
   requests: list[inputs.Request]
   length: int
-  image_shape: tuple[int, int, int] | None
-  eos: tuple[int, ...]
+
+  target_config = property(lambda self: self.session.target_config)
+  target_params = property(lambda self: self.session.target_params)
+  draft_config = property(lambda self: self.session.draft_configs[DRAFT])
+  draft_params = property(lambda self: self.session.draft_params[DRAFT])
+  processor = property(lambda self: self.session.processor)
+  image_shape = property(lambda self: self.session.image_shape)
 
   def with_target(self, config, params) -> Pair:
-    return dataclasses.replace(self, target_config=config, target_params=params)
+    """The same draft and prompts beside another target (canonical params)."""
+    return dataclasses.replace(self, session=self.session.with_target(config, params))
+
+  def batch_arrays(self, batch: inputs.Batch):
+    return self.session.batch_arrays(batch)
 
 
 def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[str],
               num_examples: int, max_new_tokens: int) -> Pair:
   """The pair and `num_examples` prompts of each task, interleaved (so any prefix mixes tasks)."""
   processor = MultimodalProcessor.from_pretrained(target_dir)
-  target_config, target_params = load_model(target_dir, dtype='float32')
-  draft_config, draft_params = load_model(draft_dir, dtype='float32')
-  target_params = placement.decoding_params(target_config, target_params, TARGET_LAYOUT)
-  draft_params = placement.decoding_params(draft_config, draft_params, DRAFT_LAYOUT)
-  per_task = [task_data.read_task(data_dir, task, processor, target_config,
+  target = load_model(target_dir, dtype='float32')
+  session = DecodeSession.from_params(processor, target,
+                                      {DRAFT: load_model(draft_dir, dtype='float32')})
+  per_task = [task_data.read_task(data_dir, task, processor, target[0],
                                   num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks]
   requests = [example.request for row in zip(*per_task) for example in row]
   length = inputs.bucket_length(max(len(r.token_ids) for r in requests), LENGTH_BUCKETS)
-  image_shape = None
-  if isinstance(target_config, LlavaConfig):
-    vision = target_config.vision
-    image_shape = (vision.image_size, vision.image_size, vision.num_channels)
-  return Pair(target_config, target_params, draft_config, draft_params, processor, requests,
-              length, image_shape, runner.eos_token_ids(target_config, processor))
+  return Pair(session, requests, length)
 
 
 class DecodeRun(Timed):
   """Greedy decoding of the first `num_prompts` prompts in batches of `batch_size`, compiled and
   warmed up (the warm-up run's outputs are the figures'; first runs of a program are slower).
-  gamma 0 decodes with the target alone. `time_once()` times one more pass over all prompts."""
+  gamma 0 decodes with the target alone. `time_once()` times one more pass over all prompts,
+  the inputs placed beforehand."""
 
   def __init__(self, pair: Pair, gamma: int, batch_size: int, num_prompts: int,
                max_new_tokens: int):
-    decoder = SpeculativeDecoder(
-        target=build(pair.target_config, TARGET_LAYOUT),
-        draft=build(pair.draft_config, DRAFT_LAYOUT) if gamma else None,
-        num_draft_tokens=gamma, sampling=GREEDY, max_new_tokens=max_new_tokens,
-        eos_token_ids=pair.eos)
-    draft_params = pair.draft_params if gamma else None
+    session, requests = pair.session, pair.requests[:num_prompts]
+    decoder = session.decoder(DRAFT if gamma else None, num_draft_tokens=gamma,
+                              sampling=GREEDY, max_new_tokens=max_new_tokens, requests=requests)
     self.gamma, self.batch_size = gamma, batch_size
-    self.batches = inputs.make_batches(pair.requests[:num_prompts], batch_size, (pair.length,))
-    arrays = [runner.batch_arrays(batch, pair.processor, pair.image_shape)
-              for batch in self.batches]
+    self.batches = inputs.make_batches(requests, batch_size, (pair.length,))
+    draft_length = session.engine(decoder).draft_prompt_length(
+        [r.token_ids for r in requests], pair.length)
+    self.compile_seconds = session.compile(decoder, self.batches, draft_length)
     key = jax.random.key(0)
-    draft_length = decoder.draft_prompt_length(
-        [r.token_ids for r in pair.requests[:num_prompts]], pair.length)
-    compiled, self.compile_seconds = compile_timed(decoder.generate, pair.target_params,
-                                                   draft_params, *arrays[0], key,
-                                                   draft_prompt_length=draft_length)
+    calls = [session.place(decoder, batch, key, draft_length) for batch in self.batches]
     super().__init__(lambda: jax.block_until_ready(
-        [compiled(pair.target_params, draft_params, *batch_arrays, key) for batch_arrays in arrays]))
+        [program(*arguments) for program, arguments in calls]))
     self.results = self._run()
 
   def summary(self) -> dict[str, Any]:
@@ -144,7 +142,7 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5,
   dispatch); n makes a loop take ~0.2 s (1 for a 1B model, where dispatch is negligible).
   """
   batch = inputs.make_batches(pair.requests[:1], 1, (pair.length,))[0]
-  tokens, lengths, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
+  tokens, lengths, images = pair.batch_arrays(batch)
   image_token = getattr(pair.target_config, 'image_token_index', None)
   text = np.array([[t for t in tokens[0, :lengths[0]] if t != image_token]], np.int32)
 
@@ -187,7 +185,7 @@ def call_costs(pair: Pair, gamma: int, context: int, repeats: int = 5,
 def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
   batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
-  tokens, _, images = runner.batch_arrays(batch, pair.processor, pair.image_shape)
+  tokens, _, images = pair.batch_arrays(batch)
   logits = [jax.jit(build(p.target_config, TARGET_LAYOUT).apply)({'params': p.target_params},
                                                                  tokens, images)
             for p in (pair, other)]  # [B, T, V] each

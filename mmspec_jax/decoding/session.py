@@ -134,18 +134,56 @@ class DecodeSession:
       self.draft_configs[name] = draft_config(directory, self.target_config, dtype)
       check_draft_vocabulary(directory, self.processor, self.target_config,
                              self.draft_configs[name])
+    self._finish(layout_config, mesh_shape)
+
+  @classmethod
+  def from_params(cls, processor: MultimodalProcessor, target: tuple[ModelConfig, Any],
+                  drafts: Mapping[str, tuple[ModelConfig, Any]] | None = None, *,
+                  dtype: str = 'float32', layout_config: Mapping[str, Any] | None = None
+                  ) -> DecodeSession:
+    """A session over models already in memory, as canonical (config, params) pairs, on one
+    device (the benchmarks: a target widened in memory has no directory)."""
+    session = cls.__new__(cls)
+    session.target_dir, session.dtype = None, dtype
+    session.draft_dirs = {name: None for name in drafts or {}}
+    session.rules, session.draft_rules = sharding.DEFAULT_RULES, sharding.DRAFT_RULES
+    session.target_config, session.processor = target[0], processor
+    session.draft_configs = {name: config for name, (config, _) in (drafts or {}).items()}
+    session._finish(layout_config, None)
+    session.target_params = placement.decoding_params(target[0], target[1],
+                                                      session.target_layout)
+    session.draft_params = {
+        name: None if params is None else placement.decoding_params(config, params,
+                                                                    session.draft_layout)
+        for name, (config, params) in (drafts or {}).items()}
+    return session
+
+  def _finish(self, layout_config, mesh_shape):
+    """What both constructors set once the configs and the processor are known."""
     self.eos_token_ids = eos_token_ids(self.target_config, self.processor)
     self.image_shape = None
     if isinstance(self.target_config, LlavaConfig):
       vision = self.target_config.vision
       self.image_shape = (vision.image_size, vision.image_size, vision.num_channels)
-    self.target_layout = placement.decoding_layout(layout_config, verifies=bool(drafts))
+    self.target_layout = placement.decoding_layout(layout_config,
+                                                   verifies=bool(self.draft_configs))
     self.draft_layout = placement.decoding_layout(layout_config)
     self.mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
     self._image_size_checked = False
     self._decoders: dict[Decoder, SpeculativeDecoder] = {}
     self._compiled: dict[tuple[Decoder, int, int, int | None], Any] = {}
     self.target_params = self.draft_params = None
+
+  def with_target(self, config: ModelConfig, params: Any) -> DecodeSession:
+    """This in-memory session's drafts (as arranged) beside another target (canonical params)."""
+    return DecodeSession.from_params(
+        self.processor, (config, params),
+        {name: (c, None) for name, c in self.draft_configs.items()}, dtype=self.dtype
+    )._with_draft_params(self.draft_params)
+
+  def _with_draft_params(self, draft_params):
+    self.draft_params = draft_params
+    return self
 
   # --- loading ------------------------------------------------------------------------------
   def load(self) -> DecodeSession:
@@ -245,38 +283,45 @@ class DecodeSession:
     """
     self.load()
     start = time.perf_counter()
-    engine, params = self._decoders[decoder], self._params(decoder)
-    with placement.mesh_context(self.mesh, self.rules):
-      for batch in batches:
-        key = self._program_key(decoder, batch, draft_prompt_length)
-        if key in self._compiled:
-          continue
-        _, batch_size, length, draft_length = key
-        image_shape = self.image_shape if decoder.with_images else None
-        self._compiled[key] = engine.generate.lower(
-            self.target_params, params,
-            *placement.input_structs(batch_size, length, image_shape, self.mesh, self.rules),
-            placement.keys_struct(batch_size, self.mesh, self.rules),
-            draft_prompt_length=draft_length).compile()
+    for batch in batches:
+      key = self._program_key(decoder, batch, draft_prompt_length)
+      if key not in self._compiled:
+        self._compiled[key] = self._compile_program(self._decoders[decoder], *key)
     return time.perf_counter() - start
+
+  def _compile_program(self, engine: SpeculativeDecoder, decoder: Decoder, batch_size: int,
+                       length: int, draft_prompt_length: int | None):
+    """One ahead-of-time compiled `generate` for batches of this shape."""
+    image_shape = self.image_shape if decoder.with_images else None
+    with placement.mesh_context(self.mesh, self.rules):
+      return engine.generate.lower(
+          self.target_params, self._params(decoder),
+          *placement.input_structs(batch_size, length, image_shape, self.mesh, self.rules),
+          placement.keys_struct(batch_size, self.mesh, self.rules),
+          draft_prompt_length=draft_prompt_length).compile()
 
   def _params(self, decoder: Decoder):
     return None if decoder.draft is None else self.draft_params[decoder.draft]
 
-  def decode(self, decoder: Decoder, batch: inputs.Batch, key: jax.Array,
-             draft_prompt_length: int | None = None):
-    """Decodes one batch with its compiled program: (the engine's result on this host, as numpy
-    arrays, every row included; the seconds the program ran). Rows are keyed by
-    inputs.request_keys(batch.requests, key)."""
+  def place(self, decoder: Decoder, batch: inputs.Batch, key: jax.Array,
+            draft_prompt_length: int | None = None):
+    """(the batch's compiled program, its placed arguments): tokens, lengths, images and the
+    rows' keys, inputs.request_keys(batch.requests, key), on the mesh."""
     program = self._compiled.get(self._program_key(decoder, batch, draft_prompt_length))
     if program is None:
       raise ValueError('this batch\'s program is not compiled: call compile() with its batches '
                        'first')
     arrays = self.batch_arrays(batch, decoder.with_images)
-    tokens, lengths, images = placement.place_inputs(*arrays, self.mesh, self.rules)
+    placed = placement.place_inputs(*arrays, self.mesh, self.rules)
     keys = placement.place_keys(inputs.request_keys(batch.requests, key), self.mesh, self.rules)
+    return program, (self.target_params, self._params(decoder), *placed, keys)
+
+  def decode(self, decoder: Decoder, batch: inputs.Batch, key: jax.Array,
+             draft_prompt_length: int | None = None):
+    """Decodes one batch with its compiled program: (the engine's result on this host, as numpy
+    arrays, every row included; the seconds the program ran)."""
+    program, arguments = self.place(decoder, batch, key, draft_prompt_length)
     start = time.perf_counter()
-    result = jax.block_until_ready(program(self.target_params, self._params(decoder), tokens,
-                                           lengths, images, keys))
+    result = jax.block_until_ready(program(*arguments))
     seconds = time.perf_counter() - start
     return jax.tree.map(np.asarray, distributed.fetch(result)), seconds

@@ -17,27 +17,22 @@ from __future__ import annotations
 import functools
 import re
 import sys
-import time
-import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from mmspec_jax import sharding
-from mmspec_jax.decoding import inputs, placement, runner, statistics
-from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.session import DRAFT_KINDS, DecodeSession
 from mmspec_jax.evaluation import report, tasks as task_data
-from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, build, parameter_count
-from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+from mmspec_jax.models.config import SUPPORTED_DTYPES
 from mmspec_jax.processing import MultimodalProcessor
 
 DEFAULT_TASKS = ('captioning', 'sqa', 'conversation')
 DEFAULT_GAMMAS = (1, 2, 3, 4, 5, 6, 7)
 SAMPLINGS = {'greedy': SamplingConfig(temperature=0.0), 'sample': SamplingConfig(temperature=1.0)}
-DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
 TARGET_ONLY = 'target'  # The `draft` of the target-alone cells.
 # Every prompt of the run is padded to the smallest of these that fits them all.
 LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -100,23 +95,13 @@ def _default_score_fn() -> ScoreFn:
   return score
 
 
-def model_configs(target: str, drafts: Mapping[str, str], dtype: str,
-                   processor: MultimodalProcessor) -> tuple[ModelConfig, dict[str, ModelConfig]]:
-  """Target and draft configs, each draft checked as decode.py checks it (no weights loaded)."""
-
-  # runner's checks take a decode config; they read only these three fields.
-  settings = lambda draft: types.SimpleNamespace(target=target, draft=draft, dtype=dtype)
-  target_config, _ = runner.model_configs(settings(''))
-  configs = {}
-  for name, directory in drafts.items():
-    _, config = runner.model_configs(settings(directory))
+def check_draft_kinds(session: DecodeSession):
+  """A draft named 'language' must be a LLaMA draft and one named 'adapter' an adapter draft."""
+  for name, config in session.draft_configs.items():
     kind = DRAFT_KINDS[type(config)]
     if name in DRAFT_KINDS.values() and name != kind:
-      raise ValueError(f'draft {name!r} ({directory}) is of kind {kind!r}: the names '
-                       f'{sorted(DRAFT_KINDS.values())} must match the kind')
-    runner.check_draft_vocabulary(settings(directory), processor, target_config, config)
-    configs[name] = config
-  return target_config, configs
+      raise ValueError(f'draft {name!r} ({session.draft_dirs[name]}) is of kind {kind!r}: the '
+                       f'names {sorted(DRAFT_KINDS.values())} must match the kind')
 
 
 def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequence[str]):
@@ -128,23 +113,19 @@ def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequ
         yield name, gamma, sampling
 
 
-def _decode_task(generate, target_params, draft_params, batches: Sequence[inputs.Batch],
-                 processor: MultimodalProcessor, image_shape, mesh, rules, key: jax.Array):
-  """Runs one task's batches through a compiled `generate`.
+def _decode_task(session: DecodeSession, decoder, batches: Sequence[inputs.Batch],
+                 draft_prompt_length: int | None, key: jax.Array):
+  """Runs one task's batches through the session.
 
   Returns (new tokens: list of int32[n_i] per real row, statistics.row_counts over the real rows,
   decode seconds).
   """
   tokens, counts, seconds = [], [], 0.0
   for batch in batches:
-    arrays = runner.batch_arrays(batch, processor, image_shape)
-    arrays = placement.place_inputs(*arrays, mesh, rules)
-    start = time.perf_counter()
-    keys = placement.place_keys(inputs.request_keys(batch.requests, key), mesh, rules)
-    result = jax.block_until_ready(generate(target_params, draft_params, *arrays, keys))
-    seconds += time.perf_counter() - start
+    result, batch_seconds = session.decode(decoder, batch, key, draft_prompt_length)
+    seconds += batch_seconds
     counts.append(statistics.row_counts(result, batch.num_real))  # Padding rows do not count.
-    tokens += [row[:n] for row, n in zip(np.asarray(result.tokens), counts[-1][0])]
+    tokens += [row[:n] for row, n in zip(result.tokens, counts[-1][0])]
   return tokens, statistics.concatenate_counts(counts), seconds
 
 
@@ -213,8 +194,10 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   score_fn = score_fn or _default_score_fn()
   if out_dir is not None:
     report.prepare_out_dir(out_dir)
-  processor = MultimodalProcessor.from_pretrained(target)
-  target_config, draft_configs = model_configs(target, drafts, dtype, processor)
+  session = DecodeSession(target, drafts, dtype=dtype, mesh_shape=mesh_shape)
+  check_draft_kinds(session)
+  processor, target_config = session.processor, session.target_config
+  draft_configs = session.draft_configs
   examples = {task: task_data.read_task(data_dir, task, processor, target_config,
                                         num_examples=num_examples, max_new_tokens=max_new_tokens,
                                         num_draft_tokens=max(gammas) if draft_configs else 0,
@@ -222,59 +205,35 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
               for task in tasks}
   # One prompt length and one image shape for the whole run: one compile per decoder.
   requests = [e.request for task in tasks for e in examples[task]]
+  session.check_images(requests)
   length = inputs.bucket_length(max(len(r.token_ids) for r in requests), LENGTH_BUCKETS)
-  image_shape = None
-  with_image = [r.image for r in requests if r.image is not None]
-  if with_image:
-    runner.check_image_size(
-        processor, target_config, with_image[0])
-    vision = target_config.vision
-    image_shape = (vision.image_size, vision.image_size, vision.num_channels)
   batches = {task: inputs.make_batches([e.request for e in examples[task]], batch_size, (length,))
              for task in tasks}
 
   # --- load every model once ---------------------------------------------------------------------
-  mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
-  rules = sharding.DEFAULT_RULES
-  # One target for every decoder, autoregressive ones included: laid out for verification.
-  target_layout = placement.decoding_layout(verifies=True)
-  draft_layout = placement.decoding_layout()
-  load = lambda path, config, rules, layout: placement.load_for_decoding(
-      path, config, dtype, mesh, rules, layout=layout)
-  target_params = load(target, target_config, rules, target_layout)
-  target_parameters = parameter_count(target_params)
-  draft_params = {name: load(drafts[name], config, sharding.DRAFT_RULES, draft_layout)
-                  for name, config in draft_configs.items()}
+  parameters = session.parameter_counts()
   settings = {
-      'target': target, 'target_parameters': target_parameters, 'data_dir': data_dir,
+      'target': target, 'target_parameters': parameters[None], 'data_dir': data_dir,
       'drafts': {name: {'dir': drafts[name], 'kind': DRAFT_KINDS[type(config)],
-                        'parameters': parameter_count(draft_params[name])}
+                        'parameters': parameters[name]}
                  for name, config in draft_configs.items()},
       'tasks': tasks, 'gammas': sorted(gammas), 'samplings': samplings,
       'max_new_tokens': max_new_tokens, 'batch_size': batch_size, 'num_examples': num_examples,
       'prompt_length': length, 'seed': seed, 'dtype': dtype}
 
   # --- decode: one compile per decoder, then every task ------------------------------------------
-  target_model = build(target_config, target_layout)
-  eos = runner.eos_token_ids(target_config, processor)
   specs = list(_decoder_specs(list(drafts), gammas, samplings))
   cells, baseline_speed = [], {}
   base_key = jax.random.key(seed)
   for name, gamma, sampling in specs:
-    decoder = SpeculativeDecoder(
-        target=target_model,
-        draft=None if name is None else build(draft_configs[name], draft_layout),
-        num_draft_tokens=gamma, sampling=SAMPLINGS[sampling], max_new_tokens=max_new_tokens,
-        eos_token_ids=eos, draft_rules=sharding.DRAFT_RULES)
-    params = None if name is None else draft_params[name]
+    decoder = session.decoder(name, num_draft_tokens=gamma, sampling=SAMPLINGS[sampling],
+                              max_new_tokens=max_new_tokens, requests=requests)
     # One program for every task: the draft's prompt width covers all of their prompts.
-    shape = (length, decoder.draft_prompt_length(
-        [r.token_ids for r in requests], length))
-    compiled, compile_seconds = runner.compile_programs(
-        decoder, target_params, params, batch_size, [shape], image_shape, mesh, rules)
-    decode = functools.partial(_decode_task, compiled[shape], target_params, params,
-                               processor=processor, image_shape=image_shape, mesh=mesh,
-                               rules=rules)
+    draft_length = session.engine(decoder).draft_prompt_length(
+        [r.token_ids for r in requests], length)
+    all_batches = [batch for task in tasks for batch in batches[task]]
+    compile_seconds = session.compile(decoder, all_batches, draft_length)
+    decode = functools.partial(_decode_task, session, decoder, draft_prompt_length=draft_length)
     # A compiled program's first run is several times slower (allocations, thread pools): one
     # warm-up batch, counted with the compile, keeps the first task's tokens/s comparable.
     compile_seconds += decode(batches[tasks[0]][:1], key=base_key)[-1]
@@ -283,8 +242,8 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
           batches[task], key=jax.random.fold_in(base_key, task_index))
       stats = statistics.summarize(
           *counts, num_draft_tokens=gamma,
-          draft_parameters=None if name is None else settings['drafts'][name]['parameters'],
-          target_parameters=target_parameters, decode_seconds=seconds,
+          draft_parameters=None if name is None else parameters[name],
+          target_parameters=parameters[None], decode_seconds=seconds,
           compile_seconds=compile_seconds)
       cell = {'task': task, 'draft': name or TARGET_ONLY,
               'draft_kind': None if name is None else settings['drafts'][name]['kind'],
