@@ -58,8 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.adam_eps = 1e-8
   config.weight_decay = 0.1  # Decoupled (AdamW); never on norm scales or biases.
   config.max_grad_norm = 1.0  # Global-norm clipping.
-  config.distill_kind = 'kl'  # distill: 'kl' or 'tvd'.
-  config.distill_weight = 1.0  # distill: weight of the distillation term against CE.
+  # distill (and adapter stages when distill_weight > 0): the objective toward the target's
+  # distributions, one of 'kl', 'tvd', 'tvd++', 'acceptance' (training/losses.py).
+  config.distill_kind = 'kl'
+  config.distill_weight = 1.0  # Weight of the distillation term against cross-entropy.
+  config.distill_gamma = 5  # 'acceptance': the draft block length whose accepted tokens count.
   # Which parameters train: '' = all; 'adapter' = only the adapter draft's projector.
   config.trainable = ''
 
@@ -114,12 +117,12 @@ STAGES = {
         paper=dict(seq_len=2048, batch_size=64, num_train_steps=5_000, learning_rate=5e-5,
                    warmup_steps=200)),
     'adapter_stage1': dict(
-        task='adapter', kind='multimodal', trainable='adapter',
+        task='adapter', kind='multimodal', trainable='adapter', distill_weight=0.0,
         tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=1e-3),
         paper=dict(seq_len=1024, batch_size=256, num_train_steps=2_000, learning_rate=1e-3,
                    warmup_steps=60)),
     'adapter_stage2': dict(
-        task='adapter', kind='multimodal', trainable='',
+        task='adapter', kind='multimodal', trainable='', distill_weight=0.0,
         tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=3e-4),
         paper=dict(seq_len=2048, batch_size=128, num_train_steps=5_000, learning_rate=2e-5,
                    warmup_steps=150)),

@@ -106,7 +106,8 @@ class Trainer:
     self.objective = Objective(
         build(self.model_config), task=config.task,
         teacher=build(self.teacher_config) if self.teacher_config else None,
-        distill_kind=config.distill_kind, distill_weight=config.distill_weight)
+        distill_kind=config.distill_kind, distill_weight=config.distill_weight,
+        distill_gamma=config.distill_gamma)
     if config.trainable not in TRAINABLE:
       raise ValueError(f'unknown config.trainable {config.trainable!r}; expected one of '
                        f'{sorted(TRAINABLE)}')

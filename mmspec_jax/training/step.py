@@ -5,7 +5,8 @@ Axis legend: A gradient-accumulation micro-batches, B batch, T length, V vocabul
 Objectives (`task`):
   lm       next-token cross-entropy of a LLaMA draft (pretraining, chat fine-tuning);
   llava    next-token cross-entropy of a whole LLaVA (the target), images through its own tower;
-  distill  the draft against the frozen target's logits (KL or TVD) plus a weighted CE term;
+  distill  the draft against the frozen target's logits (KL, TVD, TVD++ or the expected accepted
+           length: losses.distillation) plus a weighted CE term;
            the target reads the multimodal sequence, the draft the same text with the image
            placeholders removed, and the target's logits are gathered at the draft's positions;
   adapter  the adapter draft on multimodal batches, fed the frozen target's vision features.
@@ -64,8 +65,10 @@ class Objective:
   model: nn.Module  # The trained model: Llama, AdapterDraft or (task 'llava') Llava.
   task: str = 'lm'  # 'lm' | 'distill' | 'adapter'
   teacher: nn.Module | None = None  # The frozen target (Llava or Llama) for distill / adapter.
-  distill_kind: str = 'kl'
-  distill_weight: float = 1.0  # distill: loss = w * distillation + (1 - w) * cross-entropy.
+  distill_kind: str = 'kl'  # One of losses.OBJECTIVES.
+  # distill (and adapter, when > 0): loss = w * distillation + (1 - w) * cross-entropy.
+  distill_weight: float = 1.0
+  distill_gamma: int = 5  # The block length of the 'acceptance' objective.
 
   def __post_init__(self):
     if self.task not in ('lm', 'llava', 'distill', 'adapter'):
@@ -73,6 +76,11 @@ class Objective:
                        "'adapter'")
     if self.task in ('distill', 'adapter') and self.teacher is None:
       raise ValueError(f'task {self.task!r} needs the target model')
+    if self.distill_kind not in losses.OBJECTIVES:
+      raise ValueError(f'unknown distill_kind {self.distill_kind!r}; expected one of '
+                       f'{losses.OBJECTIVES}')
+    if not 0.0 <= self.distill_weight <= 1.0:
+      raise ValueError(f'distill_weight must be in [0, 1], got {self.distill_weight}')
 
   def loss(self, params, batch: dict[str, jax.Array], frozen: Any):
     """(sum of per-token losses, number of counted tokens) over one micro-batch."""
@@ -89,8 +97,20 @@ class Objective:
                                     method=Llava.encode_image)
       logits = self.model.apply({'params': params}, batch['inputs'],
                                 jax.lax.stop_gradient(features))
-      return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
+      if not self.distill_weight:
+        return losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
+      # The adapter draft reads the target's very sequence (its placeholders filled by its own
+      # projector), so the teacher's logits line up position for position.
+      teacher_logits = self.teacher.apply({'params': frozen}, batch['inputs'], batch['images'])
+      return self._mixed(logits, teacher_logits, batch['targets'], batch['loss_mask'])
     return self._distill_loss(params, batch, frozen)
+
+  def _mixed(self, logits, teacher_logits, targets, mask):
+    kd_sum, count = losses.distillation(logits, teacher_logits, mask, self.distill_kind,
+                                        gamma=self.distill_gamma)
+    ce_sum, _ = losses.cross_entropy(logits, targets, mask)
+    weight = self.distill_weight
+    return weight * kd_sum + (1 - weight) * ce_sum, count
 
   def _distill_loss(self, params, batch, frozen):
     inputs = batch['inputs']
@@ -105,10 +125,7 @@ class Objective:
     student_inputs, targets, mask = take(inputs), take(batch['targets']), take(batch['loss_mask'])
     teacher_logits = jnp.take_along_axis(teacher_logits, order[..., None], axis=1)
     logits = self.model.apply({'params': params}, student_inputs)
-    kd_sum, count = losses.distillation(logits, teacher_logits, mask, self.distill_kind)
-    ce_sum, _ = losses.cross_entropy(logits, targets, mask)
-    weight = self.distill_weight
-    return weight * kd_sum + (1 - weight) * ce_sum, count
+    return self._mixed(logits, teacher_logits, targets, mask)
 
 
 def _split_micro_batches(batch, num_micro_batches: int):
