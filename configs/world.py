@@ -3,7 +3,8 @@ r"""The offline world's models and training stages: `--config=configs/world.py:S
   python -m mmspec_jax.data.world --out_dir=artifacts/world
   python train.py --config=configs/world.py:target --workdir=artifacts/runs/target
   python train.py --config=configs/world.py:draft_pretrain --workdir=artifacts/runs/draft_pretrain
-  ... draft_chat, draft_distill, adapter_stage1, adapter_stage2 (in this order)
+  ... draft_chat, adapter_stage1, adapter_stage2 (in this order); then, on the target's own
+  answers (python -m mmspec_jax.target_answers, see make demo), draft_distill, adapter_distill
 
 `make demo` runs all of it (and caches it under artifacts/). Paths follow
 mmspec_jax/artifacts.py; the world's tokenizer has 512 ids with `<image>` = 4.
@@ -28,6 +29,7 @@ DRAFT = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num
                     num_heads=2, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
+ANSWERS = 'target answers'  # Stands for artifacts.target_answers_path().
 # stage -> (previous stage to start from, conversations file or None for the text corpus,
 #           steps, learning rate)
 STAGES = {
@@ -37,7 +39,10 @@ STAGES = {
     'target': (None, 'train_all.json', 1500, 1e-3),
     'draft_pretrain': (None, None, 400, 3e-3),
     'draft_chat': ('draft_pretrain', 'train_all.json', 300, 1e-3),
-    'draft_distill': ('draft_chat', 'train_all.json', 150, 3e-4),
+    # Distilled on the target's own answers (mmspec_jax/target_answers.py) toward its
+    # distributions: the language-only draft from its chat stage, the adapter draft from stage 2.
+    'draft_distill': ('draft_chat', ANSWERS, 150, 3e-4),
+    'adapter_distill': ('adapter_stage2', ANSWERS, 150, 2e-4),
     'adapter_stage1': ('draft_chat', 'train_captioning.json', 150, 2e-3),
     'adapter_stage2': ('adapter_stage1', 'train_all.json', 200, 5e-4),
 }
@@ -47,7 +52,11 @@ def get_config(stage: str = 'target'):
   if stage not in STAGES:
     raise ValueError(f'unknown world stage {stage!r}; expected one of {list(STAGES)}')
   previous, conversations, steps, learning_rate = STAGES[stage]
-  config = stage_config(stage, 'tiny')
+  if stage == 'adapter_distill':  # Stage 2 again, now toward the target's distributions.
+    config = stage_config('adapter_stage2', 'tiny')
+    config.stage, config.distill_weight, config.distill_kind = stage, 0.9, 'tvd'
+  else:
+    config = stage_config(stage, 'tiny')
   world = artifacts.world_dir()
   config.tokenizer = f'{world}/tokenizer'
   config.num_train_steps = steps
@@ -76,7 +85,11 @@ def get_config(stage: str = 'target'):
   else:
     data.seq_len = 128  # 64 image tokens and the text; long conversations are cut.
     data.prepare.builder = 'llava_conversations'
-    data.prepare.config_name = conversations.removesuffix('.json')
-    data.prepare.json_files = f'{world}/{conversations}'
     data.prepare.image_folder = f'{world}/images'
+    if conversations == ANSWERS:
+      data.prepare.config_name = 'target_answers'
+      data.prepare.json_files = artifacts.target_answers_path()
+    else:
+      data.prepare.config_name = conversations.removesuffix('.json')
+      data.prepare.json_files = f'{world}/{conversations}'
   return config

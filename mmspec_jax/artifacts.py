@@ -33,6 +33,12 @@ def is_trained(stage: str, root: str | None = None) -> bool:
   return os.path.isfile(os.path.join(export_dir(stage, root), 'mmspec_config.json'))
 
 
+def target_answers_path(root: str | None = None) -> str:
+  """The target's own answers to the world's training prompts (LLaVA JSON), which the distilled
+  drafts train on."""
+  return os.path.join(root or ROOT, 'runs', 'target_answers', 'train.json')
+
+
 def results_dir(root: str | None = None) -> str:
   return os.path.join(root or ROOT, 'results')
 
