@@ -50,6 +50,12 @@ def test_short_training_gets_well_below_chance(small_world, stage, steps):
 
 def test_every_world_stage_config_loads(small_world):
   for stage in ('target', 'draft_pretrain', 'draft_chat', 'draft_distill', 'adapter_stage1',
-                'adapter_stage2'):
+                'adapter_stage2', 'adapter_distill'):
     config = world_config(stage)
     assert config.stage == stage and config.tokenizer.startswith(small_world)
+  # The distilled drafts train on the target's own answers, toward its distributions.
+  for stage, task in (('draft_distill', 'distill'), ('adapter_distill', 'adapter')):
+    config = world_config(stage)
+    assert config.task == task and config.distill_weight > 0 and config.distill_kind == 'tvd'
+    assert config.data.prepare.json_files == artifacts.target_answers_path()
+  assert world_config('adapter_stage2').distill_weight == 0
