@@ -11,7 +11,7 @@ conversation it would have had). The output keeps each record's id, image and qu
 replaces the assistant turns by the target's answers.
 
 It runs on decode.py's engine through one DecodeSession: batched, sharded over the mesh (and over
-several processes with multihost, every process running the same command). With --draft the
+several processes with --multihost, every process running the same command; process 0 writes). With --draft the
 target's answers come from speculative decoding, which leaves them unchanged (greedy: the same
 tokens; sampled: the same distribution) and faster. Greedy answers are the target's argmax;
 sampled ones (temperature 1) use each turn's own key, fold_in(key(seed), hash(id, turn)).
@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import tqdm
 
 from mmspec_jax import distributed
@@ -204,7 +205,18 @@ def main(argv=None):
   parser.add_argument('--max_new_tokens', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--dtype', default='float32')
+  # Several processes, as train.py's and decode.py's --config.multihost / --config.distributed.*.
+  parser.add_argument('--multihost', action='store_true')
+  parser.add_argument('--coordinator_address', default='')
+  parser.add_argument('--num_processes', type=int, default=-1)
+  parser.add_argument('--process_id', type=int, default=-1)
   args = parser.parse_args(argv)
+  settings = ml_collections.ConfigDict()
+  distributed.add_config(settings)
+  settings.multihost = args.multihost
+  settings.distributed.update(coordinator_address=args.coordinator_address,
+                              num_processes=args.num_processes, process_id=args.process_id)
+  distributed.initialize(settings)
   out_dir = os.path.dirname(os.path.abspath(args.out))
   if not os.path.isdir(out_dir):
     raise SystemExit(f'the output directory {out_dir!r} does not exist')

@@ -17,3 +17,20 @@ if 'MMSPEC_TEST_COMPILATION_CACHE' not in os.environ:
   os.environ.update(MMSPEC_TEST_COMPILATION_CACHE=_cache, JAX_COMPILATION_CACHE_DIR=_cache,
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+# The longest files first. `make test` runs pytest-xdist with --dist loadfile, which hands whole
+# files to its 2 workers in collection order: a long file collected last (alphabetical order puts
+# test_training_restarts and test_world_training there) would run alone at the end while the
+# other worker idles. Measured totals per file, longest first; the rest keep their order.
+_LONGEST_FIRST = (
+    'test_training_restarts.py', 'test_decode_cli.py', 'test_training_loop.py',
+    'test_world_training.py', 'test_sharded_decoding.py', 'test_decoding_layout.py',
+    'test_evaluate.py', 'test_plan.py', 'test_pallas_attention.py', 'test_training_step.py',
+    'test_training_sharded.py', 'test_kv_cache.py', 'test_decoding_greedy.py',
+    'test_decoding_sampling.py', 'test_target_answers.py')
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {name: index for index, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
