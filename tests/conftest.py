@@ -7,6 +7,15 @@ import tempfile
 # Tests import their shared fixtures (decoding_fixtures) as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
 
+# XLA:CPU's backend (LLVM) at -O0: the suite's programs are tiny and compiled once or twice each,
+# so compiling is most of its time; -O0 compiles them about a third faster (test_decoding_greedy:
+# 99 s -> 65 s) and the matmuls, library calls, run as fast. Tests that start processes with
+# their own XLA_FLAGS (fake device counts) add these too (testing_flags()).
+os.environ.setdefault('MMSPEC_TEST_XLA_FLAGS', '--xla_backend_optimization_level=0')
+if os.environ['MMSPEC_TEST_XLA_FLAGS'] not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                             + os.environ['MMSPEC_TEST_XLA_FLAGS']).strip()
+
 # One persistent compilation cache for this test session: the pytest workers and every train.py
 # and decode.py the tests start compile the same tiny programs many times over. A fresh
 # directory per session (made by the first process, inherited by the workers and subprocesses

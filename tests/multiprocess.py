@@ -42,7 +42,8 @@ class Processes:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env.update(JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={self.devices_per_process}')
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={self.devices_per_process} '
+               + os.environ.get('MMSPEC_TEST_XLA_FLAGS', ''))
     self.deadline = time.time() + self.timeout
     for index in range(self.num_processes):
       flags = ['--config.multihost=True',

@@ -4,7 +4,8 @@ rows and kv heads, against one device. Prints one JSON line of results."""
 import json
 import os
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                           + os.environ.get('MMSPEC_TEST_XLA_FLAGS', ''))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -7,7 +7,8 @@ import os
 import sys
 import tempfile
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                           + os.environ.get('MMSPEC_TEST_XLA_FLAGS', ''))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                           + os.environ.get('MMSPEC_TEST_XLA_FLAGS', ''))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -18,7 +18,8 @@ SMALL = ['--config.target=tiny_llava', '--config.draft=tiny_llama', '--config.pr
 
 def _plan(tmp_path, name, *flags):
   output = tmp_path / f'{name}.json'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+         + os.environ.get('MMSPEC_TEST_XLA_FLAGS', '')}
   result = subprocess.run(
       [sys.executable, '-m', 'mmspec_jax.plan', '--config=' + os.path.join(REPO, 'configs',
                                                                           'plan.py'),

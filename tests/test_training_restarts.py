@@ -43,7 +43,8 @@ def train_command(world, name, *flags):
 
 
 ONE_PROCESS_ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-                   'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}  # 2 x 4's mesh
+                   'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                   + os.environ.get('MMSPEC_TEST_XLA_FLAGS', '')}  # 2 x 4's mesh
 
 
 def one_process(command):
