@@ -17,13 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from mmspec_jax.bench.timing import (Timed, bandwidth_probe, compile_timed, interleaved,
-                                     parameter_bytes)
+from mmspec_jax.bench.timing import Timed, bandwidth_probe, interleaved, parameter_bytes
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.decoding import placement
-from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding import inputs
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.models import build
+from mmspec_jax.decoding.session import DecodeSession
 
 # TinyLlama-1.1B's shape.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -61,20 +59,18 @@ def bytes_per_token(config, params, prompt_length: int, new_tokens: int) -> int:
 
 def ours(model_dir: str, prompt: np.ndarray, new_tokens: int) -> tuple[Timed, dict[str, Any]]:
   """Our greedy decoding, compiled and warmed up: (its timer, config/params/tokens/compile)."""
-  config, params = load_model(model_dir, dtype='float32')
-  layout = placement.decoding_layout()
-  params = placement.decoding_params(config, params, layout)
-  decoder = SpeculativeDecoder(target=build(config, layout), draft=None, num_draft_tokens=0,
-                               sampling=GREEDY, max_new_tokens=new_tokens, eos_token_ids=())
-  tokens = prompt[None].astype(np.int32)  # [1, T]
-  lengths = np.array([prompt.size], np.int32)
-  args = (params, None, tokens, lengths, None, jax.random.key(0))
-  compiled, compile_seconds = compile_timed(decoder.generate, *args)
-  run = lambda: jax.block_until_ready(compiled(*args))
+  session = DecodeSession.from_params(None, load_model(model_dir, dtype='float32'))
+  request = inputs.Request(id=0, line=1, token_ids=tuple(int(t) for t in prompt), image=None)
+  batch = inputs.make_batches([request], 1, (prompt.size,))[0]
+  decoder = session.decoder(None, num_draft_tokens=0, sampling=GREEDY,
+                            max_new_tokens=new_tokens, eos_token_ids=())  # EOS off.
+  compile_seconds = session.compile(decoder, [batch])
+  program, arguments = session.place(decoder, batch, jax.random.key(0))
+  run = lambda: jax.block_until_ready(program(*arguments))
   result = run()  # The warm-up run (first runs of a program are slower), kept for its tokens.
   assert int(result.num_generated[0]) == new_tokens
-  return Timed(run), {'config': config, 'params': params, 'compile_seconds': compile_seconds,
-                      'tokens': np.asarray(result.tokens[0])}
+  return Timed(run), {'config': session.target_config, 'params': session.target_params,
+                      'compile_seconds': compile_seconds, 'tokens': np.asarray(result.tokens[0])}
 
 
 def transformers_generate(model_dir: str, prompt: np.ndarray, new_tokens: int,

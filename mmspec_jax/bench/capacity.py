@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmspec_jax.bench.autoregressive import kv_cache_bytes
-from mmspec_jax.bench.timing import (Timed, call_timer, compile_timed, interleaved,
-                                     parameter_bytes)
-from mmspec_jax.decoding import placement
-from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.bench.timing import Timed, call_timer, compile_timed, interleaved, parameter_bytes
+from mmspec_jax.decoding import inputs
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.models import KVCache, LlamaConfig, build, init_params, parameter_count
 
 MODEL = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4,
@@ -46,13 +45,14 @@ def _prompts(batch_size: int, mean_length: int, seed: int = 0):
 def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048),
                 batch_size: int = 8, prompt_tokens: int = 60,
                 new_tokens: int = 64) -> dict[str, Any]:
-  layout = placement.decoding_layout()
-  model = build(MODEL, layout)
-  params = placement.decoding_params(MODEL, init_params(MODEL, jax.random.key(0)), layout)
-  decoder = SpeculativeDecoder(target=model, draft=None, num_draft_tokens=0,
-                               sampling=SamplingConfig(), max_new_tokens=new_tokens,
-                               eos_token_ids=())
+  session = DecodeSession.from_params(None, (MODEL, init_params(MODEL, jax.random.key(0))))
+  layout, params = session.target_layout, session.target_params
+  model = build(MODEL, layout)  # The prefill and the step, timed apart from `generate`.
+  decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
+                            max_new_tokens=new_tokens, eos_token_ids=())
   ids, lengths = _prompts(batch_size, prompt_tokens)
+  requests = [inputs.Request(id=row, line=row + 1, token_ids=tuple(ids[row, :n].tolist()),
+                             image=None) for row, n in enumerate(lengths)]
   key = jax.random.key(0)
   one_token = jnp.full((batch_size, 1), 5, jnp.int32)  # [B, 1]
 
@@ -63,15 +63,15 @@ def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048)
 
   runs, compile_seconds = {}, {}
   for bucket in buckets:
-    tokens = np.zeros((batch_size, bucket), np.int32)
-    tokens[:, :ids.shape[1]] = ids
+    [batch] = inputs.make_batches(requests, batch_size, (bucket,))
+    tokens, _, _ = session.batch_arrays(batch)  # [B, bucket]
     capacity = bucket + new_tokens + 1
 
     def prefill(params, tokens, lengths, capacity=capacity):
       cache = KVCache.init(MODEL, batch_size, capacity, layout=layout)
       return model.apply({'params': params}, tokens, lengths, cache, method='prefill')
-    generate, generate_seconds = compile_timed(decoder.generate, params, None, tokens, lengths,
-                                               None, key)
+    generate_seconds = session.compile(decoder, [batch])
+    generate, arguments = session.place(decoder, batch, key)
     prefill_only, prefill_seconds = compile_timed(jax.jit(prefill), params, tokens, lengths)
     compile_seconds[bucket] = generate_seconds + prefill_seconds
     # The step's cache: the prompts and half the new tokens live, in this bucket's capacity.
@@ -81,8 +81,7 @@ def run_section(*, repeats: int, log: Callable[[str], None], buckets=(256, 2048)
         'step': call_timer(extend, params, (cache, jnp.float32(0)), min_calls=100),
         'prefill': Timed(lambda p=prefill_only, t=tokens: jax.block_until_ready(
             p(params, t, lengths))),
-        'generate': Timed(lambda g=generate, t=tokens: jax.block_until_ready(
-            g(params, None, t, lengths, None, key)))}
+        'generate': Timed(lambda g=generate, a=arguments: jax.block_until_ready(g(*a)))}
     for name in ('prefill', 'generate'):
       runs[bucket][name].warm_up()
     log(f'[5/5] bucket {bucket}: compiled in {compile_seconds[bucket]:.1f}s')

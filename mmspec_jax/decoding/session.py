@@ -40,7 +40,7 @@ from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
                                parameter_count, text_config)
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
-from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor
+from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
 from mmspec_jax.vocabulary import check_compatible_vocabularies
 
 DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
@@ -87,10 +87,11 @@ def check_draft_vocabulary(draft: str, processor: MultimodalProcessor, target: M
     raise ValueError(f'draft {draft!r}: {e}') from e
 
 
-def eos_token_ids(target: ModelConfig, processor: MultimodalProcessor) -> tuple[int, ...]:
+def eos_token_ids(target: ModelConfig, processor: MultimodalProcessor | None
+                  ) -> tuple[int, ...]:
   """The target's text EOS id(s) (several for LLaMA 3), else the tokenizer's, else none."""
   eos = text_config(target).eos_token_id
-  if eos is None:
+  if eos is None and processor is not None:
     eos = processor.eos_token_id
   if eos is None:
     return ()
@@ -106,6 +107,7 @@ class Decoder:
   sampling: SamplingConfig
   max_new_tokens: int
   with_images: bool
+  eos_token_ids: tuple[int, ...]
 
 
 class DecodeSession:
@@ -137,12 +139,14 @@ class DecodeSession:
     self._finish(layout_config, mesh_shape)
 
   @classmethod
-  def from_params(cls, processor: MultimodalProcessor, target: tuple[ModelConfig, Any],
+  def from_params(cls, processor: MultimodalProcessor | None, target: tuple[ModelConfig, Any],
                   drafts: Mapping[str, tuple[ModelConfig, Any]] | None = None, *,
                   dtype: str = 'float32', layout_config: Mapping[str, Any] | None = None
                   ) -> DecodeSession:
     """A session over models already in memory, as canonical (config, params) pairs, on one
-    device (the benchmarks: a target widened in memory has no directory)."""
+    device (the benchmarks: a target widened in memory has no directory). Without a processor
+    (a model with no tokenizer, decoding given token ids) prompts are padded with the model's
+    pad id and images are not taken."""
     session = cls.__new__(cls)
     session.target_dir, session.dtype = None, dtype
     session.draft_dirs = {name: None for name in drafts or {}}
@@ -232,8 +236,12 @@ class DecodeSession:
 
   def batch_arrays(self, batch: inputs.Batch, with_images: bool = True):
     """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None)."""
-    tokens, lengths = self.processor.pad_batch([r.token_ids for r in batch.requests],
-                                               pad_to=batch.length)
+    rows = [r.token_ids for r in batch.requests]
+    if self.processor is None:
+      pad_id = text_config(self.target_config).pad_token_id or 0
+      tokens, lengths = pad_batch(rows, pad_id, pad_to=batch.length)
+    else:
+      tokens, lengths = self.processor.pad_batch(rows, pad_to=batch.length)
     if self.image_shape is None or not with_images:
       return tokens, lengths, None
     # Rows without an image get zeros: they have no placeholders, so the zeros are never read.
@@ -245,23 +253,26 @@ class DecodeSession:
 
   # --- decoders and programs ------------------------------------------------------------------
   def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
-              max_new_tokens: int, requests: Sequence[inputs.Request] = ()) -> Decoder:
+              max_new_tokens: int, requests: Sequence[inputs.Request] = (),
+              eos_token_ids: Sequence[int] | None = None) -> Decoder:
     """The decoder for these settings, built once. `requests`: those it will decode; its
-    programs take images when the target is a LLaVA and any of them has one."""
+    programs take images when the target is a LLaVA and any of them has one. `eos_token_ids`:
+    default the target's; () lets every row run to max_new_tokens (the benchmarks)."""
     if draft is not None and draft not in self.draft_configs:
       raise ValueError(f'unknown draft {draft!r}; this session has {sorted(self.draft_configs)}')
     if draft is not None and num_draft_tokens < 1:
       raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
                        f'{num_draft_tokens}')
     with_images = self.image_shape is not None and any(r.image is not None for r in requests)
+    eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
     spec = Decoder(draft, num_draft_tokens if draft is not None else 0, sampling,
-                   max_new_tokens, with_images)
+                   max_new_tokens, with_images, eos)
     if spec not in self._decoders:
       self._decoders[spec] = SpeculativeDecoder(
           target=build(self.target_config, self.target_layout),
           draft=None if draft is None else build(self.draft_configs[draft], self.draft_layout),
           num_draft_tokens=spec.num_draft_tokens, sampling=sampling,
-          max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
+          max_new_tokens=max_new_tokens, eos_token_ids=spec.eos_token_ids,
           draft_rules=self.draft_rules)
     return spec
 
