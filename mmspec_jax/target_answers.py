@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -102,11 +102,11 @@ class TargetAnswers:
 
   def __init__(self, session: DecodeSession, *, draft: str | None = None, gamma: int = 5,
                sampling: str = 'greedy', seed: int = 0, max_new_tokens: int = 128,
-               batch_size: int = 16, log: Callable[[str], None] = print):
+               batch_size: int = 16):
     if sampling not in SAMPLINGS:
       raise ValueError(f'sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}')
     self.session, self.draft, self.gamma = session, draft, gamma if draft else 0
-    self.sampling, self.seed, self.log = sampling, seed, log
+    self.sampling, self.seed = sampling, seed
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
     target = session.target_config
     image_mode = 'expand' if isinstance(target, LlavaConfig) else 'drop'

@@ -58,8 +58,7 @@ def world(tmp_path_factory):
 def _run(world, name, **kwargs):
   out = str(world['root'] / f'{name}.json')
   counts = TargetAnswers(world['session'], max_new_tokens=MAX_NEW_TOKENS, batch_size=2,
-                         log=lambda line: None, **kwargs).run([world['json']], world['images'],
-                                                              out)
+                         **kwargs).run([world['json']], world['images'], out)
   with open(out, encoding='utf-8') as f:
     return json.load(f), counts, out
 

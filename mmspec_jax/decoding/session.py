@@ -143,10 +143,10 @@ class DecodeSession:
                   drafts: Mapping[str, tuple[ModelConfig, Any]] | None = None, *,
                   dtype: str = 'float32', layout_config: Mapping[str, Any] | None = None
                   ) -> DecodeSession:
-    """A session over models already in memory, as canonical (config, params) pairs, on one
-    device (the benchmarks: a target widened in memory has no directory). Without a processor
-    (a model with no tokenizer, decoding given token ids) prompts are padded with the model's
-    pad id and images are not taken."""
+    """A session over models already in memory, as canonical (config, params) pairs, placed on
+    the default mesh (the benchmarks: a target widened in memory has no directory). Without a
+    processor (a model with no tokenizer, decoding given token ids), prompts are padded with
+    the model's pad id, and requests may carry no image."""
     session = cls.__new__(cls)
     session.target_dir, session.dtype = None, dtype
     session.draft_dirs = {name: None for name in drafts or {}}
@@ -154,11 +154,11 @@ class DecodeSession:
     session.target_config, session.processor = target[0], processor
     session.draft_configs = {name: config for name, (config, _) in (drafts or {}).items()}
     session._finish(layout_config, None)
-    session.target_params = placement.decoding_params(target[0], target[1],
-                                                      session.target_layout)
+    session.target_params = placement.decoding_params(
+        target[0], target[1], session.target_layout, session.mesh, session.rules)
     session.draft_params = {
-        name: None if params is None else placement.decoding_params(config, params,
-                                                                    session.draft_layout)
+        name: None if params is None else placement.decoding_params(
+            config, params, session.draft_layout, session.mesh, session.draft_rules)
         for name, (config, params) in (drafts or {}).items()}
     return session
 
