@@ -95,6 +95,9 @@ class ConversationBatcher:
 
   def next_batch(self, reader: reading.HostReader, cursors: Sequence[Cursor]):
     entry = cursors[0].entry  # Every row reads one conversation a batch: the same entry.
+    if any(cursor != (entry, 0) for cursor in cursors):
+      raise ValueError(f'conversation cursors must all be at one entry, got {list(cursors)}: '
+                       'a state from another kind of iterator?')
     examples = reader.get(entry)
     for row in range(len(cursors)):
       reader.release(row, entry + 1)
