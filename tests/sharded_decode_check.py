@@ -21,6 +21,7 @@ from mmspec_jax.convert.loading import load_model, save_converted  # noqa: E402
 from mmspec_jax.decoding import placement  # noqa: E402
 from mmspec_jax.decoding.engine import SpeculativeDecoder  # noqa: E402
 from mmspec_jax.decoding.sampling import SamplingConfig  # noqa: E402
+from mmspec_jax.decoding.tree import DraftTree  # noqa: E402
 from mmspec_jax.models import Layout, build  # noqa: E402
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -89,6 +90,17 @@ def main():
                             and (result.reached_by_position
                                  == reference.reached_by_position).all()),
         'q_proj_spec': spec}
+
+  # A tree decoder on a mesh: the same greedy tokens as the chain on one device.
+  tree_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(draft_config, LAYOUT), 3,
+                                    SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES,
+                                    draft_tree=DraftTree((2, 2, 1)))
+  tree_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), tree_decoder,
+                          target_config, target_params, draft_config, draft_params, inputs)
+  results['tree_4x2'] = {
+      'tokens_equal': bool((tree_result.tokens == reference.tokens).all()
+                           and (tree_result.num_generated == reference.num_generated).all()),
+      'accepted': int(tree_result.accepted_by_position.sum())}
 
   # A converted checkpoint saved from one mesh restores onto another.
   save_mesh = sharding.make_mesh({'data': 4, 'tensor': 2})

@@ -4,7 +4,8 @@ The empirical joint distribution of the first three generated tokens (the first 
 the next two from a speculative step that drafts, accepts or rejects, resamples or adds a bonus)
 over 24,000 rows is compared with the target's exact joint distribution, computed from its
 logits, by a chi-square test. The same test rejects three planted biased samplers, so it has the
-power to catch them.
+power to catch them. Tree drafting with recursive rejection sampling, and the adaptive draft
+length, are held to the same test, and two planted tree biases are caught.
 
 The pair has the paper's vocabulary layout: the draft has the first DRAFT_VOCAB of the target's
 VOCAB ids, so the target samples ids the draft cannot propose, and the draft is then fed them.
@@ -21,10 +22,11 @@ from scipy import stats
 
 from decoding_fixtures import perturb
 
-from mmspec_jax.decoding import acceptance, engine
+from mmspec_jax.decoding import acceptance, engine, tree_step
 from mmspec_jax.decoding.sampling import (SamplingConfig, pad_vocabulary, probabilities,
                                           processed_logits, sample, sample_from)
 from mmspec_jax.decoding.statistics import expected_block_efficiency
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import LlamaConfig, build, init_params
 
 NUM_SAMPLES = 24_000
@@ -68,9 +70,11 @@ def exact_joint(target_params, sampling):
   return first[:, None, None] * second[:, :, None] * third
 
 
-def sampled_joint(target_params, draft_params, sampling):
-  decoder = engine.SpeculativeDecoder(build(CONFIG), build(DRAFT_CONFIG), GAMMA, sampling,
-                                      max_new_tokens=3, eos_token_ids=(-1,))
+def sampled_joint(target_params, draft_params, sampling, decoder=None):
+  """Counts float64[V, V, V] of the first three tokens of NUM_SAMPLES rows, decoded by `decoder`
+  (default: a chain of GAMMA drafts), and the engine's result."""
+  decoder = decoder or engine.SpeculativeDecoder(build(CONFIG), build(DRAFT_CONFIG), GAMMA,
+                                                 sampling, max_new_tokens=3, eos_token_ids=(-1,))
   tokens = np.tile(np.array(PROMPT, np.int32), (NUM_SAMPLES, 1))
   lengths = np.full((NUM_SAMPLES,), len(PROMPT), np.int32)
   result = decoder.generate(target_params, draft_params, tokens, lengths, None,
@@ -147,6 +151,78 @@ def test_planted_biased_samplers_are_caught(models, monkeypatch, bug, name):
   p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
   print(f'{bug}: p = {p_value:.2e}')
   jax.clear_caches()  # Nothing traced with the planted bug may outlive this test.
+  assert p_value < P_VALUE_FLOOR
+
+
+# Trees: siblings drawn without replacement, verified by recursive rejection sampling. (4, 1)
+# under top-k 3 leaves each root a 4th child that cannot be drawn; the chain with a threshold
+# stops rows early (the adaptive length), and the target samples the positions not drafted.
+TREE_CASES = {
+    'temperature': ((3, 2), 0.0),
+    'top_k': ((4, 1), 0.0),
+    'top_p': ((3, 2), 0.0),
+    'adaptive_chain': ((1, 1, 1), 0.6),
+}
+
+
+def sampled_tree_joint(target_params, draft_params, sampling, branching, threshold=0.0):
+  decoder = engine.SpeculativeDecoder(build(CONFIG), build(DRAFT_CONFIG), len(branching),
+                                      sampling, max_new_tokens=3, eos_token_ids=(-1,),
+                                      draft_tree=DraftTree(branching),
+                                      confidence_threshold=threshold)
+  return sampled_joint(target_params, draft_params, sampling, decoder)
+
+
+@pytest.mark.parametrize('case', list(TREE_CASES))
+def test_sampled_tree_tokens_follow_the_target(models, case):
+  target_params, draft_params = models
+  sampling = SAMPLINGS.get(case, SAMPLINGS['temperature'])
+  branching, threshold = TREE_CASES[case]
+  counts, result = sampled_tree_joint(target_params, draft_params, sampling, branching,
+                                      threshold)
+  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  accepted = np.asarray(result.accepted_by_position)
+  print(f'{case}: p = {p_value:.3f}, accepted at depth 1 {accepted[:, 0].mean():.2f}')
+  assert p_value > P_VALUE_FLOOR
+  assert 0.1 < accepted[:, 0].mean() < 0.95
+  if threshold:
+    steps = np.asarray(result.num_target_calls) - 1
+    assert (np.asarray(result.draft_calls) < steps * len(branching)).mean() > 0.1  # Stopped.
+
+
+def _with_replacement(rng, probs, num):
+  """Children drawn independently (with replacement): a repeated token can be drafted twice."""
+  draw = lambda key, p: jax.random.categorical(key, jnp.log(p), shape=(num,) + p.shape[:-1])
+  tokens = jnp.moveaxis(jax.vmap(draw)(rng, probs), 1, -1).astype(jnp.int32)
+  return tokens, jnp.ones(tokens.shape, bool)
+
+
+def _trusting_try(draw, p_x, q_x):
+  """Tries every child, even one of probability 0 under the renormalized q (a repeat)."""
+  return jnp.ones(draw.shape, bool), draw * q_x < p_x
+
+
+def _removed_without_renormalizing(q, token):
+  return jnp.put_along_axis(q, token[:, None], 0.0, axis=1, inplace=False)
+
+
+@pytest.mark.parametrize('bug, name', [('with_replacement', 'top_k'),
+                                       ('not_renormalized', 'temperature')])
+def test_planted_tree_biases_are_caught(models, monkeypatch, bug, name):
+  """Siblings drawn with replacement but verified as if without (each child's renormalized q
+  trusted), and q not renormalized after a rejected sibling."""
+  if bug == 'with_replacement':
+    monkeypatch.setattr(tree_step, 'draw_children', _with_replacement)
+    monkeypatch.setattr(acceptance, 'try_child', _trusting_try)
+  else:
+    monkeypatch.setattr(acceptance, 'without_token', _removed_without_renormalizing)
+  jax.clear_caches()
+  target_params, draft_params = models
+  sampling = SAMPLINGS[name]
+  counts, _ = sampled_tree_joint(target_params, draft_params, sampling, (3, 2))
+  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  print(f'{bug}: p = {p_value:.2e}')
+  jax.clear_caches()
   assert p_value < P_VALUE_FLOOR
 
 

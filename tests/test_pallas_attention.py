@@ -15,6 +15,7 @@ import decoding_fixtures as fx
 from multidevice import run_check
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import Layout, build
 from mmspec_jax.models.attention import PAGED_MAX_QUERIES, cached_attention
 from mmspec_jax.models.kv_cache import KVCache, LayerCache
@@ -80,16 +81,16 @@ def test_a_cache_in_the_other_order_is_refused():
     cached_attention(one, one, one, view, PALLAS)
 
 
-def test_greedy_speculative_equals_autoregressive_in_the_pallas_layout():
+def test_greedy_speculative_and_tree_decoding_equal_autoregressive_in_the_pallas_layout():
   target_config, target_params = fx.llava_target()
   draft_config, draft_params = fx.language_draft(target_config, target_params)
   inputs = fx.ragged_batch(target_config)
   layout = Layout(attention='pallas', attention_block_size=16)
 
-  def decode(draft_config=None, draft_params=None, gamma=0):
+  def decode(draft_config=None, draft_params=None, gamma=0, tree=None):
     decoder = SpeculativeDecoder(build(target_config, layout),
                                  build(draft_config, layout) if draft_config else None, gamma,
-                                 SamplingConfig(), 8, (-1,))
+                                 SamplingConfig(), 8, (-1,), draft_tree=tree)
     result = decoder.generate(target_params, draft_params, *inputs, jax.random.key(0))
     rows = [np.asarray(result.tokens)[b, :int(result.num_generated[b])].tolist()
             for b in range(result.tokens.shape[0])]
@@ -100,6 +101,10 @@ def test_greedy_speculative_equals_autoregressive_in_the_pallas_layout():
   assert speculative == autoregressive
   steps, accepted = int((result.num_target_calls - 1).sum()), int(result.num_accepted.sum())
   assert 0 < accepted < steps * 2
+  # A tree in this cache layout: its calls attend blockwise over the heads-first cache.
+  tree, result = decode(draft_config, draft_params, 2, DraftTree((2, 2)))
+  assert tree == autoregressive
+  assert 0 < int(result.num_accepted.sum()) < int((result.num_target_calls - 1).sum()) * 2
 
 
 def test_sharded_paged_kernel_matches_one_device():

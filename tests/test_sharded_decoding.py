@@ -24,3 +24,8 @@ def test_heads_are_sharded_over_tensor(results):
 
 def test_checkpoint_restores_onto_another_mesh(results):
   assert results['restore_equal'] and results['restore_on_target_shardings']
+
+
+def test_tree_decoding_on_a_mesh_equals_the_chain_on_one_device(results):
+  assert results['tree_4x2']['tokens_equal']
+  assert results['tree_4x2']['accepted'] > results['accepted']  # The tree accepted more.

@@ -15,6 +15,11 @@ Cache invariant between steps, for a row whose context is c_0 .. c_{m-1}:
   (the last draft is never fed to the draft). So every draft call is fed the same way.
 
 With `num_draft_tokens == 0` and no draft the same loop is plain autoregressive decoding.
+
+With a `draft_tree` (decoding/tree.py) a step drafts a tree of candidates and verifies it in one
+target pass (decoding/tree_step.py); G is then the tree's depth, and the cache invariant holds as
+above once the accepted path is moved into place. A chain tree without a confidence threshold
+runs the chain step below, unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import jax.numpy as jnp
 
 from mmspec_jax.decoding import acceptance
 from mmspec_jax.decoding import sampling as sampling_lib
+from mmspec_jax.decoding import tree_step
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.decoding.sampling import SamplingConfig, pad_vocabulary, probabilities, sample
 from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, KVCache, Llava, LlavaConfig,
                                text_config)
@@ -49,6 +56,7 @@ class DecodeState:
   num_target_calls: jax.Array  # int32[B], the prefill included
   accepted_by_position: jax.Array  # int32[B, G]: steps in which draft position i was accepted
   reached_by_position: jax.Array  # int32[B, G]: steps in which draft position i was verified
+  draft_calls: jax.Array  # int32[B]: draft calls made for the row (the prefill excluded)
 
 
 @flax.struct.dataclass
@@ -60,6 +68,9 @@ class DecodeResult:
   # every draft before it accepted, and the row still wanting a token there (statistics.py).
   accepted_by_position: jax.Array  # int32[B, G]
   reached_by_position: jax.Array  # int32[B, G]
+  # Draft calls made while the row was drafting (steps x gamma for a chain; fewer with a
+  # confidence threshold): the draft's share of the cost (statistics.memory_bound_speedup).
+  draft_calls: jax.Array  # int32[B]
 
   @property
   def num_accepted(self) -> jax.Array:
@@ -85,12 +96,25 @@ class SpeculativeDecoder:
   # Logical-axis rules the draft runs under (sharding.DRAFT_RULES: replicated weights, batch over
   # the data axes), so its few heads pay no all-reduces; None: the ambient rules, as the target.
   draft_rules: tuple | None = None
+  # A tree of candidates (its depth must be num_draft_tokens); None: a chain of gamma tokens.
+  draft_tree: DraftTree | None = None
+  # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
+  # falls below this (0: never).
+  confidence_threshold: float = 0.0
 
   def __post_init__(self):
     if self.draft is None and self.num_draft_tokens != 0:
       raise ValueError('num_draft_tokens must be 0 without a draft model')
     if self.draft is not None and self.num_draft_tokens < 1:
       raise ValueError(f'num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}')
+    if self.draft_tree is not None and self.draft_tree.depth != self.num_draft_tokens:
+      raise ValueError(f'draft_tree {self.draft_tree} has depth {self.draft_tree.depth}, but '
+                       f'num_draft_tokens is {self.num_draft_tokens}: they must be equal')
+    if not 0 <= self.confidence_threshold < 1:
+      raise ValueError(f'confidence_threshold must be in [0, 1) (0: a fixed draft length), got '
+                       f'{self.confidence_threshold}')
+    if self.confidence_threshold > 0 and self.draft is None:
+      raise ValueError('confidence_threshold needs a draft model')
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
     if self.draft is not None:
@@ -98,6 +122,17 @@ class SpeculativeDecoder:
       if draft_vocab > self.vocab_size:
         raise ValueError(f'the draft vocabulary ({draft_vocab}) is larger than the target\'s '
                          f'({self.vocab_size})')
+
+  @property
+  def uses_tree_step(self) -> bool:
+    """Whether steps run decoding/tree_step.py: a branching tree, or any adaptive length."""
+    return self.draft is not None and (self.confidence_threshold > 0 or (
+        self.draft_tree is not None and not self.draft_tree.is_chain))
+
+  @property
+  def num_draft_nodes(self) -> int:
+    """Draft tokens a step verifies: gamma for a chain, the tree's nodes for a tree."""
+    return self.draft_tree.num_nodes if self.draft_tree is not None else self.num_draft_tokens
 
   @property
   def vocab_size(self) -> int:
@@ -165,7 +200,7 @@ class SpeculativeDecoder:
     draft's static prompt width (every row's draft prompt must fit it)."""
     tokens, lengths = self._draft_prompt(tokens, lengths)
     tokens = tokens[:, :prompt_length]
-    cache_length = prompt_length + self.max_new_tokens + self.num_draft_tokens + 1
+    cache_length = prompt_length + self.max_new_tokens + self.num_draft_nodes + 1
     cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length,
                          layout=self.draft.layout)
     kwargs = {}
@@ -202,9 +237,24 @@ class SpeculativeDecoder:
     rng = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, state.step)  # key[B]
     rng = sampling_lib.split(rng, 2)
     draft_rng, accept_rng = rng[:, 0], rng[:, 1]
+    if self.uses_tree_step:
+      with self._draft_rules():
+        node_tokens, node_valid, draft_probs, draft_calls, draft_cache = tree_step.propose(
+            self, draft_params, state, draft_rng)
+      num_accepted, emitted, path, target_cache = tree_step.verify(
+          self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng)
+      target_cache, draft_cache = tree_step.keep_path(target_cache, draft_cache, path)
+    else:
+      num_accepted, emitted, target_cache, draft_cache = self._chain_step(
+          target_params, draft_params, state, draft_rng, accept_rng)
+      draft_calls = self.num_draft_tokens
+    return self._advance(state, num_accepted, emitted, target_cache, draft_cache, draft_calls)
+
+  def _chain_step(self, target_params, draft_params, state: DecodeState, draft_rng, accept_rng):
+    """Drafts and verifies a chain of gamma tokens: (n accepted int32[B], emitted int32[B, G + 1],
+    both caches)."""
     batch = state.last_token.shape[0]
-    gamma = self.num_draft_tokens
-    if gamma:
+    if self.num_draft_tokens:
       with self._draft_rules():
         draft_tokens, draft_probs, draft_cache = self._propose(draft_params, state, draft_rng)
     else:
@@ -220,7 +270,12 @@ class SpeculativeDecoder:
     else:
       num_accepted, emitted = acceptance.speculative_accept(
           accept_rng, draft_tokens, draft_probs, probabilities(target_logits, self.sampling))
+    return num_accepted, emitted, target_cache, draft_cache
 
+  def _advance(self, state: DecodeState, num_accepted, emitted, target_cache, draft_cache,
+               draft_calls) -> DecodeState:
+    """Keeps each row's accepted tokens and rolls both caches back to its accepted context."""
+    gamma = self.num_draft_tokens
     active = ~state.done
     count = self._kept_count(emitted, num_accepted + 1, state.num_generated)
     count = jnp.where(active, count, 0)
@@ -250,7 +305,8 @@ class SpeculativeDecoder:
         accepted_by_position=state.accepted_by_position
         + (positions < jnp.minimum(num_accepted, count)[:, None]),
         reached_by_position=state.reached_by_position
-        + (positions < jnp.minimum(num_accepted + 1, count)[:, None]))
+        + (positions < jnp.minimum(num_accepted + 1, count)[:, None]),
+        draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0))
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
@@ -271,7 +327,7 @@ class SpeculativeDecoder:
     batch, prompt_length = tokens.shape
     gamma = self.num_draft_tokens
     # Room for the prompt, every new token and one step's overshoot past the budget.
-    cache_length = prompt_length + self.max_new_tokens + gamma + 1
+    cache_length = prompt_length + self.max_new_tokens + self.num_draft_nodes + 1
     rng = sampling_lib.split(sampling_lib.row_keys(rng, batch), 2)  # key[B, 2]
     prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
 
@@ -293,7 +349,8 @@ class SpeculativeDecoder:
         target_cache=target_cache, draft_cache=draft_cache,
         num_target_calls=jnp.ones((batch,), jnp.int32),
         accepted_by_position=jnp.zeros((batch, gamma), jnp.int32),
-        reached_by_position=jnp.zeros((batch, gamma), jnp.int32))
+        reached_by_position=jnp.zeros((batch, gamma), jnp.int32),
+        draft_calls=jnp.zeros((batch,), jnp.int32))
 
     state = jax.lax.while_loop(
         lambda s: jnp.any(~s.done),
@@ -302,7 +359,8 @@ class SpeculativeDecoder:
                         num_generated=state.num_generated,
                         num_target_calls=state.num_target_calls,
                         accepted_by_position=state.accepted_by_position,
-                        reached_by_position=state.reached_by_position)
+                        reached_by_position=state.reached_by_position,
+                        draft_calls=state.draft_calls)
 
 
 def _write_rows(buffer, values, offsets, counts):

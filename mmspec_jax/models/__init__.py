@@ -11,13 +11,14 @@ import jax.numpy as jnp
 from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConfig, ModelConfig,
                                       VisionConfig, model_type)
 from mmspec_jax.models.draft import AdapterDraft
+from mmspec_jax.models.attention import TreeAttention
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.llama import Llama
 from mmspec_jax.models import layout as _layout
 from mmspec_jax.models.layout import CANONICAL, Layout
 from mmspec_jax.models.llava import Llava
 
-__all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
+__all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'TreeAttention', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
            'VisionConfig', 'abstract_params', 'build', 'init_inputs', 'init_params', 'initialize', 'model_type',
            'parameter_count', 'text_config', 'arrange_params', 'Layout']
 

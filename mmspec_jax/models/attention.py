@@ -9,10 +9,17 @@ cache (an in-place scatter: nothing else reads the incoming buffer), then their 
 (b) the new tokens causally, from their own arrays; the parts are combined by their softmax
 statistics (online softmax). The cache is only appended to and its live part read, never copied.
 Prefill is the case lengths == 0: attention within the prompt, in blocks when it is long.
+
+Tree attention (`TreeAttention`): a call's tokens are nodes of a tree of candidates. They are
+written at given slots past each row's length, and each attends to the row's committed prefix
+[0, lengths[b]) and, under a mask, to a window of slots [lengths[b], lengths[b] + W) that holds the
+tree written so far (itself included): its ancestors, never its siblings. The row's length is
+not advanced; the caller moves the accepted path into place (`KVCache.move_slots`).
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
@@ -24,6 +31,23 @@ from mmspec_jax.models.kv_cache import HEADS_FIRST_CACHE_AXES, LayerCache
 from mmspec_jax.models.layout import PAGE_SIZE, Layout
 
 _MASKED = jnp.finfo(jnp.float32).min
+
+
+@flax.struct.dataclass
+class TreeAttention:
+  """A tree-attention pattern for a call of T tokens, the same for every row (a pytree, so that
+  it rides through the layer scan; its shapes are static).
+
+  slots: int32[T], where token t is written, past the row's length; positions: int32[T], its
+  position past the row's length (its depth); mask: bool[T, W], the window slots it sees.
+  """
+  slots: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+
+  @property
+  def window(self) -> int:
+    return self.mask.shape[1]
 
 
 def _grouped(query: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -43,6 +67,13 @@ def _weighted(probs, values):
   """float32[B, K, G, T, H] from probabilities float32[B, K, G, T, C] and values [B, C, K, H]."""
   return jnp.einsum('bkgtc,bckh->bkgth', probs.astype(values.dtype), values,
                     preferred_element_type=jnp.float32)
+
+
+def _empty_state(batch, num_kv_heads, group, length, head_dim):
+  """The online softmax's (running max, total, accumulated) before any key is seen."""
+  return (jnp.full((batch, num_kv_heads, group, length), _MASKED),
+          jnp.zeros((batch, num_kv_heads, group, length), jnp.float32),
+          jnp.zeros((batch, num_kv_heads, group, length, head_dim), jnp.float32))
 
 
 def _visit(state, grouped, block_keys, block_values, live):
@@ -71,23 +102,24 @@ def _block_start(index, block: int, length: int):
   return start, slots, slots >= index * block
 
 
-def _blockwise(query, keys, values, cache: LayerCache, block_size: int):
+def _blockwise(query, keys, values, cache: LayerCache, block_size: int, tree_mask=None):
   """Pure-JAX flash-style attention: the new tokens causally, in blocks when there are many of
   them (prefill), then the cache's blocks up to the batch's longest live row: float32[B, T, N, H].
   The cache may already hold the new tokens; only its slots below `lengths` are read.
+  tree_mask: bool[T, W] for tree attention, where keys and values [B, W, K, H] are the window.
   """
   batch, length, num_heads, head_dim = query.shape
   num_kv_heads = keys.shape[2]
   grouped = _grouped(query, num_kv_heads)  # [B, T, K, G, H]
   group = num_heads // num_kv_heads
-  state = (jnp.full((batch, num_kv_heads, group, length), _MASKED),
-           jnp.zeros((batch, num_kv_heads, group, length), jnp.float32),
-           jnp.zeros((batch, num_kv_heads, group, length, head_dim), jnp.float32))
+  state = _empty_state(batch, num_kv_heads, group, length, head_dim)
 
   # The new tokens among themselves, causally: a verification's few at once, a prompt in blocks
   # (so a 2k-token prefill never builds [T, T] scores).
   queries = jnp.arange(length)  # [T]
-  if length <= block_size:
+  if tree_mask is not None:
+    state = _visit(state, grouped, keys, values, jnp.asarray(tree_mask)[None])
+  elif length <= block_size:
     state = _visit(state, grouped, keys, values, (queries[None, :] <= queries[:, None])[None])
   else:
     def visit_new(index, state):
@@ -112,9 +144,23 @@ def _blockwise(query, keys, values, cache: LayerCache, block_size: int):
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 
 
-def _fused_kernel(query, keys, values, cache: LayerCache, implementation: str):
+def _tree_window(query, keys, values, tree_mask):
+  """Attention over a tree window in pure JAX: ([B, T, N, H], log-sum-exp [B, T, N])."""
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = keys.shape[2]
+  group = num_heads // num_kv_heads
+  state = _empty_state(batch, num_kv_heads, group, length, head_dim)
+  running_max, total, accumulated = _visit(state, _grouped(query, num_kv_heads), keys, values,
+                                           jnp.asarray(tree_mask)[None])
+  out = accumulated / total[..., None]  # [B, K, G, T, H]; every token sees itself.
+  to_tokens = lambda x: jnp.moveaxis(x, 3, 1).reshape(batch, length, num_heads, *x.shape[4:])
+  return to_tokens(out), to_tokens(running_max + jnp.log(total))
+
+
+def _fused_kernel(query, keys, values, cache: LayerCache, implementation: str, tree_mask=None):
   """jax.nn.dot_product_attention over the whole cache (masked by length) and over the new tokens
-  (causal), combined by the log-sum-exp residuals the kernel returns."""
+  (causal), combined by the log-sum-exp residuals the kernel returns. A tree window (tree_mask)
+  is attended in pure JAX: it is a few dozen slots, and the kernels take no arbitrary mask."""
   def attend(keys, values, **kwargs):
     out, logsumexp = jax.nn.dot_product_attention(
         query, keys, values, implementation=implementation, return_residual=True, **kwargs)
@@ -122,7 +168,10 @@ def _fused_kernel(query, keys, values, cache: LayerCache, implementation: str):
 
   cached, cached_lse = attend(cache.keys[cache.layer], cache.values[cache.layer],
                               key_value_seq_lengths=cache.lengths)
-  new, new_lse = attend(keys, values, is_causal=True)
+  if tree_mask is None:
+    new, new_lse = attend(keys, values, is_causal=True)
+  else:
+    new, new_lse = _tree_window(query, keys, values, tree_mask)
   # A row with an empty cache (prefill) has no cached part at all.
   cached_lse = jnp.where(cache.lengths[:, None, None] > 0, cached_lse, -jnp.inf)
   combined = jnp.logaddexp(cached_lse, new_lse)
@@ -180,9 +229,10 @@ def _paged_kernel(query, cache: LayerCache, block_size: int):
 
 
 def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache: LayerCache,
-                     layout: Layout):
+                     layout: Layout, tree: TreeAttention | None = None):
   """New tokens' queries [B, T, N, H] over the cache's live slots and the new keys and values
-  [B, T, K, H] (already rotated), which are then written into the cache.
+  [B, T, K, H] (already rotated), which are then written into the cache: after the row's length,
+  or at `tree.slots` past it, attending to the tree window under `tree.mask`.
 
   Returns ([B, T, N, H] in the query's dtype, the cache with the new entries).
   """
@@ -193,6 +243,15 @@ def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache
   # Written first, then read (the new slots lie past `lengths` and are masked there): the write
   # then consumes the incoming buffer and nothing else reads it, so XLA updates it in place. Were
   # the write after the reads, XLA could not order the two and would copy the whole cache first.
+  if tree is not None:
+    written = cache.write(keys, values, cache.lengths[:, None] + jnp.asarray(tree.slots)[None])
+    window_keys, window_values = written.window(tree.window)  # [B, W, K, H]
+    if layout.attention in ('blockwise', 'pallas'):  # The paged kernel returns no residuals.
+      out = _blockwise(query, window_keys, window_values, written, layout.attention_block_size,
+                       tree.mask)
+    else:
+      out = _fused_kernel(query, window_keys, window_values, written, layout.attention, tree.mask)
+    return out.astype(query.dtype), written
   written = cache.write(keys, values, cache.lengths[:, None] + jnp.arange(query.shape[1])[None, :])
   if layout.attention == 'pallas' and query.shape[1] <= PAGED_MAX_QUERIES:
     out = _paged_kernel(query, written, layout.attention_block_size)

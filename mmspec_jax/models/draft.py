@@ -52,5 +52,5 @@ class AdapterDraft(nn.Module):
     x = self.embed_image_and_text(tokens, vision_features)
     return prefill_from_embeddings(self.language_model, x, lengths, cache)
 
-  def extend(self, tokens: jax.Array, cache: KVCache):
-    return self.language_model.extend(tokens, cache)
+  def extend(self, tokens: jax.Array, cache: KVCache, tree=None):
+    return self.language_model.extend(tokens, cache, tree)

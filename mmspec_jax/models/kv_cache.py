@@ -63,6 +63,23 @@ class KVCache:
     """Sets each row's valid length; a shorter length rolls the row back."""
     return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
 
+  def move_slots(self, base: jax.Array, sources: jax.Array) -> 'KVCache':
+    """Copies, in every layer and row b, slot base[b] + sources[b, j] to slot base[b] + j,
+    j = 0 .. P-1 (sources int32[B, P], base int32[B]); an identity entry (sources[b, j] == j)
+    leaves its slot as it is. A tree's accepted path is so moved onto consecutive slots: path
+    node j sits at a flattened index >= j, and every source is read before any slot is written.
+    Lengths are unchanged."""
+    rows = jnp.arange(sources.shape[0])[:, None]  # [B, 1]
+    source_slots = base[:, None] + sources  # [B, P]
+    target_slots = base[:, None] + jnp.arange(sources.shape[1])[None, :]
+    if self.heads_first:  # [K, L, B, S, H]
+      move = lambda buffer: buffer.at[:, :, rows, target_slots].set(
+          buffer[:, :, rows, source_slots], mode='drop')
+    else:  # [L, B, S, K, H]
+      move = lambda buffer: buffer.at[:, rows, target_slots].set(
+          buffer[:, rows, source_slots], mode='drop')
+    return self.replace(keys=move(self.keys), values=move(self.values))
+
 
 @flax.struct.dataclass
 class LayerCache:
@@ -99,6 +116,17 @@ class LayerCache:
       put = lambda buffer, new: buffer.at[self.layer, rows, positions].set(
           new.astype(buffer.dtype), mode='drop')
     return self.replace(keys=put(self.keys, keys), values=put(self.values, values))
+
+  def window(self, size: int):
+    """Keys and values [B, W, K, H] of each row's slots [lengths[b], lengths[b] + W): the slots
+    a tree-attention call wrote past the row's committed prefix."""
+    rows = jnp.arange(self.lengths.shape[0])[:, None]  # [B, 1]
+    slots = self.lengths[:, None] + jnp.arange(size)[None, :]  # [B, W]
+    if self.heads_first:  # The adjacent index arrays give [K, B, W, H].
+      take = lambda buffer: buffer[:, self.layer, rows, slots].transpose(1, 2, 0, 3)
+    else:
+      take = lambda buffer: buffer[self.layer, rows, slots]
+    return take(self.keys), take(self.values)
 
   def block(self, start, size: int):
     """Keys and values [B, C, K, H] of slots [start, start + size) of this layer."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mmspec_jax import axes, sharding
 from mmspec_jax.models.config import LlamaConfig, resolve_dtype
-from mmspec_jax.models.attention import cached_attention
+from mmspec_jax.models.attention import TreeAttention, cached_attention
 from mmspec_jax.models.kv_cache import KVCache, LayerCache
 from mmspec_jax.models.layout import CANONICAL, Layout, layer_name
 from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention,
@@ -55,12 +55,14 @@ class Attention(nn.Module):
     return query, key, value
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None):
+  def __call__(self, x, positions, mask, cache: LayerCache | None,
+               tree: TreeAttention | None = None):
     """x: [B, T, D]; positions: int32[B, T].
 
     Without a cache: attention among this call's tokens under mask bool[B, T, T].
     With one: the T tokens attend to the cache's live slots and causally to each other (`mask` is
-    unused), then are written into the cache. Returns ([B, T, D], the updated cache or None).
+    unused), or as `tree` says, then are written into the cache. Returns ([B, T, D], the updated
+    cache or None).
     """
     cfg = self.config
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
@@ -73,7 +75,7 @@ class Attention(nn.Module):
     if cache is None:
       out = dot_product_attention(query, key, value, mask)  # [B, T, N, H]
     else:
-      out, cache = cached_attention(query, key, value, cache, self.layout)
+      out, cache = cached_attention(query, key, value, cache, self.layout, tree)
     out = dense(cfg.hidden_size, (axes.HEADS, axes.HEAD_DIM, axes.EMBED), axis=(-2, -1),
                 init_scale=residual_init_scale(cfg.num_layers), name='o_proj', **kwargs)(out)
     return out, cache
@@ -114,13 +116,14 @@ class DecoderLayer(nn.Module):
   layout: Layout = CANONICAL
 
   @nn.compact
-  def __call__(self, carry, positions, mask):
+  def __call__(self, carry, positions, mask, tree):
     x, cache = carry
     cfg = self.config
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
     activation_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
     normed = RMSNorm(cfg.rms_norm_eps, name='input_layernorm', **kwargs)(x)
-    attended, cache = Attention(cfg, self.layout, name='self_attn')(normed, positions, mask, cache)
+    attended, cache = Attention(cfg, self.layout, name='self_attn')(normed, positions, mask, cache,
+                                                                   tree)
     x = sharding.constrain(x + attended, activation_axes)
     normed = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm', **kwargs)(x)
     x = sharding.constrain(x + Mlp(cfg, self.layout, name='mlp')(normed), activation_axes)
@@ -151,7 +154,8 @@ class Llama(nn.Module):
       # One scanned layer stack: parameters get a leading [L] axis named `layers`, and XLA
       # compiles the layer body once however deep the model. The cache view rides in the carry.
       stack = nn.scan(DecoderLayer, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       self.layers = stack(cfg, self.layout, name='layers')
     else:
@@ -183,11 +187,12 @@ class Llama(nn.Module):
 
   def run_layers(self, x: jax.Array, cache: KVCache | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 num_new_tokens: jax.Array | None = None):
+                 num_new_tokens: jax.Array | None = None, tree: TreeAttention | None = None):
     """Runs the layers and the final norm over input embeddings x: [B, T, D].
 
     With a cache, the T tokens are appended at each row's length and attend to the row's prefix;
-    the returned cache's lengths grow by `num_new_tokens` (int32[B], default T).
+    the returned cache's lengths grow by `num_new_tokens` (int32[B], default T). With a `tree`
+    too, they are tree nodes (attention.TreeAttention) and the lengths do not grow.
     Without a cache, attention is causal over this call's tokens, within `segment_ids` (int32[B, T],
     packed sequences) when given; `positions` (int32[B, T]) default to 0..T-1.
     Returns ([B, T, D] hidden states, the new cache or None).
@@ -195,7 +200,8 @@ class Llama(nn.Module):
     batch, length = x.shape[:2]
     mask, view = None, None
     if cache is not None:
-      positions = cache.lengths[:, None] + jnp.arange(length)[None, :]  # [B, T]
+      offsets = jnp.arange(length) if tree is None else tree.positions
+      positions = cache.lengths[:, None] + offsets[None, :]  # [B, T]
       first_layer = jnp.zeros((), jnp.int32) if self.layout.scanned else 0
       view = LayerCache(keys=cache.keys, values=cache.values, lengths=cache.lengths,
                         layer=first_layer, heads_first=cache.heads_first)
@@ -207,14 +213,16 @@ class Llama(nn.Module):
         causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
       mask = jnp.broadcast_to(causal, (batch, length, length))
     if self.layout.scanned:
-      (x, view), _ = self.layers((x, view), positions, mask)
+      (x, view), _ = self.layers((x, view), positions, mask, tree)
     else:
       for layer in self.unrolled_layers:
-        (x, view), _ = layer((x, view), positions, mask)
+        (x, view), _ = layer((x, view), positions, mask, tree)
     hidden = self.norm(x)
     if cache is None:
       return hidden, None
     grown = length if num_new_tokens is None else num_new_tokens
+    if tree is not None:
+      grown = 0
     names = KVCache.logical_axes(cache.heads_first)
     new_cache = KVCache(keys=sharding.constrain(view.keys, names.keys),
                         values=sharding.constrain(view.values, names.values),
@@ -226,9 +234,10 @@ class Llama(nn.Module):
     hidden, _ = self.run_layers(self.embed(tokens), positions=positions, segment_ids=segment_ids)
     return self.logits(hidden)
 
-  def extend(self, tokens: jax.Array, cache: KVCache):
-    """Appends tokens int32[B, T] to every row. Returns (float32[B, T, V], cache)."""
-    hidden, cache = self.run_layers(self.embed(tokens), cache)
+  def extend(self, tokens: jax.Array, cache: KVCache, tree: TreeAttention | None = None):
+    """Appends tokens int32[B, T] to every row (or writes tree nodes: `run_layers`). Returns
+    (float32[B, T, V], cache)."""
+    hidden, cache = self.run_layers(self.embed(tokens), cache, tree=tree)
     return self.logits(hidden), cache
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):

@@ -133,6 +133,7 @@ class Llava(nn.Module):
     x = self.embed_image_and_text(tokens, images, image_features)
     return prefill_from_embeddings(self.language_model, x, lengths, cache)
 
-  def extend(self, tokens: jax.Array, cache: KVCache):
-    """Appends text tokens int32[B, T] to every row. Returns (float32[B, T, V], cache)."""
-    return self.language_model.extend(tokens, cache)
+  def extend(self, tokens: jax.Array, cache: KVCache, tree=None):
+    """Appends text tokens int32[B, T] to every row (tree: as `Llama.extend`). Returns
+    (float32[B, T, V], cache)."""
+    return self.language_model.extend(tokens, cache, tree)

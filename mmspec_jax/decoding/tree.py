@@ -1,0 +1,129 @@
+"""The static shape of a draft tree, and the tree-attention patterns of its calls.
+
+A tree is a branching factor per depth: (b_1, ..., b_D) gives the root (the last context token,
+which the target reads at the next verification) b_1 children, each of them b_2 children, and so
+on: W_d = b_1 * ... * b_d nodes at depth d, N = W_1 + ... + W_D draft nodes in all. A chain of
+gamma draft tokens is (1,) * gamma.
+
+Flattened order (the verification's): the root at index 0, then depth 1's nodes, depth 2's, ...
+(level order). The node at local index k of depth d has its parent at local index k // b_d of
+depth d - 1, so a node's children are consecutive: siblings are drawn together.
+
+Slots. The target writes flattened node i at its row's length + i. The draft has the root in its
+committed prefix (its first call of a step feeds [previous token, root]), and writes node i >= 1
+of depths 1 .. D-1 at its length + i - 1; depth D is never fed to the draft, as the last draft of
+a chain. After verification the accepted path is moved onto consecutive slots (KVCache.move_slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from mmspec_jax.models import TreeAttention
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftTree:
+  branching: tuple[int, ...]  # children per node at depths 1 .. D
+
+  def __post_init__(self):
+    branching = tuple(self.branching)
+    if not branching or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in branching):
+      raise ValueError(f'a draft tree is a branching factor >= 1 per depth, at least one depth; '
+                       f'got {self.branching!r}')
+    object.__setattr__(self, 'branching', tuple(int(b) for b in branching))
+
+  @classmethod
+  def parse(cls, text: str) -> DraftTree:
+    """'2,2,1' (or '2x2x1') -> DraftTree((2, 2, 1))."""
+    parts = [p for p in text.replace('x', ',').split(',') if p.strip()]
+    try:
+      return cls(tuple(int(p) for p in parts))
+    except ValueError:
+      raise ValueError(f'a draft tree is written as branching factors per depth, e.g. "2,2,1"; '
+                       f'got {text!r}') from None
+
+  @classmethod
+  def chain(cls, gamma: int) -> DraftTree:
+    return cls((1,) * gamma)
+
+  def __str__(self) -> str:
+    return 'x'.join(map(str, self.branching))
+
+  @property
+  def depth(self) -> int:
+    return len(self.branching)
+
+  @property
+  def is_chain(self) -> bool:
+    return all(b == 1 for b in self.branching)
+
+  @property
+  def level_sizes(self) -> tuple[int, ...]:
+    """W_0 = 1 (the root), W_1, ..., W_D."""
+    return (1,) + tuple(math.prod(self.branching[:d]) for d in range(1, self.depth + 1))
+
+  @property
+  def num_nodes(self) -> int:
+    """N: the draft nodes (the root excluded); a verification reads N + 1 tokens."""
+    return sum(self.level_sizes[1:])
+
+  @property
+  def level_starts(self) -> tuple[int, ...]:
+    """The flattened index of each depth's first node, depths 0 .. D, and N + 1 past the last."""
+    return tuple(int(s) for s in np.cumsum((0,) + self.level_sizes))
+
+  @property
+  def num_parents(self) -> int:
+    """Nodes with children: the root and depths 1 .. D-1 (a prefix of the flattened order)."""
+    return self.level_starts[self.depth]
+
+  @functools.cached_property
+  def parents(self) -> np.ndarray:
+    """int32[N + 1]: each node's parent's flattened index (-1 for the root)."""
+    parents = [-1]
+    for d in range(1, self.depth + 1):
+      start = self.level_starts[d - 1]
+      parents += [start + k // self.branching[d - 1] for k in range(self.level_sizes[d])]
+    return np.asarray(parents, np.int32)
+
+  @functools.cached_property
+  def depths(self) -> np.ndarray:
+    """int32[N + 1]: each node's depth (the root's is 0)."""
+    return np.repeat(np.arange(self.depth + 1), self.level_sizes).astype(np.int32)
+
+  @functools.cached_property
+  def ancestors(self) -> np.ndarray:
+    """bool[N + 1, N + 1]: [i, j] when node j is node i or one of its ancestors."""
+    size = self.num_nodes + 1
+    mask = np.eye(size, dtype=bool)
+    for i in range(1, size):  # A parent precedes its children, so its row is complete.
+      mask[i] |= mask[self.parents[i]]
+    return mask
+
+  def children(self, depth: int, node: jnp.ndarray) -> jnp.ndarray:
+    """int32[B, b_depth]: flattened indices of the children of `node` (int32[B], a node of
+    depth - 1)."""
+    local = node - self.level_starts[depth - 1]
+    width = self.branching[depth - 1]
+    return (self.level_starts[depth] + local[:, None] * width
+            + jnp.arange(width, dtype=jnp.int32)[None, :])
+
+  def verification_attention(self) -> TreeAttention:
+    """The target's call over [root, every node]: written at length + i, positions by depth."""
+    return TreeAttention(slots=jnp.arange(self.num_nodes + 1, dtype=jnp.int32),
+                         positions=jnp.asarray(self.depths), mask=jnp.asarray(self.ancestors))
+
+  def draft_attention(self, depth: int) -> TreeAttention:
+    """The draft's call over depth `depth`'s nodes (1 <= depth < D): each sees the prefix (the
+    root included) and, in the window of the nodes written so far, its ancestors and itself."""
+    start, end = self.level_starts[depth], self.level_starts[depth + 1]
+    mask = self.ancestors[start:end, 1:end]  # Window slot s holds node s + 1.
+    return TreeAttention(slots=jnp.arange(start - 1, end - 1, dtype=jnp.int32),
+                         positions=jnp.full((end - start,), depth - 1, jnp.int32),
+                         mask=jnp.asarray(mask))

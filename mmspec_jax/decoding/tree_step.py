@@ -1,0 +1,120 @@
+"""One speculative step over a draft tree, and the adaptive draft length.
+
+Axis legend: B batch, N draft nodes (the root excluded), P nodes with children, V the target's
+vocabulary, W_d nodes at depth d, D depth (decoding/tree.py gives the shape and the slots).
+
+Drafting: the draft's first call of a step feeds [previous token, root] as a chain does; then one
+call per depth d = 1 .. D-1 feeds that depth's W_d nodes at once under tree attention. Greedy
+trees take each node's top-b tokens; sampled trees draw b tokens without replacement
+(Gumbel-top-k: the top b of log q + Gumbel noise, in order, are b sequential draws without
+replacement), so recursive rejection sampling keeps the output exactly the target's.
+
+Adaptive length (SpecDec++, DISCO): with a confidence threshold, a row stops drafting before depth
+d + 1 when none of its depth-d nodes has a draft probability (of its likeliest next token) at or
+above the threshold, and the draft calls stop once every row has stopped. Its undrafted nodes are
+invalid: never accepted, so the target samples those positions itself (lossless).
+
+Verification: one target `extend` over [root, every node] with tree attention; then the accepted
+path's cache entries are moved onto consecutive slots in both caches, per row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmspec_jax.decoding import acceptance
+from mmspec_jax.decoding.sampling import pad_vocabulary, probabilities, split
+
+
+def draw_children(rng: jax.Array, probs: jax.Array, num: int):
+  """`num` tokens drawn from each of float32[B, M, V] without replacement, in draw order:
+  (int32[B, M, num], bool[B, M, num] whether each is a real draw: a distribution with fewer than
+  `num` tokens of positive probability leaves the rest invalid). rng: key[B]."""
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, probs.shape[1:]))(rng)
+  scores, tokens = jax.lax.top_k(jnp.log(probs) + gumbel, num)
+  return tokens.astype(jnp.int32), jnp.isfinite(scores)
+
+
+def _top_children(logits: jax.Array, num: int):
+  """Greedy trees: each node's `num` likeliest tokens, ties by the lower id."""
+  scores, tokens = jax.lax.top_k(logits, num)
+  return tokens.astype(jnp.int32), jnp.isfinite(scores)
+
+
+def propose(engine, params, state, rng):
+  """Drafts the tree. Returns (node tokens int32[B, N], node valid bool[B, N], draft
+  distributions float32[B, P, V] at the nodes with children (None when greedy), draft calls each
+  row was drafting for int32[B], the draft cache: its length counts the root, and the nodes of
+  depths 1 .. D-1 lie past it)."""
+  tree, sampling = engine.draft_tree, engine.sampling
+  threshold = engine.confidence_threshold
+  variables = {'params': params}
+  keys = split(rng, tree.depth)  # [B, D]
+  first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
+  logits, cache = engine.draft.apply(variables, first, state.draft_cache, method='extend')
+  logits = logits[:, -1:]  # [B, 1, Vd]: at the root
+  batch = first.shape[0]
+  drafting = jnp.ones((batch,), bool)
+  draft_calls = jnp.ones((batch,), jnp.int32)
+  parent_valid = jnp.ones((batch, 1), bool)
+  tokens, valid, all_probs = [], [], []
+  for depth in range(1, tree.depth + 1):
+    padded = pad_vocabulary(logits, engine.vocab_size)  # [B, W_{d-1}, V]
+    width = tree.branching[depth - 1]
+    if sampling.greedy:
+      children, drawn = _top_children(padded, width)
+      confidence_probs = jax.nn.softmax(padded, axis=-1) if threshold > 0 else None
+    else:
+      q = probabilities(padded, sampling)
+      all_probs.append(q)
+      children, drawn = draw_children(keys[:, depth - 1], q, width)
+      confidence_probs = q
+    if threshold > 0 and depth > 1:
+      confidence = jnp.where(parent_valid, confidence_probs.max(axis=-1), 0.0)  # [B, W_{d-1}]
+      drafting = drafting & (confidence.max(axis=1) >= threshold)
+    child_valid = drawn & parent_valid[:, :, None] & drafting[:, None, None]
+    children = children.reshape(batch, -1)  # [B, W_d]
+    parent_valid = child_valid.reshape(batch, -1)
+    tokens.append(children)
+    valid.append(parent_valid)
+    if depth == tree.depth:
+      break  # The deepest nodes are never fed to the draft, as a chain's last draft.
+    feed = lambda cache, children=children, depth=depth: engine.draft.apply(
+        variables, children, cache, tree=tree.draft_attention(depth), method='extend')
+    if threshold > 0:
+      draft_calls = draft_calls + drafting
+      skipped = lambda cache, children=children: (
+          jnp.zeros(children.shape + logits.shape[-1:], logits.dtype), cache)
+      logits, cache = jax.lax.cond(jnp.any(drafting), feed, skipped, cache)
+    else:
+      draft_calls = draft_calls + 1
+      logits, cache = feed(cache)
+  draft_probs = None if sampling.greedy else jnp.concatenate(all_probs, axis=1)
+  return (jnp.concatenate(tokens, axis=1), jnp.concatenate(valid, axis=1), draft_probs,
+          draft_calls, cache)
+
+
+def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, rng):
+  """The target's pass over the tree and each row's acceptance. Returns (n accepted int32[B],
+  emitted int32[B, D + 1], path int32[B, D], the target cache with the tree past its length)."""
+  tree = engine.draft_tree
+  verified = jnp.concatenate([state.last_token[:, None], node_tokens], axis=1)  # [B, N + 1]
+  logits, cache = engine.target.apply({'params': target_params}, verified, state.target_cache,
+                                      tree=tree.verification_attention(), method='extend')
+  if engine.sampling.greedy:
+    outcome = acceptance.greedy_tree_accept(tree, node_tokens, node_valid, logits)
+  else:
+    outcome = acceptance.recursive_tree_accept(rng, tree, node_tokens, node_valid, draft_probs,
+                                               probabilities(logits, engine.sampling))
+  return (*outcome, cache)
+
+
+def keep_path(target_cache, draft_cache, path):
+  """Moves the accepted path (int32[B, D], `acceptance`'s) onto consecutive slots: the target's
+  depth-j node to its length + j, the draft's (depths < D, the ones it holds) to its length +
+  j - 1. Lengths are left to the caller."""
+  target_cache = target_cache.move_slots(target_cache.lengths + 1, path - 1)
+  if draft_cache is not None and path.shape[1] > 1:
+    draft_cache = draft_cache.move_slots(draft_cache.lengths, path[:, :-1] - 1)
+  return target_cache, draft_cache
