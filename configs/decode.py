@@ -1,5 +1,6 @@
 r"""python decode.py --config=configs/decode.py --config.target=DIR [--config.draft=DIR] \
     --config.prompts=IN.jsonl --config.output=OUT.jsonl [--config.num_draft_tokens=5] \
+    [--config.draft_tree=3,2,1] [--config.confidence_threshold=0.0] \
     [--config.temperature=0.0] [--config.top_k=0] [--config.top_p=1.0] \
     [--config.max_new_tokens=128] [--config.batch_size=8] [--config.seed=0]
 

@@ -2,6 +2,7 @@ r"""The paper's evaluation: tau and MBSU per task x draft x gamma x sampling, an
 
   python -m mmspec_jax.evaluate --target=DIR --draft=language:DIR --draft=adapter:DIR \
       --data_dir=WORLD --tasks=captioning,sqa,conversation --gammas=1,2,3,4,5,6,7 \
+      [--shape=3,2,1,1 --shape=1,1,1,1,1,1,1@0.4] \
       --samplings=greedy,sample --max_new_tokens=64 --batch_size=16 --num_examples=32 \
       --out_dir=RESULTS
 
@@ -30,6 +31,9 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Holds test_{task}.json and im
 _TASKS = flags.DEFINE_list('tasks', list(DEFAULT_TASKS), 'Tasks to evaluate.')
 _GAMMAS = flags.DEFINE_list('gammas', [str(g) for g in DEFAULT_GAMMAS],
                             'Draft tokens per step to evaluate.')
+_SHAPES = flags.DEFINE_multi_string(
+    'shape', [], 'A tree or adaptive length beside the gammas, repeatable: "3,2,1" (branching '
+    'per depth), "1,1,1,1,1@0.4" (a chain of 5 that stops below draft confidence 0.4).')
 _SAMPLINGS = flags.DEFINE_list('samplings', list(SAMPLINGS),
                                'greedy (temperature 0) and/or sample (temperature 1).')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens per answer at most.')
@@ -55,7 +59,7 @@ def main(argv):
       if not flag.value:
         raise ValueError(f'--{flag.name} is required')
     evaluate(_TARGET.value, _DRAFTS.value, _DATA_DIR.value, tasks=_TASKS.value,
-             gammas=_gammas(_GAMMAS.value), samplings=_SAMPLINGS.value,
+             gammas=_gammas(_GAMMAS.value), shapes=_SHAPES.value, samplings=_SAMPLINGS.value,
              max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH_SIZE.value,
              num_examples=_NUM_EXAMPLES.value, out_dir=_OUT_DIR.value, seed=_SEED.value,
              dtype=_DTYPE.value)

@@ -247,6 +247,19 @@ def test_adapter_draft(ckpt, autoregressive):
       line['token_ids'] for line in autoregressive[1]]
 
 
+def test_tree_and_adaptive_length(ckpt, autoregressive):
+  """--config.draft_tree and --config.confidence_threshold: greedy output is still exactly the
+  target's, and the summary names the tree and the draft calls per step."""
+  config = make_config(ckpt, 'tree', draft=ckpt['draft'], draft_tree='3,2,1',
+                       confidence_threshold=0.3, num_draft_tokens=1)  # The tree's depth wins.
+  stats = runner.run(config)
+  assert [line['token_ids'] for line in read_jsonl(config.output)] == [
+      line['token_ids'] for line in autoregressive[1]]
+  assert (stats.draft_tree, stats.num_draft_tokens, stats.verified_tokens) == ('3x2x1', 3, 16)
+  assert 1 <= stats.draft_calls_per_step <= 3 and stats.confidence_threshold == 0.3
+  assert stats.block_efficiency > 1 and stats.mbsu is not None
+
+
 def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
   calls = []
 
@@ -290,6 +303,12 @@ BAD_INPUTS = {
         ROWS[0], {'id': 'long', 'input_ids': [1] + [5] * 249}]), 'max_new_tokens': 16},
                         r"line 2 \(id 'long'\): prompt \(250 tokens\) \+ max_new_tokens \(16\) "
                         'exceeds the target.s 256 positions'),
+    'bad draft tree': (lambda c: {'draft': c['draft'], 'draft_tree': '2,0'},
+                       'a draft tree is a branching factor >= 1 per depth'),
+    'threshold without a draft': (lambda c: {'confidence_threshold': 0.5},
+                                  'draft_tree and confidence_threshold need a draft'),
+    'threshold 1': (lambda c: {'draft': c['draft'], 'confidence_threshold': 1.0},
+                    r'confidence_threshold must be in \[0, 1\)'),
     'incompatible draft tokenizer': (lambda c: {'draft': c['bad_draft']},
                                      "incompatible draft vocabulary: draft id 5 is 'w6'"),
     'negative seed': (lambda c: {'prompts': _bad_rows(c, 'negative_seed', [

@@ -126,9 +126,10 @@ def test_tree_shape():
   assert DraftTree.chain(2).is_chain and not tree.is_chain
 
 
-@pytest.mark.parametrize('bad', ['', '2,0', 'two'])
-def test_bad_trees_are_refused(bad):
-  with pytest.raises(ValueError, match='branching factor'):
+@pytest.mark.parametrize('bad, message', [('', 'at least one depth'), ('2,0', 'factor >= 1'),
+                                          ('two', 'written as branching factors')])
+def test_bad_trees_are_refused(bad, message):
+  with pytest.raises(ValueError, match=message):
     DraftTree.parse(bad)
 
 

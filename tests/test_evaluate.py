@@ -209,7 +209,7 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
 
   argv = ['evaluate', f'--target={models["target"]}', '--draft=language:L', '--draft=adapter:A',
           f'--data_dir={models["world"]}', '--tasks=sqa,conversation', '--gammas=1,4',
-          '--samplings=greedy', '--max_new_tokens=5', '--batch_size=2', '--num_examples=3',
+          '--shape=2,1', '--shape=1,1@0.5', '--samplings=greedy', '--max_new_tokens=5', '--batch_size=2', '--num_examples=3',
           f'--out_dir={tmp_path}', '--seed=7']
 
   def main(*extra):
@@ -222,7 +222,8 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(evaluate_cli, 'evaluate', fake_evaluate)
   main()
   assert calls == [((models['target'], ['language:L', 'adapter:A'], models['world']), dict(
-      tasks=['sqa', 'conversation'], gammas=[1, 4], samplings=['greedy'], max_new_tokens=5,
+      tasks=['sqa', 'conversation'], gammas=[1, 4], shapes=['2,1', '1,1@0.5'],
+      samplings=['greedy'], max_new_tokens=5,
       batch_size=2, num_examples=3, out_dir=str(tmp_path), seed=7, dtype='float32'))]
   assert capsys.readouterr().out.startswith('| the tables |\n')
   with pytest.raises(SystemExit, match=r"error: --gammas must be integers, got \['1', 'x'\]"):
@@ -232,6 +233,34 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(evaluate_cli, 'evaluate', evaluate)
   with pytest.raises(SystemExit, match='error: gammas must be distinct integers >= 1'):
     main('--gammas=0')
+
+
+def test_trees_and_adaptive_lengths_beside_the_gammas(models, tmp_path):
+  shapes = ('2,2', '1,1,1@0.5')
+  lines = []
+  cells = evaluate(models['target'], [f'language:{models["language"]}'], models['world'],
+                   tasks=('captioning',), gammas=(2,), shapes=shapes, samplings=('greedy',),
+                   max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH_SIZE,
+                   num_examples=NUM_EXAMPLES, out_dir=str(tmp_path), score_fn=word_overlap,
+                   log=lines.append)
+  chain, tree, adaptive = cells[1:]
+  assert [c['shape'] for c in cells] == [None, None, '2x2', '1x1x1@0.5']
+  assert (tree['gamma'], tree['verified_tokens'], tree['draft_calls_per_step']) == (2, 7, 2.0)
+  assert tree['block_efficiency'] >= chain['block_efficiency']  # Its chain is one of its paths.
+  assert adaptive['confidence_threshold'] == 0.5 and adaptive['verified_tokens'] == 4
+  assert 1 <= adaptive['draft_calls_per_step'] <= 3
+  c = tree['draft_parameters'] / tree['target_parameters']
+  for cell in (tree, adaptive):
+    assert cell['mbsu'] == pytest.approx(
+        cell['block_efficiency'] / (c * cell['draft_calls_per_step'] + 1))
+  assert 'captioning language tree 2x2 greedy: tau' in lines[2]
+  markdown = open(os.path.join(tmp_path, report.MARKDOWN_FILE)).read()
+  assert '| task | draft | sampling | 2x2 | 1x1x1@0.5 |' in markdown
+  assert f'| captioning | language | greedy | {tree["block_efficiency"]:.2f} / 7 / 2.00 / ' in (
+      markdown)
+  with pytest.raises(ValueError, match='the confidence threshold must be in'):
+    evaluate(models['target'], [f'language:{models["language"]}'], models['world'],
+             shapes=('2@1.5',))
 
 
 def _bad(models, tmp_path, name, records):

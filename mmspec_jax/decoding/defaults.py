@@ -16,6 +16,14 @@ def decode_config() -> ml_collections.ConfigDict:
   config.draft = ''
   # Draft tokens proposed per verification step (gamma); must be >= 1 when a draft is given.
   config.num_draft_tokens = 5
+  # A tree of candidates instead of a chain: branching factors per depth, e.g. '3,2,1,1' (the
+  # root's 3 children, 2 children each, ...); its depth replaces num_draft_tokens. '' = a chain.
+  # Greedy trees take each node's top tokens; sampled trees draw without replacement and verify
+  # by recursive rejection sampling (exact). See decoding/tree.py.
+  config.draft_tree = ''
+  # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
+  # falls below this, and drafting stops once every row has. 0 = a fixed length.
+  config.confidence_threshold = 0.0
   # Sampling temperature; 0 = greedy (argmax).
   config.temperature = 0.0
   # Keep only the k most likely tokens before sampling; 0 = off.

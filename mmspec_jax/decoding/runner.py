@@ -31,6 +31,7 @@ from mmspec_jax import artifacts, distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models.config import SUPPORTED_DTYPES
 from mmspec_jax.processing import MultimodalProcessor
 
@@ -45,6 +46,11 @@ def summary_path(output: str) -> str:
 def sampling_config(config) -> SamplingConfig:
   """The validated sampling settings (SamplingConfig raises on out-of-range values)."""
   return SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
+
+def draft_tree(config) -> DraftTree | None:
+  """config.draft_tree parsed ('2,2,1' -> DraftTree((2, 2, 1))); None for a chain."""
+  return DraftTree.parse(config.draft_tree) if config.draft_tree else None
 
 
 def use_demo_checkpoints(config):
@@ -67,7 +73,13 @@ def check_settings(config):
     if not config[name]:
       raise ValueError(f'config.{name} is empty: pass --config.{name}=PATH')
   sampling_config(config)
-  if config.draft and config.num_draft_tokens < 1:
+  draft_tree(config)
+  if not 0 <= config.confidence_threshold < 1:
+    raise ValueError(f'confidence_threshold must be in [0, 1) (0: a fixed draft length), got '
+                     f'{config.confidence_threshold}')
+  if not config.draft and (config.draft_tree or config.confidence_threshold):
+    raise ValueError('draft_tree and confidence_threshold need a draft: pass --config.draft=DIR')
+  if config.draft and config.num_draft_tokens < 1 and not config.draft_tree:
     raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
                      f'{config.num_draft_tokens}')
   for name in ('max_new_tokens', 'batch_size'):
@@ -89,7 +101,7 @@ def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcesso
   """Writes the real rows' output lines; returns their statistics.row_counts (padding rows are
   decoded but discarded)."""
   counts = statistics.row_counts(result, batch.num_real)
-  generated, calls, accepted, _ = counts
+  generated, calls, accepted, *_ = counts
   for request, row, count, num_calls, row_accepted in zip(
       batch.requests, np.asarray(result.tokens)[:batch.num_real], generated, calls, accepted):
     token_ids = row[:count].tolist()  # New tokens only; entries past num_generated are filler.
@@ -138,11 +150,14 @@ def run(config) -> statistics.RunStatistics:
       config.target, {DRAFT: config.draft} if draft else {}, dtype=config.dtype,
       mesh_shape=config.mesh.to_dict(), rules=config.logical_axis_rules,
       draft_rules=config.draft_logical_axis_rules, layout_config=config.layout)
-  gamma = config.num_draft_tokens if draft else 0
+  tree = draft_tree(config) if draft else None
+  gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
+  threshold = config.confidence_threshold if draft else 0.0
   requests = session.read_requests(config.prompts, max_new_tokens=config.max_new_tokens,
                                    num_draft_tokens=gamma, raw_prompt=config.raw_prompt)
   decoder = session.decoder(draft, num_draft_tokens=gamma, sampling=sampling,
-                            max_new_tokens=config.max_new_tokens, requests=requests)
+                            max_new_tokens=config.max_new_tokens, requests=requests,
+                            draft_tree=tree, confidence_threshold=threshold)
   batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
 
   # --- load (straight onto the mesh) and compile ----------------------------------------------
@@ -167,7 +182,8 @@ def run(config) -> statistics.RunStatistics:
 
     parameters = session.parameter_counts()
     stats = statistics.summarize(
-        *statistics.concatenate_counts(counts), num_draft_tokens=gamma,
+        *statistics.concatenate_counts(counts), num_draft_tokens=gamma, draft_tree=tree,
+        confidence_threshold=threshold,
         draft_parameters=parameters[draft] if draft else None, target_parameters=parameters[None],
         decode_seconds=decode_seconds, compile_seconds=compile_seconds)
     # Inside the output's block: the summary and the output appear together or not at all.

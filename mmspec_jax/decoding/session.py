@@ -37,6 +37,7 @@ from mmspec_jax.convert.loading import read_config
 from mmspec_jax.decoding import inputs, placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
                                parameter_count, text_config)
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
@@ -108,6 +109,8 @@ class Decoder:
   max_new_tokens: int
   with_images: bool
   eos_token_ids: tuple[int, ...]
+  draft_tree: DraftTree | None = None
+  confidence_threshold: float = 0.0
 
 
 class DecodeSession:
@@ -254,10 +257,12 @@ class DecodeSession:
   # --- decoders and programs ------------------------------------------------------------------
   def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
               max_new_tokens: int, requests: Sequence[inputs.Request] = (),
-              eos_token_ids: Sequence[int] | None = None) -> Decoder:
+              eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | None = None,
+              confidence_threshold: float = 0.0) -> Decoder:
     """The decoder for these settings, built once. `requests`: those it will decode; its
     programs take images when the target is a LLaVA and any of them has one. `eos_token_ids`:
-    default the target's; () lets every row run to max_new_tokens (the benchmarks)."""
+    default the target's; () lets every row run to max_new_tokens (the benchmarks).
+    `draft_tree` (its depth must be num_draft_tokens) and `confidence_threshold`: the engine's."""
     if draft is not None and draft not in self.draft_configs:
       raise ValueError(f'unknown draft {draft!r}; this session has {sorted(self.draft_configs)}')
     if draft is not None and num_draft_tokens < 1:
@@ -266,14 +271,16 @@ class DecodeSession:
     with_images = self.image_shape is not None and any(r.image is not None for r in requests)
     eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
     spec = Decoder(draft, num_draft_tokens if draft is not None else 0, sampling,
-                   max_new_tokens, with_images, eos)
+                   max_new_tokens, with_images, eos, draft_tree if draft is not None else None,
+                   confidence_threshold if draft is not None else 0.0)
     if spec not in self._decoders:
       self._decoders[spec] = SpeculativeDecoder(
           target=build(self.target_config, self.target_layout),
           draft=None if draft is None else build(self.draft_configs[draft], self.draft_layout),
           num_draft_tokens=spec.num_draft_tokens, sampling=sampling,
           max_new_tokens=max_new_tokens, eos_token_ids=spec.eos_token_ids,
-          draft_rules=self.draft_rules)
+          draft_rules=self.draft_rules, draft_tree=spec.draft_tree,
+          confidence_threshold=spec.confidence_threshold)
     return spec
 
   def engine(self, decoder: Decoder) -> SpeculativeDecoder:

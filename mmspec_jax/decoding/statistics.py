@@ -12,6 +12,18 @@ i is reached in a step when every draft before it was accepted and the row still
 at i (i < the tokens it keeps), and accepted when, moreover, the target accepted it. So a cut
 step counts the positions it needed and nothing past them: positions the row no longer wanted
 are neither rejected nor accepted. A row that is done takes no further steps and counts nothing.
+
+Trees (decoding/tree.py): position i is depth i + 1, so the same counts hold, with G the depth.
+
+MBSU, the memory-bound speedup, generalized to trees and adaptive lengths:
+    MBSU = tau / (c * k + v(n))
+k: draft calls per verification step (gamma for a chain, the depth for a tree, the mean calls
+made for an adaptive length); c: draft parameters / target parameters (a call reads the draft's
+weights once however many tokens it feeds); v(n): the cost of one target call on the n tokens a
+step verifies (gamma + 1 for a chain, N + 1 for a tree of N nodes), in 1-token target calls. A
+memory-bound accelerator reads the weights once for any small n, so v(n) = 1 (the paper's
+tau / (c * gamma + 1)); on a machine where verification costs grow with n, pass the measured
+v(n) (`make bench` section 3 measures it).
 """
 
 from __future__ import annotations
@@ -29,17 +41,20 @@ def expected_block_efficiency(acceptance_rate: float, num_draft_tokens: int) -> 
   return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def memory_bound_speedup(block_efficiency: float, num_draft_tokens: int,
-                         draft_parameters: int, target_parameters: int) -> float:
-  """MBSU = tau / (c * gamma + 1), c = draft parameters / target parameters."""
+def memory_bound_speedup(block_efficiency: float, draft_calls_per_step: float,
+                         draft_parameters: int, target_parameters: int,
+                         verification_cost: float = 1.0) -> float:
+  """MBSU = tau / (c * k + v(n)): k draft calls per step, c = draft parameters / target
+  parameters, v(n) = `verification_cost` (module doc). With k = gamma and v = 1 it is the
+  paper's tau / (c * gamma + 1)."""
   cost_ratio = draft_parameters / target_parameters
-  return block_efficiency / (cost_ratio * num_draft_tokens + 1)
+  return block_efficiency / (cost_ratio * draft_calls_per_step + verification_cost)
 
 
 @dataclasses.dataclass
 class RunStatistics:
   num_rows: int
-  num_draft_tokens: int
+  num_draft_tokens: int  # gamma, or the tree's depth
   new_tokens: int
   target_calls: int  # prefills included
   verification_steps: int
@@ -49,6 +64,10 @@ class RunStatistics:
   mbsu: float | None
   draft_parameters: int | None
   target_parameters: int | None
+  draft_calls_per_step: float = 0.0  # k in the MBSU
+  verified_tokens: int = 1  # n: tokens each verification reads
+  draft_tree: str | None = None  # '2x2x1'; None for a chain
+  confidence_threshold: float = 0.0
   decode_seconds: float | None = None
   compile_seconds: float | None = None
   tokens_per_second: float | None = None
@@ -58,7 +77,8 @@ class RunStatistics:
 
 
 # The per-row counts of a DecodeResult that `summarize` takes, in its order.
-COUNT_FIELDS = ('num_generated', 'num_target_calls', 'accepted_by_position', 'reached_by_position')
+COUNT_FIELDS = ('num_generated', 'num_target_calls', 'accepted_by_position', 'reached_by_position',
+                'draft_calls')
 
 
 def row_counts(result, num_rows: int) -> tuple[np.ndarray, ...]:
@@ -72,13 +92,15 @@ def concatenate_counts(batches: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarra
   return tuple(np.concatenate(field) for field in zip(*batches))
 
 
-def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_position, *,
-              num_draft_tokens: int,
+def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_position,
+              draft_calls=None, *, num_draft_tokens: int, draft_tree=None,
+              confidence_threshold: float = 0.0,
               draft_parameters: int | None = None, target_parameters: int | None = None,
               decode_seconds: float | None = None, compile_seconds: float | None = None
               ) -> RunStatistics:
-  """Statistics over rows: num_generated, num_target_calls int[R]; accepted_by_position and
-  reached_by_position int[R, G] (the engine's DecodeResult)."""
+  """Statistics over rows: num_generated, num_target_calls, draft_calls int[R];
+  accepted_by_position and reached_by_position int[R, G] (the engine's DecodeResult).
+  draft_tree: the decoding/tree.DraftTree decoded with (None: a chain of num_draft_tokens)."""
   num_generated = np.asarray(num_generated, np.int64)
   num_target_calls = np.asarray(num_target_calls, np.int64)
   accepted = np.asarray(accepted_by_position, np.int64).reshape(len(num_generated), -1)
@@ -87,9 +109,14 @@ def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_
   speculative_tokens = int((num_generated - 1).sum())
   tau = speculative_tokens / steps if steps else 1.0
   rates = [float(a / r) if r else 0.0 for a, r in zip(accepted.sum(0), reached.sum(0))]
+  if draft_calls is None or not steps:
+    calls_per_step = float(num_draft_tokens)
+  else:
+    calls_per_step = float(np.asarray(draft_calls, np.int64).sum() / steps)
   mbsu = None
   if draft_parameters and target_parameters:
-    mbsu = memory_bound_speedup(tau, num_draft_tokens, draft_parameters, target_parameters)
+    mbsu = memory_bound_speedup(tau, calls_per_step, draft_parameters, target_parameters)
+  num_nodes = draft_tree.num_nodes if draft_tree is not None else num_draft_tokens
   new_tokens = int(num_generated.sum())
   return RunStatistics(
       num_rows=len(num_generated), num_draft_tokens=num_draft_tokens, new_tokens=new_tokens,
@@ -97,21 +124,33 @@ def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_
       block_efficiency=tau, acceptance_rate_by_position=rates,
       accepted_per_step=float(accepted.sum() / steps) if steps else 0.0, mbsu=mbsu,
       draft_parameters=draft_parameters, target_parameters=target_parameters,
-      decode_seconds=decode_seconds, compile_seconds=compile_seconds,
+      draft_calls_per_step=calls_per_step, verified_tokens=num_nodes + 1,
+      draft_tree=None if draft_tree is None else str(draft_tree),
+      confidence_threshold=confidence_threshold, decode_seconds=decode_seconds, compile_seconds=compile_seconds,
       tokens_per_second=new_tokens / decode_seconds if decode_seconds else None)
+
+
+def _shape(stats: RunStatistics) -> str:
+  shape = (f'tree {stats.draft_tree} ({stats.verified_tokens} tokens verified)'
+           if stats.draft_tree else f'gamma {stats.num_draft_tokens}')
+  if stats.confidence_threshold:
+    shape += (f'  adaptive (threshold {stats.confidence_threshold:g}, '
+              f'{stats.draft_calls_per_step:.2f} draft calls/step)')
+  return shape
 
 
 def format_table(stats: RunStatistics) -> str:
   """A human-readable summary block."""
   lines = [
       f'rows {stats.num_rows}  new tokens {stats.new_tokens}  target calls {stats.target_calls}',
-      f'gamma {stats.num_draft_tokens}  tau (block efficiency) {stats.block_efficiency:.3f}  '
+      f'{_shape(stats)}  tau (block efficiency) {stats.block_efficiency:.3f}  '
       f'accepted/step {stats.accepted_per_step:.3f}'
       + (f'  MBSU {stats.mbsu:.3f}' if stats.mbsu is not None else ''),
   ]
   if stats.acceptance_rate_by_position:
     rates = ' '.join(f'{r:.2f}' for r in stats.acceptance_rate_by_position)
-    lines.append(f'acceptance rate by draft position: {rates}')
+    lines.append(f'acceptance rate by draft {"depth" if stats.draft_tree else "position"}: '
+                 f'{rates}')
   if stats.tokens_per_second is not None:
     lines.append(f'{stats.tokens_per_second:.1f} tokens/s over {stats.decode_seconds:.2f}s '
                  f'(compile {stats.compile_seconds or 0:.2f}s, reported apart)')

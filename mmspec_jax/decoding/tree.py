@@ -27,6 +27,25 @@ import numpy as np
 from mmspec_jax.models import TreeAttention
 
 
+def parse_shape(text: str) -> tuple[DraftTree, float]:
+  """A draft shape beside the chains of the evaluation and the benchmark: '3,2,1' a tree,
+  '1,1,1,1,1@0.4' a chain of 5 drafting adaptively at confidence threshold 0.4 ('3,2,1@0.4' an
+  adaptive tree) -> (the tree, the threshold, 0 without '@')."""
+  branching, _, threshold = text.partition('@')
+  try:
+    value = float(threshold) if threshold else 0.0
+  except ValueError:
+    raise ValueError(f'draft shape {text!r}: the threshold after "@" must be a number') from None
+  if not 0 <= value < 1:
+    raise ValueError(f'draft shape {text!r}: the confidence threshold must be in [0, 1)')
+  return DraftTree.parse(branching), value
+
+
+def shape_label(tree: DraftTree, threshold: float = 0.0) -> str:
+  """parse_shape's inverse, with 'x' between the factors: '3x2x1', '1x1x1x1x1@0.4'."""
+  return str(tree) + (f'@{threshold:g}' if threshold else '')
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftTree:
   branching: tuple[int, ...]  # children per node at depths 1 .. D
@@ -43,10 +62,11 @@ class DraftTree:
     """'2,2,1' (or '2x2x1') -> DraftTree((2, 2, 1))."""
     parts = [p for p in text.replace('x', ',').split(',') if p.strip()]
     try:
-      return cls(tuple(int(p) for p in parts))
+      branching = tuple(int(p) for p in parts)
     except ValueError:
       raise ValueError(f'a draft tree is written as branching factors per depth, e.g. "2,2,1"; '
                        f'got {text!r}') from None
+    return cls(branching)
 
   @classmethod
   def chain(cls, gamma: int) -> DraftTree:

@@ -2,8 +2,9 @@
 
 results.json: {"complete": bool, "settings": {...}, "cells": [...]} (cells as in run.py; the
 target-alone cells, draft "target" and gamma 0, carry the answer quality).
-results.md: tau per gamma and MBSU at gammas 3 and 5, one row per task x draft x sampling, then the
-target's answer quality per task.
+results.md: tau per gamma and MBSU at gammas 3 and 5, one row per task x draft x sampling; tau,
+tokens verified, draft calls per step and MBSU of each tree or adaptive shape; then the target's
+answer quality per task.
 tau_vs_gamma.png: one panel per task, one line per draft x sampling, the gamma + 1 ceiling dashed.
 """
 
@@ -33,7 +34,32 @@ def prepare_out_dir(out_dir: str):
 
 
 def _drafted(cells: Sequence[Cell]) -> list[Cell]:
-  return [c for c in cells if c['gamma'] > 0]
+  """The chain cells (trees and adaptive lengths have a `shape`)."""
+  return [c for c in cells if c['gamma'] > 0 and not c.get('shape')]
+
+
+def _shaped(settings: dict[str, Any], cells: Sequence[Cell]) -> list[str]:
+  """The trees and adaptive lengths table, or nothing when none ran."""
+  shapes = settings.get('shapes') or []
+  cells = [c for c in cells if c.get('shape')]
+  if not shapes or not cells:
+    return []
+  by_key = {(c['task'], c['draft'], c['sampling'], c['shape']): c for c in cells}
+  lines = ['## Trees and adaptive draft lengths', '',
+           'Each cell: tau / tokens verified per step (n) / draft calls per step (k) / MBSU = '
+           'tau / (c k + 1).', '',
+           '| task | draft | sampling | ' + ' | '.join(shapes) + ' |',
+           '|' + '---|' * (3 + len(shapes))]
+  for task, draft, sampling in _unique((c['task'], c['draft'], c['sampling']) for c in cells):
+    values = []
+    for shape in shapes:
+      c = by_key.get((task, draft, sampling, shape))
+      values.append('' if c is None else (
+          f'{c["block_efficiency"]:.2f} / {c["verified_tokens"]} / '
+          f'{c["draft_calls_per_step"]:.2f} / '
+          + (f'{c["mbsu"]:.2f}' if c['mbsu'] is not None else '-')))
+    lines.append(f'| {task} | {draft} | {sampling} | ' + ' | '.join(values) + ' |')
+  return lines + ['']
 
 
 def _unique(values) -> list:
@@ -69,6 +95,7 @@ def markdown(settings: dict[str, Any], cells: Sequence[Cell]) -> str:
                  for c in (by_key.get((task, draft, sampling, g)) for g in mbsu_gammas(gammas))]
       lines.append(f'| {task} | {draft} | {sampling} | ' + ' | '.join(values) + ' |')
     lines.append('')
+    lines += _shaped(settings, cells)
   lines += ['## Target answer quality (greedy, no draft)', '',
             '| task | examples | quality | target tokens/s |', '|---|---|---|---|']
   for cell in cells:

@@ -1,11 +1,15 @@
 """The paper's evaluation: block efficiency and MBSU per task x draft x gamma x sampling.
 
-One decoder is built per (draft, gamma, sampling), plus the target alone (gamma 0, greedy) for
+One decoder is built per (draft, gamma or shape, sampling), plus the target alone (gamma 0, greedy) for
 its answer quality and a tokens/s baseline. Every prompt of every task is padded to one length
 and every batch to `batch_size` rows, so each decoder compiles exactly once per run; compile time
 is kept apart from decode time. The same decoder then runs every task, one cell per task.
 
-A cell is a dict: what was run (task, draft, draft_kind, gamma, sampling, temperature), the
+Beside the chains of each gamma, `shapes` adds trees and adaptive lengths (decoding/tree.py's
+parse_shape: '3,2,1' a tree, '1,1,1,1,1@0.4' an adaptive chain); their cells carry `shape` (the
+label, '3x2x1') and gamma = the depth; chain cells have shape None.
+
+A cell is a dict: what was run (task, draft, draft_kind, gamma, shape, sampling, temperature), the
 `statistics.RunStatistics` fields (block_efficiency = tau, mbsu, acceptance_rate_by_position,
 tokens_per_second, ...), `wallclock_speedup` over the target alone on the same task, and for the
 target-alone cells `quality` (the mean score) and `examples` (id, prediction, reference, score).
@@ -26,6 +30,7 @@ import numpy as np
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DRAFT_KINDS, DecodeSession
+from mmspec_jax.decoding.tree import parse_shape, shape_label
 from mmspec_jax.evaluation import report, tasks as task_data
 from mmspec_jax.models.config import SUPPORTED_DTYPES
 from mmspec_jax.processing import MultimodalProcessor
@@ -104,13 +109,18 @@ def check_draft_kinds(session: DecodeSession):
                        f'names {sorted(DRAFT_KINDS.values())} must match the kind')
 
 
-def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequence[str]):
-  """(draft name or None, gamma, sampling name): the target alone first, for its quality."""
-  yield None, 0, 'greedy'
+def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequence[str],
+                   shapes: Sequence[str] = ()):
+  """(draft name or None, gamma, sampling name, tree or None, threshold): the target alone
+  first, for its quality; each draft's chains, then its shapes."""
+  yield None, 0, 'greedy', None, 0.0
   for name in drafts:
     for sampling in samplings:
       for gamma in sorted(gammas):
-        yield name, gamma, sampling
+        yield name, gamma, sampling, None, 0.0
+      for shape in shapes:
+        tree, threshold = parse_shape(shape)
+        yield name, tree.depth, sampling, tree, threshold
 
 
 def _decode_task(session: DecodeSession, decoder, batches: Sequence[inputs.Batch],
@@ -145,7 +155,8 @@ def _score(examples: Sequence[task_data.Example], tokens, processor: MultimodalP
 
 
 def _progress_line(number: int, total: int, cell: dict) -> str:
-  what = f'{cell["task"]} {cell["draft"]} gamma={cell["gamma"]} {cell["sampling"]}'
+  shape = f'tree {cell["shape"]}' if cell.get('shape') else f'gamma={cell["gamma"]}'
+  what = f'{cell["task"]} {cell["draft"]} {shape} {cell["sampling"]}'
   line = (f'[{number}/{total}] {what}: tau {cell["block_efficiency"]:.3f}'
           + (f' MBSU {cell["mbsu"]:.3f}' if cell['mbsu'] is not None else ''))
   if cell['acceptance_rate_by_position']:
@@ -158,7 +169,7 @@ def _progress_line(number: int, total: int, cell: dict) -> str:
 
 def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: str, *,
              tasks: Sequence[str] = DEFAULT_TASKS, gammas: Sequence[int] = DEFAULT_GAMMAS,
-             samplings: Sequence[str] = tuple(SAMPLINGS), max_new_tokens: int = 64,
+             shapes: Sequence[str] = (), samplings: Sequence[str] = tuple(SAMPLINGS), max_new_tokens: int = 64,
              batch_size: int = 16, num_examples: int = 32, out_dir: str | None = None,
              seed: int = 0, dtype: str = 'float32',
              mesh_shape: Mapping[str, int] | None = None, score_fn: ScoreFn | None = None,
@@ -172,6 +183,8 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     data_dir: holds test_{task}.json and images/ (see mmspec_jax/evaluation/tasks.py).
     tasks, gammas, samplings: the grid; samplings among 'greedy' (temperature 0) and 'sample'
       (temperature 1).
+    shapes: trees and adaptive lengths beside the gammas, as decoding.tree.parse_shape reads
+      them: '3,2,1' (a tree), '1,1,1,1,1@0.4' (a chain of 5, adaptive at threshold 0.4).
     max_new_tokens, batch_size: as decode.py's.
     num_examples: the first this many records of each task.
     out_dir: where results.json, results.md and tau_vs_gamma.png go (created if missing);
@@ -188,8 +201,12 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     The cells, target-alone cells first.
   """
   # --- validation: nothing loaded or compiled yet ------------------------------------------------
-  tasks, gammas, samplings = list(tasks), list(gammas), list(samplings)
+  tasks, gammas, samplings, shapes = list(tasks), list(gammas), list(samplings), list(shapes)
   _check_settings(tasks, gammas, samplings, max_new_tokens, batch_size, num_examples, dtype)
+  parsed_shapes = [parse_shape(shape) for shape in shapes]
+  if len({shape_label(*shape) for shape in parsed_shapes}) != len(shapes):
+    raise ValueError(f'shapes must be distinct, got {shapes}')
+  depth = max([*gammas, *(tree.depth for tree, _ in parsed_shapes)])
   drafts = parse_drafts(drafts)
   score_fn = score_fn or _default_score_fn()
   if out_dir is not None:
@@ -200,7 +217,7 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   draft_configs = session.draft_configs
   examples = {task: task_data.read_task(data_dir, task, processor, target_config,
                                         num_examples=num_examples, max_new_tokens=max_new_tokens,
-                                        num_draft_tokens=max(gammas) if draft_configs else 0,
+                                        num_draft_tokens=depth if draft_configs else 0,
                                         drafts=tuple(draft_configs.values()))
               for task in tasks}
   # One prompt length and one image shape for the whole run: one compile per decoder.
@@ -217,17 +234,19 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
       'drafts': {name: {'dir': drafts[name], 'kind': DRAFT_KINDS[type(config)],
                         'parameters': parameters[name]}
                  for name, config in draft_configs.items()},
-      'tasks': tasks, 'gammas': sorted(gammas), 'samplings': samplings,
+      'tasks': tasks, 'gammas': sorted(gammas), 'shapes': [shape_label(*s) for s in parsed_shapes],
+      'samplings': samplings,
       'max_new_tokens': max_new_tokens, 'batch_size': batch_size, 'num_examples': num_examples,
       'prompt_length': length, 'seed': seed, 'dtype': dtype}
 
   # --- decode: one compile per decoder, then every task ------------------------------------------
-  specs = list(_decoder_specs(list(drafts), gammas, samplings))
+  specs = list(_decoder_specs(list(drafts), gammas, samplings, shapes))
   cells, baseline_speed = [], {}
   base_key = jax.random.key(seed)
-  for name, gamma, sampling in specs:
+  for name, gamma, sampling, tree, threshold in specs:
     decoder = session.decoder(name, num_draft_tokens=gamma, sampling=SAMPLINGS[sampling],
-                              max_new_tokens=max_new_tokens, requests=requests)
+                              max_new_tokens=max_new_tokens, requests=requests, draft_tree=tree,
+                              confidence_threshold=threshold)
     # One program for every task: the draft's prompt width covers all of their prompts.
     draft_length = session.engine(decoder).draft_prompt_length(
         [r.token_ids for r in requests], length)
@@ -241,13 +260,14 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
       tokens, counts, seconds = decode(
           batches[task], key=jax.random.fold_in(base_key, task_index))
       stats = statistics.summarize(
-          *counts, num_draft_tokens=gamma,
+          *counts, num_draft_tokens=gamma, draft_tree=tree, confidence_threshold=threshold,
           draft_parameters=None if name is None else parameters[name],
           target_parameters=parameters[None], decode_seconds=seconds,
           compile_seconds=compile_seconds)
       cell = {'task': task, 'draft': name or TARGET_ONLY,
               'draft_kind': None if name is None else settings['drafts'][name]['kind'],
-              'gamma': gamma, 'sampling': sampling,
+              'gamma': gamma, 'shape': None if tree is None else shape_label(tree, threshold),
+              'sampling': sampling,
               'temperature': SAMPLINGS[sampling].temperature, **stats.as_dict()}
       if name is None:
         baseline_speed[task] = stats.tokens_per_second
