@@ -23,6 +23,10 @@ def get_config():
   config.prompt_length = 1024
   config.max_new_tokens = 1024  # prompt + new = 2048 positions.
   config.num_draft_tokens = 5
+  # A tree instead of a chain ('5,1,1,1,1,1': configs/decode.py), and an adaptive length's
+  # threshold: the decoding program is then compiled with them.
+  config.draft_tree = ''
+  config.confidence_threshold = 0.0
   config.temperature = 0.0
   # Compute and parameter dtype for decoding (the train step keeps float32 parameters).
   config.dtype = 'bfloat16'

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from mmspec_jax import plan_costs, sharding
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
                                text_config)
@@ -70,10 +71,13 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
   draft = with_dtype(presets.get(config.draft), config.dtype) if config.draft else None
   target_params = _abstract(target, mesh, rules, layout)
   draft_params = _abstract(draft, mesh, draft_rules, layout) if draft else None
-  gamma = config.num_draft_tokens if draft else 0
+  tree = DraftTree.parse(config.draft_tree) if draft and config.get('draft_tree') else None
+  gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
   decoder = SpeculativeDecoder(build(target, layout), build(draft, layout) if draft else None,
                                gamma, SamplingConfig(temperature=config.temperature),
-                               config.max_new_tokens, (2,), draft_rules=draft_rules)
+                               config.max_new_tokens, (2,), draft_rules=draft_rules,
+                               draft_tree=tree, confidence_threshold=(
+                                   config.get('confidence_threshold', 0.0) if draft else 0.0))
   image_shape, prompt = None, [0] * config.prompt_length
   if isinstance(target, LlavaConfig):
     image_shape = (target.vision.image_size, target.vision.image_size, 3)
@@ -85,7 +89,7 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
   with placement.mesh_context(mesh, rules):
     compiled = decoder.generate.lower(target_params, draft_params, *inputs, jax.random.key(0),
                                       draft_prompt_length=draft_prompt_length).compile()
-  new_positions = config.max_new_tokens + gamma + 1
+  new_positions = config.max_new_tokens + decoder.num_draft_nodes + 1
   cache_length = config.prompt_length + new_positions
   caches = [(target, cache_length, rules)]
   if draft:
@@ -99,7 +103,8 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
         cache, KVCache.logical_axes(layout.cache_heads_first), mesh, model_rules)))
   return {
       'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
-                 f'{config.batch_size}, gamma {gamma}, {cache_length} positions'
+                 f'{config.batch_size}, ' + (f'tree {tree}' if tree else f'gamma {gamma}')
+                 + f', {cache_length} positions'
                  + (f' (draft {caches[1][1]})' if draft else '') + f', layers {layout.layers}',
       'compile_seconds': round(time.time() - start, 1),
       'parameter_bytes': _bytes_per_device([target_params, draft_params]),

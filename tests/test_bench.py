@@ -35,8 +35,9 @@ def test_bytes_per_token_counts_one_embedding_row_and_the_cache():
 
 def test_predicted_speedup_is_tau_when_drafts_and_prefills_are_free():
   ar = {'new_tokens': 33}
-  spec = {'gamma': 3, 'num_prompts': 1, 'new_tokens': 33, 'verification_steps': 8, 'tau': 4.0}
-  costs = {'target_prefill': 0.0, 'draft_prefill': 0.0, 'target_1': 1.0, 'target_verify': 1.0,
+  spec = {'gamma': 3, 'num_prompts': 1, 'new_tokens': 33, 'verification_steps': 8, 'tau': 4.0,
+          'shape': None, 'verified_tokens': 4}
+  costs = {'target_prefill': 0.0, 'draft_prefill': 0.0, 'target_1': 1.0, 'target_4': 1.0,
            'draft_1': 0.0}
   predicted = speculative.predicted_speedup(ar, spec, costs)
   assert predicted['end_to_end'] == pytest.approx(4.0)
@@ -46,6 +47,23 @@ def test_predicted_speedup_is_tau_when_drafts_and_prefills_are_free():
   predicted = speculative.predicted_speedup(ar, spec, costs)
   assert predicted['steady_state'] == pytest.approx(4.0 / 1.3)
   assert predicted['end_to_end'] == pytest.approx((10 + 32) / (10 + 8 * 1.3))
+
+
+def test_predicted_speedup_of_a_tree_and_an_adaptive_chain():
+  """A tree's step: its first draft call, one call per depth below the deepest on that depth's
+  nodes, one verification of N + 1 tokens; an adaptive length's: the calls it made per step."""
+  ar = {'new_tokens': 33}
+  costs = {'target_prefill': 0.0, 'draft_prefill': 0.0, 'target_1': 1.0, 'target_10': 1.5,
+           'target_4': 1.1, 'draft_1': 0.1, 'draft_3': 0.12, 'draft_6': 0.15}
+  tree = {'gamma': 3, 'num_prompts': 1, 'new_tokens': 33, 'verification_steps': 8, 'tau': 4.0,
+          'shape': '3x2x1', 'verified_tokens': 16, 'draft_calls_per_step': 3.0}
+  assert speculative.draft_call_widths(speculative.DraftTree((3, 2, 1))) == [3, 6]
+  costs['target_16'] = 2.0
+  predicted = speculative.predicted_speedup(ar, tree, costs)
+  assert predicted['steady_state'] == pytest.approx(4.0 / (0.1 + 0.12 + 0.15 + 2.0))
+  adaptive = dict(tree, shape='1x1x1@0.5', verified_tokens=4, draft_calls_per_step=1.5)
+  predicted = speculative.predicted_speedup(ar, adaptive, costs)
+  assert predicted['steady_state'] == pytest.approx(4.0 / (1.5 * 0.1 + 1.1))
 
 
 def test_text_only_prompts_drop_placeholders_and_images():

@@ -143,15 +143,23 @@ def test_planted_biased_samplers_are_caught(models, monkeypatch, bug, name):
     monkeypatch.setattr(engine, '_draft_token', _raw_logit_q)
   else:
     monkeypatch.setattr(acceptance, 'leading_true_count', _batch_minimum)
+  assert _p_value_with_planted_bug(models, bug, name) < P_VALUE_FLOOR
+
+
+def _p_value_with_planted_bug(models, bug, name, branching=None):
+  """The chi-square p-value of a chain (or a tree of `branching`) decoded with the bug planted."""
   # Equal decoders share jit's trace cache; drop it so the planted function is traced.
   jax.clear_caches()
   target_params, draft_params = models
   sampling = SAMPLINGS[name]
-  counts, _ = sampled_joint(target_params, draft_params, sampling)
+  if branching is None:
+    counts, _ = sampled_joint(target_params, draft_params, sampling)
+  else:
+    counts, _ = sampled_tree_joint(target_params, draft_params, sampling, branching)
   p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
   print(f'{bug}: p = {p_value:.2e}')
   jax.clear_caches()  # Nothing traced with the planted bug may outlive this test.
-  assert p_value < P_VALUE_FLOOR
+  return p_value
 
 
 # Trees: siblings drawn without replacement, verified by recursive rejection sampling. (4, 1)
@@ -216,14 +224,7 @@ def test_planted_tree_biases_are_caught(models, monkeypatch, bug, name):
     monkeypatch.setattr(acceptance, 'try_child', _trusting_try)
   else:
     monkeypatch.setattr(acceptance, 'without_token', _removed_without_renormalizing)
-  jax.clear_caches()
-  target_params, draft_params = models
-  sampling = SAMPLINGS[name]
-  counts, _ = sampled_tree_joint(target_params, draft_params, sampling, (3, 2))
-  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
-  print(f'{bug}: p = {p_value:.2e}')
-  jax.clear_caches()
-  assert p_value < P_VALUE_FLOOR
+  assert _p_value_with_planted_bug(models, bug, name, (3, 2)) < P_VALUE_FLOOR
 
 
 def test_expected_block_efficiency_with_known_acceptance():

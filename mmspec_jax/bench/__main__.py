@@ -33,6 +33,10 @@ from mmspec_jax.convert.loading import load_model
 from mmspec_jax.models import parameter_count
 
 TASKS = ('captioning', 'sqa', 'conversation')
+# Section 3's trees and adaptive length beside gammas 3 and 5: the best tree of the evaluation
+# within 32 verified tokens (README, Trees), a small one, and a chain of 7 stopping below draft
+# confidence 0.3.
+SHAPES = ('5,1,1,1,1,1', '3,1,1', '1,1,1,1,1,1,1@0.3')
 
 
 def _log(line: str):
@@ -118,11 +122,11 @@ def main(argv=None):
   if 3 in args.sections:
     comparisons = {'demo target': speculative.compare(
         pair, (3, 5), num_prompts=16, max_new_tokens=64, repeats=args.repeats, log=_log,
-        label='[3/4] demo target')[0]}
+        label='[3/4] demo target', shapes=SHAPES)[0]}
     wide = _widened_target(pair)
     comparisons['widened target'], wide_tokens = speculative.compare(
         wide, (3, 5), num_prompts=3, max_new_tokens=32, repeats=args.repeats, log=_log,
-        label='[3/4] widened target', verify_sizes=(2, 4, 6, 8))
+        label='[3/4] widened target', shapes=SHAPES, verify_sizes=(2, 4, 8, 16, 32))
     _check_widened(comparisons['widened target'], pair, wide, wide_tokens)
     results['speculative'] = comparisons
     del wide
