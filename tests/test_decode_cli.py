@@ -272,7 +272,8 @@ def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
                         num_generated=np.full((batch,), 2, np.int32),
                         num_target_calls=np.full((batch,), 2, np.int32),
                         accepted_by_position=np.zeros((batch, 0), np.int32),
-                        reached_by_position=np.zeros((batch, 0), np.int32))
+                        reached_by_position=np.zeros((batch, 0), np.int32),
+                        draft_calls=np.zeros((batch,), np.int32))
 
   monkeypatch.setattr(session_module.DecodeSession, '_compile_program',
                       lambda *args: generate)

@@ -12,6 +12,7 @@ VOCAB ids, so the target samples ids the draft cannot propose, and the draft is 
 """
 
 import dataclasses
+import functools
 
 
 import jax
@@ -55,6 +56,12 @@ def models():
   draft = dict(target, embed_tokens={'embedding': target['embed_tokens']['embedding'][:DRAFT_VOCAB]},
                lm_head={'kernel': target['lm_head']['kernel'][:, :DRAFT_VOCAB]})
   return target, perturb(draft, 3, 0.5)
+
+
+@pytest.fixture(scope='module')
+def exact(models):
+  """sampling -> the `models` target's exact_joint, computed once per setting."""
+  return functools.lru_cache(maxsize=None)(functools.partial(exact_joint, models[0]))
 
 
 def exact_joint(target_params, sampling):
@@ -103,11 +110,11 @@ def chi_square_p_value(counts, expected_probs):
 
 
 @pytest.mark.parametrize('name', list(SAMPLINGS))
-def test_sampled_tokens_follow_the_target(models, name):
+def test_sampled_tokens_follow_the_target(models, exact, name):
   target_params, draft_params = models
   sampling = SAMPLINGS[name]
   counts, result = sampled_joint(target_params, draft_params, sampling)
-  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  p_value = chi_square_p_value(counts, exact(sampling))
   print(f'{name}: p = {p_value:.3f}, accepted per row {float(result.num_accepted.mean()):.2f}')
   assert p_value > P_VALUE_FLOOR
   # The draft disagrees with the target often enough to exercise every path.
@@ -136,17 +143,17 @@ def _batch_minimum(flags):
     ('raw_logit_q', 'top_k'),
     ('batch_minimum', 'temperature'),
 ])
-def test_planted_biased_samplers_are_caught(models, monkeypatch, bug, name):
+def test_planted_biased_samplers_are_caught(models, exact, monkeypatch, bug, name):
   if bug == 'greedy_draft':
     monkeypatch.setattr(engine, '_draft_token', _greedy_drafting_with_softmax_q)
   elif bug == 'raw_logit_q':
     monkeypatch.setattr(engine, '_draft_token', _raw_logit_q)
   else:
     monkeypatch.setattr(acceptance, 'leading_true_count', _batch_minimum)
-  assert _p_value_with_planted_bug(models, bug, name) < P_VALUE_FLOOR
+  assert _p_value_with_planted_bug(models, exact, bug, name) < P_VALUE_FLOOR
 
 
-def _p_value_with_planted_bug(models, bug, name, branching=None):
+def _p_value_with_planted_bug(models, exact, bug, name, branching=None):
   """The chi-square p-value of a chain (or a tree of `branching`) decoded with the bug planted."""
   # Equal decoders share jit's trace cache; drop it so the planted function is traced.
   jax.clear_caches()
@@ -156,20 +163,20 @@ def _p_value_with_planted_bug(models, bug, name, branching=None):
     counts, _ = sampled_joint(target_params, draft_params, sampling)
   else:
     counts, _ = sampled_tree_joint(target_params, draft_params, sampling, branching)
-  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  p_value = chi_square_p_value(counts, exact(sampling))
   print(f'{bug}: p = {p_value:.2e}')
   jax.clear_caches()  # Nothing traced with the planted bug may outlive this test.
   return p_value
 
 
 # Trees: siblings drawn without replacement, verified by recursive rejection sampling. (4, 1)
-# under top-k 3 leaves each root a 4th child that cannot be drawn; the chain with a threshold
-# stops rows early (the adaptive length), and the target samples the positions not drafted.
+# under top-k 3 leaves each root a 4th child that cannot be drawn; under top-p the tree has a
+# confidence threshold that stops rows early (the adaptive length), and the target samples the
+# positions not drafted.
 TREE_CASES = {
     'temperature': ((3, 2), 0.0),
     'top_k': ((4, 1), 0.0),
-    'top_p': ((3, 2), 0.0),
-    'adaptive_chain': ((1, 1, 1), 0.6),
+    'top_p': ((3, 1, 1), 0.6),
 }
 
 
@@ -182,13 +189,13 @@ def sampled_tree_joint(target_params, draft_params, sampling, branching, thresho
 
 
 @pytest.mark.parametrize('case', list(TREE_CASES))
-def test_sampled_tree_tokens_follow_the_target(models, case):
+def test_sampled_tree_tokens_follow_the_target(models, exact, case):
   target_params, draft_params = models
-  sampling = SAMPLINGS.get(case, SAMPLINGS['temperature'])
+  sampling = SAMPLINGS[case]
   branching, threshold = TREE_CASES[case]
   counts, result = sampled_tree_joint(target_params, draft_params, sampling, branching,
                                       threshold)
-  p_value = chi_square_p_value(counts, exact_joint(target_params, sampling))
+  p_value = chi_square_p_value(counts, exact(sampling))
   accepted = np.asarray(result.accepted_by_position)
   print(f'{case}: p = {p_value:.3f}, accepted at depth 1 {accepted[:, 0].mean():.2f}')
   assert p_value > P_VALUE_FLOOR
@@ -216,7 +223,7 @@ def _removed_without_renormalizing(q, token):
 
 @pytest.mark.parametrize('bug, name', [('with_replacement', 'top_k'),
                                        ('not_renormalized', 'temperature')])
-def test_planted_tree_biases_are_caught(models, monkeypatch, bug, name):
+def test_planted_tree_biases_are_caught(models, exact, monkeypatch, bug, name):
   """Siblings drawn with replacement but verified as if without (each child's renormalized q
   trusted), and q not renormalized after a rejected sibling."""
   if bug == 'with_replacement':
@@ -224,7 +231,7 @@ def test_planted_tree_biases_are_caught(models, monkeypatch, bug, name):
     monkeypatch.setattr(acceptance, 'try_child', _trusting_try)
   else:
     monkeypatch.setattr(acceptance, 'without_token', _removed_without_renormalizing)
-  assert _p_value_with_planted_bug(models, bug, name, (3, 2)) < P_VALUE_FLOOR
+  assert _p_value_with_planted_bug(models, exact, bug, name, (3, 2)) < P_VALUE_FLOOR
 
 
 def test_expected_block_efficiency_with_known_acceptance():

@@ -149,10 +149,11 @@ def test_engine_refuses_inconsistent_settings(setting):
 # test_pallas_attention.py.)
 @pytest.mark.parametrize('layout', [Layout(attention_block_size=4), Layout(attention='xla')],
                          ids=['blockwise', 'xla'])
-def test_tree_attention_equals_extending_each_path(layout):
-  """Each node's logits from one tree call equal those of extending the prefix by its own path
-  (the target's call, and the draft's depth-by-depth calls); after the accepted path is moved
-  into place, the cache continues as if the path had been extended as a chain."""
+def test_tree_attention_equals_each_path_as_a_sequence(layout):
+  """Each node's logits from one tree call over a cached prompt equal those of a full forward
+  of its row's prompt followed by the node's own path (the target's call, and the draft's
+  depth-by-depth calls); after the path to a leaf is moved into place, the cache continues as
+  if that path had been fed as a plain sequence."""
   config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
                        eos_token_id=None, bos_token_id=None)
@@ -161,21 +162,30 @@ def test_tree_attention_equals_extending_each_path(layout):
   apply = jax.jit(functools.partial(model.apply, {'params': params}), static_argnames='method')
   tree = DraftTree((2, 3, 1))
   rng = np.random.RandomState(0)
+  lengths = [7, 5]
   prompt = rng.randint(0, 50, (2, 7)).astype(np.int32)
-  lengths = np.array([7, 5], np.int32)
-  _, cache = apply(prompt, lengths, KVCache.init(config, 2, 64, layout=layout), method='prefill')
-  nodes = rng.randint(0, 50, (2, tree.num_nodes + 1)).astype(np.int32)
+  _, cache = apply(prompt, np.array(lengths, np.int32), KVCache.init(config, 2, 64, layout=layout),
+                   method='prefill')
+  nodes = rng.randint(0, 50, (2, tree.num_nodes + 1)).astype(np.int32)  # [root, N nodes]
   logits, written = apply(nodes, cache, tree=tree.verification_attention(), method='extend')
   np.testing.assert_array_equal(written.lengths, lengths)  # A tree call does not advance.
 
   def path_to(node):
     path = [node]
-    while tree.parents[path[-1]] > 0:
+    while path[-1] > 0:
       path.append(int(tree.parents[path[-1]]))
-    return path[::-1]  # Depth 1 .. the node's.
-  for node in range(tree.num_nodes + 1):
-    chain, _ = apply(nodes[:, [0] + (path_to(node) if node else [])], cache, method='extend')
-    np.testing.assert_allclose(logits[:, node], chain[:, -1], atol=2e-5)
+    return path[::-1]  # The root .. the node.
+  # Every (row, node) as one right-padded sequence: the row's prompt, then the node's path.
+  sequences = np.zeros((2 * (tree.num_nodes + 1), 7 + tree.depth + 1), np.int32)
+  for row in range(2):
+    for node in range(tree.num_nodes + 1):
+      path = nodes[row, path_to(node)]
+      sequences[row * (tree.num_nodes + 1) + node, :lengths[row] + len(path)] = np.concatenate(
+          [prompt[row, :lengths[row]], path])
+  full = np.asarray(apply(sequences)).reshape(2, tree.num_nodes + 1, -1, config.vocab_size)
+  for row in range(2):
+    last = [lengths[row] + tree.depths[node] for node in range(tree.num_nodes + 1)]
+    np.testing.assert_allclose(logits[row], full[row, np.arange(len(last)), last], atol=2e-5)
 
   # The draft: the root in the prefix, then depth by depth.
   _, draft_cache = apply(nodes[:, :1], cache, method='extend')
@@ -186,7 +196,7 @@ def test_tree_attention_equals_extending_each_path(layout):
     np.testing.assert_allclose(level, logits[:, start:end], atol=2e-5)
 
   # Moving the path to the last leaf into place; the next tokens see it as a plain prefix.
-  path = np.tile(path_to(tree.num_nodes), (2, 1))  # [B, D]
+  path = np.tile(path_to(tree.num_nodes)[1:], (2, 1))  # [B, D]
   moved = written.move_slots(written.lengths + 1, jnp.asarray(path - 1))
   moved = moved.with_lengths(written.lengths + 1 + tree.depth)
   following = rng.randint(0, 50, (2, 2)).astype(np.int32)

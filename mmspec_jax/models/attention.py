@@ -102,12 +102,19 @@ def _block_start(index, block: int, length: int):
   return start, slots, slots >= index * block
 
 
-def _blockwise(query, keys, values, cache: LayerCache, block_size: int, tree_mask=None):
+def _blockwise(query, keys, values, cache: LayerCache, block_size: int, tree_mask=None,
+               read_dtype=None):
   """Pure-JAX flash-style attention: the new tokens causally, in blocks when there are many of
   them (prefill), then the cache's blocks up to the batch's longest live row: float32[B, T, N, H].
   The cache may already hold the new tokens; only its slots below `lengths` are read.
   tree_mask: bool[T, W] for tree attention, where keys and values [B, W, K, H] are the window.
+  read_dtype: keys and values rounded to it as they are read (the paged kernel's bfloat16).
   """
+  if read_dtype is not None:
+    rounded = lambda x: x.astype(read_dtype).astype(x.dtype)
+    keys, values = rounded(keys), rounded(values)
+  else:
+    rounded = lambda x: x
   batch, length, num_heads, head_dim = query.shape
   num_kv_heads = keys.shape[2]
   grouped = _grouped(query, num_kv_heads)  # [B, T, K, G, H]
@@ -135,7 +142,7 @@ def _blockwise(query, keys, values, cache: LayerCache, block_size: int, tree_mas
 
   def visit_cached(index, state):
     start, slots, own = _block_start(index, block, capacity)
-    block_keys, block_values = cache.block(start, block)  # [B, C, K, H]
+    block_keys, block_values = map(rounded, cache.block(start, block))  # [B, C, K, H]
     live = own[None, :] & (slots[None, :] < cache.lengths[:, None])  # [B, C]
     return _visit(state, grouped, block_keys, block_values, live[:, None, :])
 
@@ -246,9 +253,12 @@ def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache
   if tree is not None:
     written = cache.write(keys, values, cache.lengths[:, None] + jnp.asarray(tree.slots)[None])
     window_keys, window_values = written.window(tree.window)  # [B, W, K, H]
-    if layout.attention in ('blockwise', 'pallas'):  # The paged kernel returns no residuals.
+    if layout.attention in ('blockwise', 'pallas'):
+      # The paged kernel returns no softmax residual to combine a tree's part with: blockwise,
+      # reading keys and values as bfloat16 as the kernel does, so that a tree is verified with
+      # the numerics of the layout's other calls.
       out = _blockwise(query, window_keys, window_values, written, layout.attention_block_size,
-                       tree.mask)
+                       tree.mask, jnp.bfloat16 if layout.attention == 'pallas' else None)
     else:
       out = _fused_kernel(query, window_keys, window_values, written, layout.attention, tree.mask)
     return out.astype(query.dtype), written
