@@ -36,7 +36,7 @@ _LONGEST_FIRST = (
     'test_world_training.py', 'test_sharded_decoding.py', 'test_decoding_layout.py',
     'test_evaluate.py', 'test_plan.py', 'test_pallas_attention.py', 'test_training_step.py',
     'test_training_sharded.py', 'test_kv_cache.py', 'test_decoding_greedy.py',
-    'test_decoding_sampling.py', 'test_target_answers.py')
+    'test_decoding_sampling.py', 'test_decoding_trees.py', 'test_target_answers.py')
 
 
 def pytest_collection_modifyitems(session, config, items):

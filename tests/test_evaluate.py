@@ -236,28 +236,25 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
 
 
 def test_trees_and_adaptive_lengths_beside_the_gammas(models, tmp_path):
-  shapes = ('2,2', '1,1,1@0.5')
+  shapes = ('2,2,1@0.5',)  # An adaptive tree.
   lines = []
   cells = evaluate(models['target'], [f'language:{models["language"]}'], models['world'],
                    tasks=('captioning',), gammas=(2,), shapes=shapes, samplings=('greedy',),
                    max_new_tokens=MAX_NEW_TOKENS, batch_size=BATCH_SIZE,
                    num_examples=NUM_EXAMPLES, out_dir=str(tmp_path), score_fn=word_overlap,
                    log=lines.append)
-  chain, tree, adaptive = cells[1:]
-  assert [c['shape'] for c in cells] == [None, None, '2x2', '1x1x1@0.5']
-  assert (tree['gamma'], tree['verified_tokens'], tree['draft_calls_per_step']) == (2, 7, 2.0)
-  assert tree['block_efficiency'] >= chain['block_efficiency']  # Its chain is one of its paths.
-  assert adaptive['confidence_threshold'] == 0.5 and adaptive['verified_tokens'] == 4
-  assert 1 <= adaptive['draft_calls_per_step'] <= 3
+  _, tree = cells[1:]
+  assert [c['shape'] for c in cells] == [None, None, '2x2x1@0.5']
+  assert (tree['gamma'], tree['verified_tokens'], tree['confidence_threshold']) == (3, 11, 0.5)
+  assert 1 <= tree['draft_calls_per_step'] <= 3
   c = tree['draft_parameters'] / tree['target_parameters']
-  for cell in (tree, adaptive):
-    assert cell['mbsu'] == pytest.approx(
-        cell['block_efficiency'] / (c * cell['draft_calls_per_step'] + 1))
-  assert 'captioning language tree 2x2 greedy: tau' in lines[2]
+  assert tree['mbsu'] == pytest.approx(
+      tree['block_efficiency'] / (c * tree['draft_calls_per_step'] + 1))
+  assert 'captioning language tree 2x2x1@0.5 greedy: tau' in lines[2]
   markdown = open(os.path.join(tmp_path, report.MARKDOWN_FILE)).read()
-  assert '| task | draft | sampling | 2x2 | 1x1x1@0.5 |' in markdown
-  assert f'| captioning | language | greedy | {tree["block_efficiency"]:.2f} / 7 / 2.00 / ' in (
-      markdown)
+  assert '| task | draft | sampling | 2x2x1@0.5 |' in markdown
+  assert (f'| captioning | language | greedy | {tree["block_efficiency"]:.2f} / 11 / '
+          f'{tree["draft_calls_per_step"]:.2f} / ') in markdown
   with pytest.raises(ValueError, match='the confidence threshold must be in'):
     evaluate(models['target'], [f'language:{models["language"]}'], models['world'],
              shapes=('2@1.5',))

@@ -1,6 +1,8 @@
 """The explicit KV cache: prefill and extends (1 or k+1 tokens, ragged rows, rollback) give the
 same logits as a full forward pass over each row's sequence."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -149,16 +151,18 @@ def test_llava_prefill_with_images_then_extends(layout):
   prompts = np.zeros((2, lengths.max()), np.int32)
   for b, n in enumerate(lengths):
     prompts[b, :n] = rows[b][:n]
-  full = [np.asarray(model.apply({'params': params}, row[None], images[b:b + 1]))[0]
-          for b, row in enumerate(rows)]
+  # Jitted: the LLaVA run op by op (its vision tower included) takes several times longer.
+  forward = jax.jit(functools.partial(model.apply, {'params': params}))
+  full = [np.asarray(forward(row[None], images[b:b + 1]))[0] for b, row in enumerate(rows)]
+  decode = jax.jit(functools.partial(decoder.apply, {'params': decoding}),
+                   static_argnames='method')
   cache = KVCache.init(config.text, 2, 64)
-  last, cache = decoder.apply({'params': decoding}, prompts, lengths, cache, images,
-                              method=Llava.prefill)
+  last, cache = decode(prompts, lengths, cache, images, method=Llava.prefill)
   tokens = np.stack([rows[b][n:n + 4] for b, n in enumerate(lengths)])
-  logits, cache = decoder.apply({'params': decoding}, tokens, cache, method=Llava.extend)
+  logits, cache = decode(tokens, cache, method=Llava.extend)
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(last[b], full[b][n - 1], atol=TOLERANCE)
     np.testing.assert_allclose(logits[b], full[b][n:n + 4], atol=TOLERANCE)
   # The image changes the logits: the features really are placed at the placeholders.
-  blank = np.asarray(model.apply({'params': params}, rows[0][None], np.zeros_like(images[:1])))
+  blank = np.asarray(forward(rows[0][None], np.zeros_like(images[:1])))
   assert np.abs(blank[0] - full[0]).max() > 100 * TOLERANCE

@@ -64,10 +64,11 @@ def test_paged_kernel_matches_blockwise(num_tokens, layer):
   assert np.abs(other - expected).max() > 1e-2
 
 
-def test_tree_attention_over_the_heads_first_cache_matches_blockwise():
+def test_tree_attention_in_every_layout_matches_blockwise():
   """A tree call in the pallas layout (blockwise over the heads-first cache, keys and values read
-  as bfloat16 like the kernel) equals the blockwise layout's, and moving a path of slots does
-  the same in both storage orders."""
+  as bfloat16 like the kernel) and in the xla one (the kernel over the cache, the tree window in
+  pure JAX, combined by their log-sum-exps) equals the blockwise layout's, and moving a path of
+  slots does the same in both storage orders."""
   tree = DraftTree((2, 2))
   pattern = tree.verification_attention()
   rng = np.random.default_rng(7)
@@ -78,7 +79,7 @@ def test_tree_attention_over_the_heads_first_cache_matches_blockwise():
   query = bfloat16_valued(rng, (ROWS, size, HEADS, HEAD_DIM))
   keys, values = (bfloat16_valued(rng, (ROWS, size, KV_HEADS, HEAD_DIM)) for _ in range(2))
   outs, written = [], []
-  for layout in (BLOCKWISE, PALLAS):
+  for layout in (BLOCKWISE, PALLAS, Layout(attention='xla')):
     heads_first = layout.cache_heads_first
     to_storage = (lambda a: a.transpose(3, 0, 1, 2, 4)) if heads_first else (lambda a: a)
     view = LayerCache(keys=to_storage(stored[0]), values=to_storage(stored[1]),
@@ -91,8 +92,9 @@ def test_tree_attention_over_the_heads_first_cache_matches_blockwise():
     path = jnp.asarray([[2, 6], [1, 3], [2, 5]])  # [B, D]: each row's accepted nodes
     moved = cache.move_slots(cache.lengths + 1, path - 1).keys
     written.append(np.asarray(moved.transpose(1, 2, 3, 0, 4) if heads_first else moved))
-  np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
-  np.testing.assert_array_equal(written[1], written[0])
+  for out, moved in zip(outs[1:], written[1:]):
+    np.testing.assert_allclose(out, outs[0], atol=1e-5)
+    np.testing.assert_array_equal(moved, written[0])
   # The path landed: row 0's depth-2 node (index 6) now sits at its length + 2.
   np.testing.assert_array_equal(written[0][1, 0, LENGTHS[0] + 2], np.asarray(keys)[0, 6])
 
