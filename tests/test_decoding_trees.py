@@ -142,6 +142,9 @@ def test_engine_refuses_inconsistent_settings(setting):
     _decoder(target_config, draft_config, 3, DraftTree((2, 2)))
   with pytest.raises(ValueError, match=r'confidence_threshold must be in \[0, 1\)'):
     _decoder(target_config, draft_config, 3, threshold=1.0)
+  # A threshold without a tree: the adaptive chain of gamma.
+  adaptive = _decoder(target_config, draft_config, 3, threshold=0.5)
+  assert adaptive.draft_tree == DraftTree.chain(3) and adaptive.uses_tree_step
 
 
 # (The unrolled layout's tree calls run in sharded_decode_check.py; the heads-first cache's and

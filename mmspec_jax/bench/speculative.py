@@ -217,7 +217,8 @@ def draft_call_widths(tree: DraftTree | None) -> list[int]:
 def step_draft_seconds(run: dict[str, Any], costs: dict[str, float]) -> float:
   """The draft's seconds per verification step of a `DecodeRun.summary()`: gamma 1-token calls
   for a chain; for a tree its first call and one per depth below the deepest; scaled by the calls
-  an adaptive length made per step against its full depth."""
+  an adaptive length made per step against its full depth (an approximation for an adaptive
+  tree: the calls it skips are its deepest, often its widest)."""
   if not run['shape']:
     return run['gamma'] * costs['draft_1']
   tree, _ = parse_shape(run['shape'].replace('x', ','))

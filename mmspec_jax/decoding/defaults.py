@@ -22,7 +22,7 @@ def decode_config() -> ml_collections.ConfigDict:
   # by recursive rejection sampling (exact). See decoding/tree.py.
   config.draft_tree = ''
   # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
-  # falls below this, and drafting stops once every row has. 0 = a fixed length.
+  # falls below this, and drafting stops once every unfinished row has. 0 = a fixed length.
   config.confidence_threshold = 0.0
   # Sampling temperature; 0 = greedy (argmax).
   config.temperature = 0.0

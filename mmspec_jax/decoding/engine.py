@@ -115,6 +115,9 @@ class SpeculativeDecoder:
                        f'{self.confidence_threshold}')
     if self.confidence_threshold > 0 and self.draft is None:
       raise ValueError('confidence_threshold needs a draft model')
+    if self.confidence_threshold > 0 and self.draft_tree is None:
+      # An adaptive chain runs the tree step on the chain of gamma.
+      object.__setattr__(self, 'draft_tree', DraftTree.chain(self.num_draft_tokens))
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
     if self.draft is not None:
@@ -239,16 +242,17 @@ class SpeculativeDecoder:
     draft_rng, accept_rng = rng[:, 0], rng[:, 1]
     if self.uses_tree_step:
       with self._draft_rules():
-        node_tokens, node_valid, draft_probs, draft_calls, draft_cache = tree_step.propose(
-            self, draft_params, state, draft_rng)
+        (node_tokens, node_valid, draft_probs, draft_calls, drafted,
+         draft_cache) = tree_step.propose(self, draft_params, state, draft_rng)
       num_accepted, emitted, path, target_cache = tree_step.verify(
           self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng)
       target_cache, draft_cache = tree_step.keep_path(target_cache, draft_cache, path)
     else:
       num_accepted, emitted, target_cache, draft_cache = self._chain_step(
           target_params, draft_params, state, draft_rng, accept_rng)
-      draft_calls = self.num_draft_tokens
-    return self._advance(state, num_accepted, emitted, target_cache, draft_cache, draft_calls)
+      draft_calls = drafted = self.num_draft_tokens
+    return self._advance(state, num_accepted, emitted, target_cache, draft_cache, draft_calls,
+                         drafted)
 
   def _chain_step(self, target_params, draft_params, state: DecodeState, draft_rng, accept_rng):
     """Drafts and verifies a chain of gamma tokens: (n accepted int32[B], emitted int32[B, G + 1],
@@ -273,8 +277,10 @@ class SpeculativeDecoder:
     return num_accepted, emitted, target_cache, draft_cache
 
   def _advance(self, state: DecodeState, num_accepted, emitted, target_cache, draft_cache,
-               draft_calls) -> DecodeState:
-    """Keeps each row's accepted tokens and rolls both caches back to its accepted context."""
+               draft_calls, drafted) -> DecodeState:
+    """Keeps each row's accepted tokens and rolls both caches back to its accepted context.
+    drafted: the depths (positions) each row drafted this step; an adaptive length's undrafted
+    positions are not counted as reached."""
     gamma = self.num_draft_tokens
     active = ~state.done
     count = self._kept_count(emitted, num_accepted + 1, state.num_generated)
@@ -304,8 +310,8 @@ class SpeculativeDecoder:
         # EOS or the budget may cut a step short (count is 0 for a finished row).
         accepted_by_position=state.accepted_by_position
         + (positions < jnp.minimum(num_accepted, count)[:, None]),
-        reached_by_position=state.reached_by_position
-        + (positions < jnp.minimum(num_accepted + 1, count)[:, None]),
+        reached_by_position=state.reached_by_position + (positions < jnp.minimum(
+            jnp.minimum(num_accepted + 1, count), drafted)[:, None]),
         draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0))
 
   def _is_eos(self, tokens):

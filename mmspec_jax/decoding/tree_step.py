@@ -11,8 +11,9 @@ replacement), so recursive rejection sampling keeps the output exactly the targe
 
 Adaptive length (SpecDec++, DISCO): with a confidence threshold, a row stops drafting before depth
 d + 1 when none of its depth-d nodes has a draft probability (of its likeliest next token) at or
-above the threshold, and the draft calls stop once every row has stopped. Its undrafted nodes are
-invalid: never accepted, so the target samples those positions itself (lossless).
+above the threshold, and the draft calls stop once every row still decoding has stopped. Its
+undrafted nodes are invalid: never accepted, so the target samples those positions itself
+(lossless).
 
 Verification: one target `extend` over [root, every node] with tree attention; then the accepted
 path's cache entries are moved onto consecutive slots in both caches, per row.
@@ -44,9 +45,10 @@ def _top_children(logits: jax.Array, num: int):
 
 def propose(engine, params, state, rng):
   """Drafts the tree. Returns (node tokens int32[B, N], node valid bool[B, N], draft
-  distributions float32[B, P, V] at the nodes with children (None when greedy), draft calls each
-  row was drafting for int32[B], the draft cache: its length counts the root, and the nodes of
-  depths 1 .. D-1 lie past it)."""
+  distributions float32[B, P, V] at the nodes with children (None when greedy), the draft calls
+  made while each row was drafting int32[B] (a batch's call runs while any row drafts), the
+  depths each row drafted int32[B], the draft cache: its length counts the root, and the nodes
+  of depths 1 .. D-1 lie past it). Finished rows draft nothing."""
   tree, sampling = engine.draft_tree, engine.sampling
   threshold = engine.confidence_threshold
   variables = {'params': params}
@@ -55,8 +57,9 @@ def propose(engine, params, state, rng):
   logits, cache = engine.draft.apply(variables, first, state.draft_cache, method='extend')
   logits = logits[:, -1:]  # [B, 1, Vd]: at the root
   batch = first.shape[0]
-  drafting = jnp.ones((batch,), bool)
+  drafting = ~state.done  # A finished row never keeps the draft calls going.
   draft_calls = jnp.ones((batch,), jnp.int32)
+  drafted = jnp.zeros((batch,), jnp.int32)
   parent_valid = jnp.ones((batch, 1), bool)
   tokens, valid, all_probs = [], [], []
   for depth in range(1, tree.depth + 1):
@@ -76,6 +79,7 @@ def propose(engine, params, state, rng):
     child_valid = drawn & parent_valid[:, :, None] & drafting[:, None, None]
     children = children.reshape(batch, -1)  # [B, W_d]
     parent_valid = child_valid.reshape(batch, -1)
+    drafted = drafted + jnp.any(parent_valid, axis=1)
     tokens.append(children)
     valid.append(parent_valid)
     if depth == tree.depth:
@@ -92,7 +96,7 @@ def propose(engine, params, state, rng):
       logits, cache = feed(cache)
   draft_probs = None if sampling.greedy else jnp.concatenate(all_probs, axis=1)
   return (jnp.concatenate(tokens, axis=1), jnp.concatenate(valid, axis=1), draft_probs,
-          draft_calls, cache)
+          draft_calls, drafted, cache)
 
 
 def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, rng):

@@ -39,7 +39,9 @@ class TreeAttention:
   it rides through the layer scan; its shapes are static).
 
   slots: int32[T], where token t is written, past the row's length; positions: int32[T], its
-  position past the row's length (its depth); mask: bool[T, W], the window slots it sees.
+  position past the row's length (its depth in the target's call over [root, nodes]; depth - 1
+  in the draft's calls, whose length already counts the root); mask: bool[T, W], the window
+  slots it sees.
   """
   slots: jax.Array
   positions: jax.Array
