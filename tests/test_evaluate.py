@@ -209,7 +209,8 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
 
   argv = ['evaluate', f'--target={models["target"]}', '--draft=language:L', '--draft=adapter:A',
           f'--data_dir={models["world"]}', '--tasks=sqa,conversation', '--gammas=1,4',
-          '--shape=2,1', '--shape=1,1@0.5', '--samplings=greedy', '--max_new_tokens=5', '--batch_size=2', '--num_examples=3',
+          '--shape=2,1', '--shape=1,1@0.5', '--samplings=greedy', '--max_new_tokens=5',
+          '--batch_size=2', '--num_examples=3',
           f'--out_dir={tmp_path}', '--seed=7']
 
   def main(*extra):

@@ -126,7 +126,8 @@ def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_
       draft_parameters=draft_parameters, target_parameters=target_parameters,
       draft_calls_per_step=calls_per_step, verified_tokens=num_nodes + 1,
       draft_tree=None if draft_tree is None else str(draft_tree),
-      confidence_threshold=confidence_threshold, decode_seconds=decode_seconds, compile_seconds=compile_seconds,
+      confidence_threshold=confidence_threshold, decode_seconds=decode_seconds,
+      compile_seconds=compile_seconds,
       tokens_per_second=new_tokens / decode_seconds if decode_seconds else None)
 
 

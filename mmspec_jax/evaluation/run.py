@@ -1,7 +1,7 @@
 """The paper's evaluation: block efficiency and MBSU per task x draft x gamma x sampling.
 
-One decoder is built per (draft, gamma or shape, sampling), plus the target alone (gamma 0, greedy) for
-its answer quality and a tokens/s baseline. Every prompt of every task is padded to one length
+One decoder is built per (draft, gamma or shape, sampling), plus the target alone (gamma 0,
+greedy) for its answer quality and a tokens/s baseline. Every prompt of every task is padded to one length
 and every batch to `batch_size` rows, so each decoder compiles exactly once per run; compile time
 is kept apart from decode time. The same decoder then runs every task, one cell per task.
 
@@ -169,8 +169,8 @@ def _progress_line(number: int, total: int, cell: dict) -> str:
 
 def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: str, *,
              tasks: Sequence[str] = DEFAULT_TASKS, gammas: Sequence[int] = DEFAULT_GAMMAS,
-             shapes: Sequence[str] = (), samplings: Sequence[str] = tuple(SAMPLINGS), max_new_tokens: int = 64,
-             batch_size: int = 16, num_examples: int = 32, out_dir: str | None = None,
+             shapes: Sequence[str] = (), samplings: Sequence[str] = tuple(SAMPLINGS),
+             max_new_tokens: int = 64, batch_size: int = 16, num_examples: int = 32, out_dir: str | None = None,
              seed: int = 0, dtype: str = 'float32',
              mesh_shape: Mapping[str, int] | None = None, score_fn: ScoreFn | None = None,
              log: Callable[[str], None] = _stderr) -> list[dict[str, Any]]:
