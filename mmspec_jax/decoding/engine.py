@@ -57,6 +57,7 @@ class DecodeState:
   accepted_by_position: jax.Array  # int32[B, G]: steps in which draft position i was accepted
   reached_by_position: jax.Array  # int32[B, G]: steps in which draft position i was verified
   draft_calls: jax.Array  # int32[B]: draft calls made for the row (the prefill excluded)
+  max_new_tokens: jax.Array  # int32[B]: each row's own budget (<= the engine's max_new_tokens)
 
 
 @flax.struct.dataclass
@@ -198,12 +199,15 @@ class SpeculativeDecoder:
     order = jnp.argsort(is_image, axis=1, stable=True)  # Text first, in order.
     return jnp.take_along_axis(tokens, order, axis=1), lengths - is_image.sum(axis=1)
 
-  def _prefill_draft(self, params, tokens, lengths, vision_features, prompt_length):
+  def _prefill_draft(self, params, tokens, lengths, vision_features, prompt_length,
+                     cache_length=None):
     """Prefills all but the last prompt token (see the cache invariant). prompt_length: the
-    draft's static prompt width (every row's draft prompt must fit it)."""
+    draft's static prompt width (every row's draft prompt must fit it); cache_length: the
+    draft cache's positions (default the prompt width, the new tokens and one step's)."""
     tokens, lengths = self._draft_prompt(tokens, lengths)
     tokens = tokens[:, :prompt_length]
-    cache_length = prompt_length + self.max_new_tokens + self.num_draft_nodes + 1
+    if cache_length is None:
+      cache_length = prompt_length + self.max_new_tokens + self.num_draft_nodes + 1
     cache = KVCache.init(text_config(self.draft.config), tokens.shape[0], cache_length,
                          layout=self.draft.layout)
     kwargs = {}
@@ -237,7 +241,9 @@ class SpeculativeDecoder:
     return tokens, all_probs, cache
 
   def _step(self, target_params, draft_params, state: DecodeState) -> DecodeState:
-    rng = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.rng, state.step)  # key[B]
+    # Each row's key folded with the row's own step count (its verifications so far), never the
+    # loop's: a row's draws do not depend on when it entered a batch (decoding/slots.py).
+    rng = jax.vmap(jax.random.fold_in)(state.rng, state.num_target_calls - 1)  # key[B]
     rng = sampling_lib.split(rng, 2)
     draft_rng, accept_rng = rng[:, 0], rng[:, 1]
     if self.uses_tree_step:
@@ -283,12 +289,13 @@ class SpeculativeDecoder:
     positions are not counted as reached."""
     gamma = self.num_draft_tokens
     active = ~state.done
-    count = self._kept_count(emitted, num_accepted + 1, state.num_generated)
+    count = self._kept_count(emitted, num_accepted + 1, state.num_generated,
+                             state.max_new_tokens)
     count = jnp.where(active, count, 0)
     tokens = _write_rows(state.tokens, emitted, state.num_generated, count)
     num_generated = state.num_generated + count
     hit_eos = jnp.any(self._is_eos(emitted) & (jnp.arange(gamma + 1)[None] < count[:, None]), 1)
-    done = state.done | hit_eos | (num_generated >= self.max_new_tokens)
+    done = state.done | hit_eos | (num_generated >= state.max_new_tokens)
 
     # Roll both caches back to the accepted context: all but the newly emitted last token.
     grown = jnp.where(active, num_accepted + 1, 0)
@@ -312,31 +319,53 @@ class SpeculativeDecoder:
         + (positions < jnp.minimum(num_accepted, count)[:, None]),
         reached_by_position=state.reached_by_position + (positions < jnp.minimum(
             jnp.minimum(num_accepted + 1, count), drafted)[:, None]),
-        draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0))
+        draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0),
+        max_new_tokens=state.max_new_tokens)
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
 
-  def _kept_count(self, emitted, count, num_generated):
-    """Tokens of this step a row keeps: up to and including its first EOS, within the budget."""
+  def _kept_count(self, emitted, count, num_generated, max_new_tokens):
+    """Tokens of this step a row keeps: up to and including its first EOS, within the row's
+    budget int32[B]."""
     within = jnp.arange(emitted.shape[1])[None] < count[:, None]
     eos = self._is_eos(emitted) & within
     count = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1) + 1, count)
-    return jnp.minimum(count, self.max_new_tokens - num_generated)
+    return jnp.minimum(count, max_new_tokens - num_generated)
 
   # --- the program -----------------------------------------------------------------------------
 
   def _generate(self, target_params, draft_params, tokens, lengths, images, rng,
                 draft_prompt_length=None):
     tokens = jnp.asarray(tokens, jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
     batch, prompt_length = tokens.shape
-    gamma = self.num_draft_tokens
     # Room for the prompt, every new token and one step's overshoot past the budget.
     cache_length = prompt_length + self.max_new_tokens + self.num_draft_nodes + 1
-    rng = sampling_lib.split(sampling_lib.row_keys(rng, batch), 2)  # key[B, 2]
-    prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
+    state = self.prefill_rows(
+        target_params, draft_params, tokens, lengths, images, sampling_lib.row_keys(rng, batch),
+        jnp.full((batch,), self.max_new_tokens, jnp.int32), cache_length,
+        draft_prompt_length or prompt_length)
+    state = self.run_steps(target_params, draft_params, state)
+    return DecodeResult(tokens=state.tokens[:, :self.max_new_tokens],
+                        num_generated=state.num_generated,
+                        num_target_calls=state.num_target_calls,
+                        accepted_by_position=state.accepted_by_position,
+                        reached_by_position=state.reached_by_position,
+                        draft_calls=state.draft_calls)
 
+  def prefill_rows(self, target_params, draft_params, tokens, lengths, images, rng,
+                   max_new_tokens, cache_length: int, draft_prompt_length: int,
+                   draft_cache_length: int | None = None) -> DecodeState:
+    """The decode state of new rows after their prefill and first token (traced, in a jitted
+    program). tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] | None, rng
+    key[B] (the rows' own keys), max_new_tokens int32[B] (each <= the engine's); the caches hold
+    `cache_length` (draft: `draft_cache_length`, default its prompt width + the new tokens')."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    batch = tokens.shape[0]
+    gamma = self.num_draft_tokens
+    rng = sampling_lib.split(rng, 2)  # key[B, 2]
+    prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
     logits, target_cache, vision_features = self._prefill_target(
         target_params, tokens, lengths, images, cache_length)
     first, _ = sample(prefill_rng, logits, self.sampling)  # [B]
@@ -344,29 +373,33 @@ class SpeculativeDecoder:
     if self.draft is not None:
       with self._draft_rules():
         draft_cache, previous = self._prefill_draft(
-            draft_params, tokens, lengths, vision_features, draft_prompt_length or prompt_length)
+            draft_params, tokens, lengths, vision_features, draft_prompt_length,
+            draft_cache_length)
     capacity = self.max_new_tokens + gamma + 1
-    state = DecodeState(
+    return DecodeState(
         step=jnp.zeros((), jnp.int32), rng=loop_rng,
         tokens=jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first),
         num_generated=jnp.ones((batch,), jnp.int32),
-        done=self._is_eos(first) | (self.max_new_tokens <= 1),
+        done=self._is_eos(first) | (max_new_tokens <= 1),
         previous_token=previous, last_token=first,
         target_cache=target_cache, draft_cache=draft_cache,
         num_target_calls=jnp.ones((batch,), jnp.int32),
         accepted_by_position=jnp.zeros((batch, gamma), jnp.int32),
         reached_by_position=jnp.zeros((batch, gamma), jnp.int32),
-        draft_calls=jnp.zeros((batch,), jnp.int32))
+        draft_calls=jnp.zeros((batch,), jnp.int32),
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32))
 
-    state = jax.lax.while_loop(
-        lambda s: jnp.any(~s.done),
-        functools.partial(self._step, target_params, draft_params), state)
-    return DecodeResult(tokens=state.tokens[:, :self.max_new_tokens],
-                        num_generated=state.num_generated,
-                        num_target_calls=state.num_target_calls,
-                        accepted_by_position=state.accepted_by_position,
-                        reached_by_position=state.reached_by_position,
-                        draft_calls=state.draft_calls)
+  def run_steps(self, target_params, draft_params, state: DecodeState,
+                max_steps: jax.Array | None = None) -> DecodeState:
+    """Steps until every row is done, or `max_steps` (int32[]) steps have run (traced)."""
+    start = state.step
+
+    def running(s):
+      going = jnp.any(~s.done)
+      return going if max_steps is None else going & (s.step - start < max_steps)
+
+    return jax.lax.while_loop(
+        running, functools.partial(self._step, target_params, draft_params), state)
 
 
 def _write_rows(buffer, values, offsets, counts):
