@@ -32,8 +32,20 @@ def decode_config() -> ml_collections.ConfigDict:
   config.top_p = 1.0
   # Tokens generated per prompt at most (EOS stops a row earlier).
   config.max_new_tokens = 128
-  # Rows decoded together; the last batch is padded with copies of its first row.
+  # Rows decoded together: the number of slots (continuous) or the batch (static; the last is
+  # padded with copies of its first row).
   config.batch_size = 8
+  # 'continuous': a finished row's slot is refilled with the next waiting request between chunks
+  # (decoding/scheduler.py) | 'static': closed batches, each decoded until its slowest row ends.
+  config.batching = 'continuous'
+  # Continuous batching: steps per chunk (one host round trip per chunk: fewer, longer chunks
+  # cost less dispatch but refill finished slots later).
+  config.chunk_steps = 8
+  # Continuous batching: positions per slot (the longest prompt + max_new_tokens a request may
+  # need); 0 = what this run's requests need.
+  config.slot_capacity = 0
+  # Continuous batching: new requests prefilled together (padded to a length bucket).
+  config.prefill_width = 4
   # The run's PRNG seed. A request samples from fold_in(key(seed), hash of its id), or from
   # key(its own "seed") when its JSONL line gives one: never from its batch or position.
   config.seed = 0

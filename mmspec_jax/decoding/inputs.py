@@ -4,6 +4,7 @@ Each non-blank line is one request:
   {"id": ..., "prompt": "...", "image": "path"}     text, wrapped in the chat template
   {"id": ..., "input_ids": [...], "image": "path"}  token ids, used as given
 "image" is optional; relative image paths are resolved against the JSONL file's directory.
+"max_new_tokens" (optional, at most the run's) is the request's own budget.
 "seed" (optional, an integer in [0, 2**32): a JAX key holds 32 bits of seed) fixes the
 request's sampling stream; without it the stream is the run's seed folded with the request's id
 (`request_keys`). Either way a request samples the same tokens whatever else is in its batch.
@@ -33,6 +34,8 @@ from mmspec_jax.processing import MultimodalProcessor
 
 # Prompts longer than every bucket are padded to a multiple of this, so they too share shapes.
 LONG_PROMPT_MULTIPLE = 64
+# Prompt-length buckets: prompts are right-padded to the smallest that fits (decode.py's default).
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Request:
   token_ids: tuple[int, ...]  # the full prompt, image placeholders expanded
   image: str | None  # resolved image path, or None for a text-only request
   seed: int | None = None  # the request's own sampling seed, if it gives one
+  max_new_tokens: int | None = None  # the request's own budget (None: the run's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,16 @@ def check_seed(row: dict[str, Any], where: str) -> int | None:
   return seed
 
 
+def check_max_new_tokens(row: dict[str, Any], where: str, limit: int) -> int | None:
+  """A request's own "max_new_tokens": an integer in [1, the run's max_new_tokens]."""
+  budget = row.get('max_new_tokens')
+  if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                             or not 1 <= budget <= limit):
+    raise ValueError(f'{where}: "max_new_tokens" must be an integer in [1, {limit}] (the run\'s '
+                     f'max_new_tokens), got {budget!r}')
+  return budget
+
+
 def request_keys(requests: Sequence[Request], run_key: jax.Array) -> jax.Array:
   """key[B]: each request's own PRNG key, for `SpeculativeDecoder.generate`.
 
@@ -178,7 +192,8 @@ def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig
         image = check_image(image, where, path, target, processor)
       ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
       check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens, drafts)
-      requests.append(Request(request_id, line_number, tuple(ids), image, check_seed(row, where)))
+      requests.append(Request(request_id, line_number, tuple(ids), image, check_seed(row, where),
+                              check_max_new_tokens(row, where, max_new_tokens)))
   if not requests:
     raise ValueError(f'{path}: no requests (the file is empty)')
   return requests

@@ -95,6 +95,11 @@ def _place(value, mesh, rules):
                                       lambda index: value[index])
 
 
+def place_rows(value, mesh, rules=sharding.DEFAULT_RULES):
+  """A host array of rows (slot indices, budgets) placed batch-major."""
+  return _place(value, mesh, rules)
+
+
 def place_keys(keys, mesh, rules=sharding.DEFAULT_RULES):
   return _place(keys, mesh, rules)
 

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -36,6 +37,7 @@ from mmspec_jax.models.config import SUPPORTED_DTYPES
 from mmspec_jax.processing import MultimodalProcessor
 
 DRAFT = 'draft'  # The session's name for decode.py's one draft.
+BATCHING = ('continuous', 'static')
 
 
 def summary_path(output: str) -> str:
@@ -82,9 +84,14 @@ def check_settings(config):
   if config.draft and config.num_draft_tokens < 1 and not config.draft_tree:
     raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
                      f'{config.num_draft_tokens}')
-  for name in ('max_new_tokens', 'batch_size'):
+  for name in ('max_new_tokens', 'batch_size', 'chunk_steps', 'prefill_width'):
     if config[name] < 1:
       raise ValueError(f'{name} must be >= 1, got {config[name]}')
+  if config.batching not in BATCHING:
+    raise ValueError(f'batching must be one of {BATCHING}, got {config.batching!r}')
+  if config.slot_capacity < 0:
+    raise ValueError(f'slot_capacity must be >= 0 (0: what the requests need), got '
+                     f'{config.slot_capacity}')
   if config.dtype not in SUPPORTED_DTYPES:
     raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of {SUPPORTED_DTYPES}')
   inputs.check_buckets(config.length_buckets)
@@ -97,6 +104,13 @@ def check_settings(config):
     raise ValueError(f'output {config.output!r} would overwrite the prompts file')
 
 
+def _output_line(request: inputs.Request, token_ids, num_calls, accepted, processor) -> str:
+  return json.dumps({
+      'id': request.id, 'text': processor.decode(token_ids), 'token_ids': token_ids,
+      'num_target_calls': int(num_calls), 'num_accepted': int(accepted)},
+      ensure_ascii=False) + '\n'
+
+
 def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcessor):
   """Writes the real rows' output lines; returns their statistics.row_counts (padding rows are
   decoded but discarded)."""
@@ -105,10 +119,7 @@ def _write_batch(out, batch: inputs.Batch, result, processor: MultimodalProcesso
   for request, row, count, num_calls, row_accepted in zip(
       batch.requests, np.asarray(result.tokens)[:batch.num_real], generated, calls, accepted):
     token_ids = row[:count].tolist()  # New tokens only; entries past num_generated are filler.
-    out.write(json.dumps({
-        'id': request.id, 'text': processor.decode(token_ids), 'token_ids': token_ids,
-        'num_target_calls': int(num_calls), 'num_accepted': int(row_accepted.sum())},
-        ensure_ascii=False) + '\n')
+    out.write(_output_line(request, token_ids, num_calls, row_accepted.sum(), processor))
   return counts
 
 
@@ -158,35 +169,71 @@ def run(config) -> statistics.RunStatistics:
   decoder = session.decoder(draft, num_draft_tokens=gamma, sampling=sampling,
                             max_new_tokens=config.max_new_tokens, requests=requests,
                             draft_tree=tree, confidence_threshold=threshold)
-  batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
-
-  # --- load (straight onto the mesh) and compile ----------------------------------------------
-  compile_seconds = session.compile(decoder, batches)
-
-  # --- decode --------------------------------------------------------------------------------
-  counts = []
-  decode_seconds, new_tokens = 0.0, 0
-  base_key = jax.random.key(config.seed)
+  if config.batching == 'static' and any(r.max_new_tokens is not None for r in requests):
+    raise ValueError('a request gives its own "max_new_tokens": that needs '
+                     '--config.batching=continuous')
   primary = distributed.is_primary()
-  progress = tqdm.tqdm(total=len(requests), unit='row', file=sys.stderr, desc='decoding',
+  progress = tqdm.tqdm(total=len(requests), unit='request', file=sys.stderr, desc='decoding',
                        disable=not primary)
   writer = atomic_writer if primary else _discarding_writer
+  decode = _decode_continuous if config.batching == 'continuous' else _decode_static
   with progress, writer(config.output) as out:
-    for batch in batches:
-      result, seconds = session.decode(decoder, batch, base_key)
-      decode_seconds += seconds
-      counts.append(_write_batch(out, batch, result, session.processor))
-      new_tokens += int(counts[-1][0].sum())
-      progress.update(batch.num_real)
-      progress.set_postfix(tokens_per_s=f'{new_tokens / max(decode_seconds, 1e-9):.1f}')
-
+    counts, timing = decode(config, session, decoder, requests, out, progress)
     parameters = session.parameter_counts()
     stats = statistics.summarize(
-        *statistics.concatenate_counts(counts), num_draft_tokens=gamma, draft_tree=tree,
-        confidence_threshold=threshold,
+        *counts, num_draft_tokens=gamma, draft_tree=tree, confidence_threshold=threshold,
         draft_parameters=parameters[draft] if draft else None, target_parameters=parameters[None],
-        decode_seconds=decode_seconds, compile_seconds=compile_seconds)
+        **timing)
     # Inside the output's block: the summary and the output appear together or not at all.
     with writer(summary_path(config.output)) as f:
       json.dump(stats.as_dict(), f, indent=2)
   return stats
+
+
+def _decode_static(config, session, decoder, requests, out, progress):
+  """Closed batches in input order, each decoded until its slowest row ends."""
+  batches = inputs.make_batches(requests, config.batch_size, config.length_buckets)
+  compile_seconds = session.compile(decoder, batches)  # Loads, then compiles every shape.
+  counts, decode_seconds, new_tokens = [], 0.0, 0
+  base_key = jax.random.key(config.seed)
+  for batch in batches:
+    result, seconds = session.decode(decoder, batch, base_key)
+    decode_seconds += seconds
+    counts.append(_write_batch(out, batch, result, session.processor))
+    new_tokens += int(counts[-1][0].sum())
+    progress.update(batch.num_real)
+    progress.set_postfix(tokens_per_s=f'{new_tokens / max(decode_seconds, 1e-9):.1f}')
+  return statistics.concatenate_counts(counts), {'decode_seconds': decode_seconds,
+                                                  'compile_seconds': compile_seconds}
+
+
+def _decode_continuous(config, session, decoder, requests, out, progress):
+  """Slots refilled as rows finish (decoding/scheduler.py); output in input order."""
+  budget = lambda r: r.max_new_tokens or config.max_new_tokens
+  capacity = config.slot_capacity or max(len(r.token_ids) + budget(r) for r in requests)
+  scheduler = session.scheduler(
+      decoder, num_slots=config.batch_size, capacity=capacity, chunk_steps=config.chunk_steps,
+      buckets=config.length_buckets, prefill_width=config.prefill_width,
+      key=jax.random.key(config.seed))
+  for request in requests:  # All checked before anything is compiled.
+    scheduler.check(request, budget(request))
+  compile_seconds = scheduler.compile([scheduler.bucket(r) for r in requests])
+  finished = {}
+  new_tokens = 0
+  start = time.perf_counter()
+  for event in scheduler.run([(r, budget(r)) for r in requests]):
+    new_tokens += len(event.new_tokens)
+    if event.finished is not None:
+      finished[event.handle] = event.finished
+      progress.update(1)
+      progress.set_postfix(tokens_per_s=f'{new_tokens / (time.perf_counter() - start):.1f}')
+  decode_seconds = time.perf_counter() - start
+  done = [finished[handle] for handle in range(len(requests))]  # Handles in submission order.
+  for f in done:
+    out.write(_output_line(f.request, f.token_ids, f.num_target_calls,
+                           f.accepted_by_position.sum(), session.processor))
+  counts = statistics.finished_counts(done)
+  timing = statistics.latency_figures(done, start)
+  timing.update(decode_seconds=decode_seconds, compile_seconds=compile_seconds,
+                slot_utilization=scheduler.utilization)
+  return counts, timing

@@ -36,6 +36,8 @@ from mmspec_jax import distributed, sharding
 from mmspec_jax.convert.loading import read_config
 from mmspec_jax.decoding import inputs, placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.scheduler import Scheduler
+from mmspec_jax.decoding.slots import SlotPrograms
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
@@ -179,6 +181,7 @@ class DecodeSession:
     self._image_size_checked = False
     self._decoders: dict[Decoder, SpeculativeDecoder] = {}
     self._compiled: dict[tuple[Decoder, int, int, int | None], Any] = {}
+    self._slot_programs: dict[tuple[Decoder, int, int], SlotPrograms] = {}
     self.target_params = self.draft_params = None
 
   def with_target(self, config: ModelConfig, params: Any) -> DecodeSession:
@@ -317,6 +320,23 @@ class DecodeSession:
           *placement.input_structs(batch_size, length, image_shape, self.mesh, self.rules),
           placement.keys_struct(batch_size, self.mesh, self.rules),
           draft_prompt_length=draft_prompt_length).compile()
+
+  def scheduler(self, decoder: Decoder, *, num_slots: int, capacity: int, chunk_steps: int = 8,
+                buckets: Sequence[int] = inputs.DEFAULT_BUCKETS, prefill_width: int = 4,
+                key: jax.Array | None = None) -> Scheduler:
+    """Continuous batching with this decoder over `num_slots` slots of `capacity` positions
+    (the longest prompt + max_new_tokens a request may bring; the decoder's max_new_tokens is the
+    most any request may ask for); `chunk_steps` steps per chunk; new requests are prefilled
+    `prefill_width` at a time, padded to a length bucket. `key`: the run's key, from which a
+    request without a seed draws (inputs.request_keys). See decoding/scheduler.py."""
+    programs_key = (decoder, num_slots, capacity)
+    if programs_key not in self._slot_programs:
+      self._slot_programs[programs_key] = SlotPrograms(self._decoders[decoder], num_slots,
+                                                       capacity)
+    self.load()
+    return Scheduler(self, decoder, self._slot_programs[programs_key], chunk_steps=chunk_steps,
+                     buckets=buckets, prefill_width=prefill_width,
+                     run_key=jax.random.key(0) if key is None else key)
 
   def _params(self, decoder: Decoder):
     return None if decoder.draft is None else self.draft_params[decoder.draft]

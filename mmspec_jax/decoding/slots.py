@@ -72,6 +72,13 @@ class SlotPrograms:
     """(target_params, draft_params, state, chunk_steps int32[]) -> state."""
     return jax.jit(self._generate_chunk, donate_argnums=(2,))
 
+  @functools.cached_property
+  def release(self):
+    """(state, slots int32[P]) -> state with those slots done (a cancelled request's row takes no
+    further steps); a slot index of B is ignored."""
+    return jax.jit(lambda state, slots: state.replace(
+        done=state.done.at[slots].set(True, mode='drop')), donate_argnums=(0,))
+
   # --- traced bodies ---------------------------------------------------------------------------
   def _init(self) -> DecodeState:
     engine, batch = self.engine, self.num_slots

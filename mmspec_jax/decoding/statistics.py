@@ -71,6 +71,12 @@ class RunStatistics:
   decode_seconds: float | None = None
   compile_seconds: float | None = None
   tokens_per_second: float | None = None
+  # Continuous batching (decoding/scheduler.py): active row-steps / slot-steps; seconds from a
+  # request's submission to its first token, and between consecutive tokens, at percentiles.
+  slot_utilization: float | None = None
+  requests_per_second: float | None = None
+  time_to_first_token: dict[str, float] | None = None
+  per_token_latency: dict[str, float] | None = None
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -96,8 +102,10 @@ def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_
               draft_calls=None, *, num_draft_tokens: int, draft_tree=None,
               confidence_threshold: float = 0.0,
               draft_parameters: int | None = None, target_parameters: int | None = None,
-              decode_seconds: float | None = None, compile_seconds: float | None = None
-              ) -> RunStatistics:
+              decode_seconds: float | None = None, compile_seconds: float | None = None,
+              slot_utilization: float | None = None,
+              time_to_first_token: dict[str, float] | None = None,
+              per_token_latency: dict[str, float] | None = None) -> RunStatistics:
   """Statistics over rows: num_generated, num_target_calls, draft_calls int[R];
   accepted_by_position and reached_by_position int[R, G] (the engine's DecodeResult).
   draft_tree: the decoding/tree.DraftTree decoded with (None: a chain of num_draft_tokens)."""
@@ -128,31 +136,34 @@ def summarize(num_generated, num_target_calls, accepted_by_position, reached_by_
       draft_tree=None if draft_tree is None else str(draft_tree),
       confidence_threshold=confidence_threshold, decode_seconds=decode_seconds,
       compile_seconds=compile_seconds,
-      tokens_per_second=new_tokens / decode_seconds if decode_seconds else None)
+      tokens_per_second=new_tokens / decode_seconds if decode_seconds else None,
+      slot_utilization=slot_utilization,
+      requests_per_second=(len(num_generated) / decode_seconds
+                           if decode_seconds and slot_utilization is not None else None),
+      time_to_first_token=time_to_first_token, per_token_latency=per_token_latency)
 
 
-def _shape(stats: RunStatistics) -> str:
-  shape = (f'tree {stats.draft_tree} ({stats.verified_tokens} tokens verified)'
-           if stats.draft_tree else f'gamma {stats.num_draft_tokens}')
-  if stats.confidence_threshold:
-    shape += (f'  adaptive (threshold {stats.confidence_threshold:g}, '
-              f'{stats.draft_calls_per_step:.2f} draft calls/step)')
-  return shape
+def finished_counts(finished) -> tuple[np.ndarray, ...]:
+  """COUNT_FIELDS over the scheduler's Finished requests."""
+  return (np.array([f.num_generated for f in finished]),
+          np.array([f.num_target_calls for f in finished]),
+          np.stack([f.accepted_by_position for f in finished]),
+          np.stack([f.reached_by_position for f in finished]),
+          np.array([f.draft_calls for f in finished]))
 
 
-def format_table(stats: RunStatistics) -> str:
-  """A human-readable summary block."""
-  lines = [
-      f'rows {stats.num_rows}  new tokens {stats.new_tokens}  target calls {stats.target_calls}',
-      f'{_shape(stats)}  tau (block efficiency) {stats.block_efficiency:.3f}  '
-      f'accepted/step {stats.accepted_per_step:.3f}'
-      + (f'  MBSU {stats.mbsu:.3f}' if stats.mbsu is not None else ''),
-  ]
-  if stats.acceptance_rate_by_position:
-    rates = ' '.join(f'{r:.2f}' for r in stats.acceptance_rate_by_position)
-    lines.append(f'acceptance rate by draft {"depth" if stats.draft_tree else "position"}: '
-                 f'{rates}')
-  if stats.tokens_per_second is not None:
-    lines.append(f'{stats.tokens_per_second:.1f} tokens/s over {stats.decode_seconds:.2f}s '
-                 f'(compile {stats.compile_seconds or 0:.2f}s, reported apart)')
-  return '\n'.join(lines)
+def percentiles(values) -> dict[str, float] | None:
+  """{'p50', 'p90', 'p99'} of `values` (seconds), None when there are none."""
+  if len(values) == 0:
+    return None
+  return {f'p{q}': float(np.percentile(values, q)) for q in (50, 90, 99)}
+
+
+def latency_figures(finished, start: float) -> dict:
+  """Time to first token (from the later of submission and `start`, the first admission) and
+  per-token latency (a request's time per output token after its first, vLLM's TPOT: tokens of
+  one chunk arrive together, so single gaps say little) over the scheduler's Finished requests."""
+  first = [f.first_token - max(f.submitted, start) for f in finished if f.first_token is not None]
+  per_token = [(f.token_times[-1] - f.token_times[0]) / (len(f.token_times) - 1)
+               for f in finished if len(f.token_times) > 1]
+  return {'time_to_first_token': percentiles(first), 'per_token_latency': percentiles(per_token)}

@@ -1,0 +1,318 @@
+"""The host side of continuous batching: requests wait, enter free slots, stream out, leave.
+
+Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots, first
+come first served, in prefill calls of up to `prefill_width` rows padded to a length bucket; runs
+one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
+the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
+runs per token: one device round trip per chunk.
+
+    scheduler = session.scheduler(decoder, num_slots=8, capacity=512, chunk_steps=8)
+    handle = scheduler.submit(request, max_new_tokens=64)
+    for event in scheduler.run():        # until nothing waits or runs
+      print(event.handle, event.new_tokens, event.finished)
+
+`submit` may be called at any time between events (a server's handlers do, from the loop that
+owns the devices); `cancel(handle)` frees a request's slot at the next chunk boundary. On several
+processes every process submits the same requests in the same order and so makes the same
+admission decisions: the chunk's outputs are gathered onto every host (distributed.fetch).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmspec_jax import distributed
+from mmspec_jax.decoding import inputs, placement
+from mmspec_jax.decoding.slots import SlotPrograms
+
+# Counters the scheduler reads per slot (statistics.COUNT_FIELDS but num_generated).
+_COUNTERS = ('num_target_calls', 'accepted_by_position', 'reached_by_position', 'draft_calls')
+
+
+@dataclasses.dataclass
+class Finished:
+  """A finished request: its new tokens and its counters (statistics.COUNT_FIELDS)."""
+  request: inputs.Request
+  token_ids: list[int]
+  num_target_calls: int
+  accepted_by_position: np.ndarray  # int[G]
+  reached_by_position: np.ndarray  # int[G]
+  draft_calls: int
+  cancelled: bool
+  submitted: float  # time.perf_counter() seconds
+  first_token: float | None
+  finished: float
+  token_times: list[float]  # when each chunk's tokens arrived, one entry per token
+
+  @property
+  def num_generated(self) -> int:
+    return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class Event:
+  """New tokens of one request after a chunk; `finished` is set on its last event."""
+  handle: int
+  new_tokens: list[int]
+  finished: Finished | None = None
+
+
+@dataclasses.dataclass
+class _Active:
+  handle: int
+  request: inputs.Request
+  slot: int
+  submitted: float
+  emitted: int = 0
+  cancelled: bool = False
+  first_token: float | None = None
+  calls_seen: int = 1  # num_target_calls read at the last chunk (the prefill's 1 at entry)
+  token_times: list[float] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+  """See the module docstring. Built by DecodeSession.scheduler."""
+
+  def __init__(self, session, decoder, programs: SlotPrograms, *, chunk_steps: int,
+               buckets: Sequence[int], prefill_width: int, run_key: jax.Array):
+    if chunk_steps < 1:
+      raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
+    if prefill_width < 1:
+      raise ValueError(f'prefill_width must be >= 1, got {prefill_width}')
+    self.session, self.decoder, self.programs = session, decoder, programs
+    self.chunk_steps, self.buckets = chunk_steps, tuple(buckets)
+    self.prefill_width = min(prefill_width, programs.num_slots)
+    self.run_key = run_key
+    self._handles = itertools.count()
+    self._waiting: collections.deque[tuple[int, inputs.Request, int, float]] = collections.deque()
+    self._active: dict[int, _Active] = {}  # slot -> the request in it
+    self._cancelled: set[int] = set()
+    self._state = None
+    self._compiled_prefill: dict[int, Any] = {}
+    self._compiled_chunk = None
+    self._compiled_release = None
+    # Slot-steps: chunks x slots, and the active row-steps among them (utilization).
+    self.slot_steps = 0
+    self.active_row_steps = 0
+    self.chunks = 0
+    self._last_step = 0
+    self._view = None
+
+  # --- requests ------------------------------------------------------------------------------
+  def check(self, request: inputs.Request, max_new_tokens: int):
+    """Refuses, by name, a request that cannot fit a slot."""
+    engine = self.programs.engine
+    if not 1 <= max_new_tokens <= engine.max_new_tokens:
+      raise ValueError(f'request {request.id!r}: max_new_tokens must be in [1, '
+                       f'{engine.max_new_tokens}] (the slots\' new-token capacity), got '
+                       f'{max_new_tokens}')
+    need = len(request.token_ids) + max_new_tokens
+    if need > self.programs.capacity:
+      raise ValueError(f'request {request.id!r}: prompt ({len(request.token_ids)} tokens) + '
+                       f'max_new_tokens ({max_new_tokens}) = {need} exceeds the slot capacity '
+                       f'{self.programs.capacity}')
+    if request.image is not None and not self.decoder.with_images:
+      raise ValueError(f'request {request.id!r} has an image, but this decoder was built '
+                       'without images (pass requests with images to session.decoder)')
+
+  def submit(self, request: inputs.Request, max_new_tokens: int | None = None) -> int:
+    """Queues a request (checked now); returns its handle."""
+    budget = self.programs.engine.max_new_tokens if max_new_tokens is None else max_new_tokens
+    self.check(request, budget)
+    handle = next(self._handles)
+    self._waiting.append((handle, request, budget, time.perf_counter()))
+    return handle
+
+  def cancel(self, handle: int):
+    """Drops a waiting request now, or frees a running one's slot at the next chunk boundary."""
+    self._cancelled.add(handle)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._active)
+
+  @property
+  def utilization(self) -> float | None:
+    """Active row-steps / slot-steps over the chunks run so far."""
+    return self.active_row_steps / self.slot_steps if self.slot_steps else None
+
+  @property
+  def idle(self) -> bool:
+    return not self._waiting and not self._active
+
+  # --- programs --------------------------------------------------------------------------------
+  def _placed(self, value):
+    return placement.place_rows(value, self.session.mesh, self.session.rules)
+
+  def _params(self):
+    return self.session.target_params, self.session._params(self.decoder)
+
+  def _prefill_program(self, length: int):
+    program = self._compiled_prefill.get(length)
+    if program is None:
+      session, width = self.session, self.prefill_width
+      image_shape = session.image_shape if self.decoder.with_images else None
+      with placement.mesh_context(session.mesh, session.rules):
+        structs = placement.input_structs(width, length, image_shape, session.mesh, session.rules)
+        rows = placement.input_structs(width, 1, None, session.mesh, session.rules)[1]
+        program = self.programs.prefill.lower(
+            *self._params(), self.state, rows, *structs,
+            placement.keys_struct(width, session.mesh, session.rules), rows).compile()
+      self._compiled_prefill[length] = program
+    return program
+
+  def _chunk_program(self):
+    if self._compiled_chunk is None:
+      with placement.mesh_context(self.session.mesh, self.session.rules):
+        self._compiled_chunk = self.programs.generate_chunk.lower(
+            *self._params(), self.state, np.int32(self.chunk_steps)).compile()
+        width = self.prefill_width
+        rows = placement.input_structs(width, 1, None, self.session.mesh, self.session.rules)[1]
+        self._compiled_release = self.programs.release.lower(self.state, rows).compile()
+    return self._compiled_chunk
+
+  @property
+  def state(self):
+    if self._state is None:
+      self.session.load()
+      with placement.mesh_context(self.session.mesh, self.session.rules):
+        self._state = self.programs.init()
+    return self._state
+
+  def compile(self, lengths: Sequence[int] = ()) -> float:
+    """Compiles the chunk program and a prefill per prompt length bucket; returns the seconds."""
+    start = time.perf_counter()
+    self._chunk_program()
+    for length in sorted(set(lengths)):
+      self._prefill_program(length)
+    return time.perf_counter() - start
+
+  def bucket(self, request: inputs.Request) -> int:
+    return inputs.bucket_length(len(request.token_ids), self.buckets)
+
+  # --- the loop --------------------------------------------------------------------------------
+  def _admit(self):
+    """Fills free slots from the head of the queue, one prefill per `prefill_width` rows."""
+    free = [s for s in range(self.programs.num_slots) if s not in self._active]
+    admitted = []
+    while self._waiting and len(admitted) < len(free):
+      handle, request, budget, submitted = self._waiting.popleft()
+      if handle in self._cancelled:
+        self._cancelled.discard(handle)
+        continue
+      admitted.append((handle, request, budget, submitted))
+    for start in range(0, len(admitted), self.prefill_width):
+      group = admitted[start:start + self.prefill_width]
+      slots = free[start:start + len(group)]
+      self._prefill(group, slots)
+
+  def _prefill(self, group, slots):
+    width, session = self.prefill_width, self.session
+    requests = [request for _, request, _, _ in group]
+    padded = requests + [requests[0]] * (width - len(requests))
+    length = max(self.bucket(r) for r in requests)
+    batch = inputs.Batch(0, tuple(padded), len(requests), length)
+    tokens, lengths, images = session.batch_arrays(batch, self.decoder.with_images)
+    num_slots = self.programs.num_slots
+    slot_rows = np.array(slots + [num_slots] * (width - len(slots)), np.int32)  # Past: dropped.
+    budgets = np.array([b for _, _, b, _ in group] + [1] * (width - len(group)), np.int32)
+    keys = inputs.request_keys(padded, self.run_key)
+    program = self._prefill_program(length)
+    placed = placement.place_inputs(tokens, lengths, images, session.mesh, session.rules)
+    self._state = program(*self._params(), self.state, self._placed(slot_rows), *placed,
+                          placement.place_keys(keys, session.mesh, session.rules),
+                          self._placed(budgets))
+    for (handle, request, _, submitted), slot in zip(group, slots):
+      self._active[slot] = _Active(handle, request, slot, submitted)
+
+  def _release(self, slots: list[int]):
+    """Marks cancelled rows done on the device, so that no chunk steps for them."""
+    width, num_slots = self.prefill_width, self.programs.num_slots
+    for start in range(0, len(slots), width):
+      part = slots[start:start + width]
+      rows = np.array(part + [num_slots] * (width - len(part)), np.int32)
+      self._state = self._compiled_release(self.state, self._placed(rows))
+
+  def step(self) -> list[Event]:
+    """Admits, runs one chunk, collects: the events of this chunk."""
+    cancelled = [s for s, a in self._active.items() if a.handle in self._cancelled]
+    for slot in cancelled:
+      self._active[slot].cancelled = True
+    if cancelled:
+      self._chunk_program()
+      self._release(cancelled)
+    events = [self._retire(slot, [], time.perf_counter()) for slot in cancelled]
+    self._admit()
+    if not self._active:
+      return events
+    program = self._chunk_program()
+    state = program(*self._params(), self.state, np.int32(self.chunk_steps))
+    self._state = state
+    view = distributed.fetch({'tokens': state.tokens, 'num_generated': state.num_generated,
+                              'done': state.done, 'step': state.step,
+                              **{name: getattr(state, name) for name in _COUNTERS}})
+    view = jax.tree.map(np.asarray, view)
+    now = time.perf_counter()
+    steps = int(view['step']) - self._last_step
+    self._last_step = int(view['step'])
+    self.chunks += 1
+    self.slot_steps += steps * self.programs.num_slots
+    self._view = view
+    for slot in sorted(self._active):
+      active = self._active[slot]
+      calls = int(view['num_target_calls'][slot])
+      self.active_row_steps += calls - active.calls_seen
+      active.calls_seen = calls
+      generated = int(view['num_generated'][slot])
+      new = view['tokens'][slot, active.emitted:generated].tolist()
+      active.emitted = generated
+      if new:
+        active.token_times += [now] * len(new)
+        if active.first_token is None:
+          active.first_token = now
+      if view['done'][slot]:
+        events.append(self._retire(slot, new, now))
+      elif new:
+        events.append(Event(active.handle, new))
+    return events
+
+  def _retire(self, slot: int, new: list[int], now: float) -> Event:
+    active = self._active.pop(slot)
+    self._cancelled.discard(active.handle)
+    view = self._view
+    count = lambda name: (view[name][slot] if view is not None else
+                          np.zeros_like(self._counter_shape(name)))
+    tokens = (view['tokens'][slot, :active.emitted].tolist() if view is not None else [])
+    finished = Finished(
+        request=active.request, token_ids=tokens,
+        num_target_calls=int(count('num_target_calls')),
+        accepted_by_position=np.array(count('accepted_by_position')),
+        reached_by_position=np.array(count('reached_by_position')),
+        draft_calls=int(count('draft_calls')), cancelled=active.cancelled,
+        submitted=active.submitted, first_token=active.first_token, finished=now,
+        token_times=active.token_times)
+    return Event(active.handle, new, finished)
+
+  def _counter_shape(self, name):
+    gamma = self.programs.engine.num_draft_tokens
+    return np.zeros((gamma,) if name.endswith('position') else (), np.int64)
+
+  def run(self, requests: Sequence[tuple[inputs.Request, int]] = ()) -> Iterator[Event]:
+    """Submits `requests` ((request, max_new_tokens) pairs) and steps until idle, yielding
+    every event. More may be submitted between events."""
+    for request, budget in requests:
+      self.submit(request, budget)
+    while not self.idle:
+      yield from self.step()
