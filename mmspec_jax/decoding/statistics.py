@@ -167,3 +167,30 @@ def latency_figures(finished, start: float) -> dict:
   per_token = [(f.token_times[-1] - f.token_times[0]) / (len(f.token_times) - 1)
                for f in finished if len(f.token_times) > 1]
   return {'time_to_first_token': percentiles(first), 'per_token_latency': percentiles(per_token)}
+
+
+def _shape(stats: RunStatistics) -> str:
+  shape = (f'tree {stats.draft_tree} ({stats.verified_tokens} tokens verified)'
+           if stats.draft_tree else f'gamma {stats.num_draft_tokens}')
+  if stats.confidence_threshold:
+    shape += (f'  adaptive (threshold {stats.confidence_threshold:g}, '
+              f'{stats.draft_calls_per_step:.2f} draft calls/step)')
+  return shape
+
+
+def format_table(stats: RunStatistics) -> str:
+  """A human-readable summary block."""
+  lines = [
+      f'rows {stats.num_rows}  new tokens {stats.new_tokens}  target calls {stats.target_calls}',
+      f'{_shape(stats)}  tau (block efficiency) {stats.block_efficiency:.3f}  '
+      f'accepted/step {stats.accepted_per_step:.3f}'
+      + (f'  MBSU {stats.mbsu:.3f}' if stats.mbsu is not None else ''),
+  ]
+  if stats.acceptance_rate_by_position:
+    rates = ' '.join(f'{r:.2f}' for r in stats.acceptance_rate_by_position)
+    lines.append(f'acceptance rate by draft {"depth" if stats.draft_tree else "position"}: '
+                 f'{rates}')
+  if stats.tokens_per_second is not None:
+    lines.append(f'{stats.tokens_per_second:.1f} tokens/s over {stats.decode_seconds:.2f}s '
+                 f'(compile {stats.compile_seconds or 0:.2f}s, reported apart)')
+  return '\n'.join(lines)
