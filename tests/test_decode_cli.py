@@ -205,7 +205,7 @@ def sampled(ckpt):
     patch.setattr(session_module.DecodeSession, '_compile_program', _cached_compile(programs))
     for name, (draft, prompts, batch_size, seed) in runs.items():
       config = make_config(ckpt, f'sampled_{name}', draft=draft, prompts=prompts,
-                           batch_size=batch_size, seed=seed, temperature=1.0)
+                           batch_size=batch_size, seed=seed, temperature=1.0, batching='static')
       runner.run(config)
       outputs[name] = {line['id']: line for line in read_jsonl(config.output)}
   return outputs, sorted({(key[-3], key[-2]) for key in programs})
@@ -277,7 +277,7 @@ def test_failure_while_decoding_leaves_no_output(ckpt, monkeypatch):
 
   monkeypatch.setattr(session_module.DecodeSession, '_compile_program',
                       lambda *args: generate)
-  config = make_config(ckpt, 'interrupted')
+  config = make_config(ckpt, 'interrupted', batching='static')
   with pytest.raises(RuntimeError, match='device lost'):
     runner.run(config)
   assert len(calls) == 2 and calls[1][0].startswith('.interrupted.jsonl.')  # The temporary file.
@@ -374,14 +374,16 @@ def _two_processes(ckpt, name, prompts, *flags):
 
 
 def test_two_processes_decode_what_one_process_decodes_greedy(ckpt, speculative):
-  """Against the 1-process, 1-device run of the same requests (in batches of 2): rows do not
-  depend on their batch or on where they run (test_sharded_decoding, and the sampled tests)."""
+  """Continuous batching over 8 slots on 2 processes (every process admits the same requests into
+  the same slots) against the 1-process, 1-device run of the same requests (in batches of 2):
+  rows do not depend on their batch, schedule or devices (test_sharded_decoding,
+  test_continuous_batching)."""
   _, expected, _ = speculative
   assert _two_processes(ckpt, 'hosts_greedy', ckpt['prompts']) == expected
 
 
 def test_two_processes_decode_what_one_process_decodes_sampled(ckpt, sampled):
-  outputs, _ = sampled  # temperature 1, run seed 0, batches of 3
+  outputs, _ = sampled  # temperature 1, run seed 0, static batches of 3; these: continuous
   lines = _two_processes(ckpt, 'hosts_sampled', ckpt['root'] / 'mixed.jsonl',
                          '--config.temperature=1.0', '--config.seed=0')
   assert {line['id']: line for line in lines} == outputs['spec_mixed']
