@@ -3,6 +3,9 @@ it gets decoded alone in a static batch of one, whatever slot it lands in, which
 enters at and whatever its neighbours are, greedy and sampled, for the target alone, chains,
 trees and both draft kinds."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -93,6 +96,66 @@ def test_a_request_decodes_the_same_alone_and_continuously(session, case, temper
   assert 0 < scheduler.utilization <= 1
 
 
+def _run_all(scheduler, work):
+  """Runs (request, budget) pairs to the end: the Finished of each, in order."""
+  handles = [scheduler.submit(r, b) for r, b in work]
+  finished = {e.handle: e.finished for e in scheduler.run() if e.finished is not None}
+  return [finished[h] for h in handles]
+
+
+# Greedy and sampled requests in one batch, each under its own settings.
+OWN_SAMPLING = (SamplingConfig(), SamplingConfig(temperature=1.0),
+                SamplingConfig(temperature=0.8, top_k=5),
+                SamplingConfig(temperature=1.0, top_p=0.7), SamplingConfig(),
+                SamplingConfig(temperature=1.3))
+
+
+@pytest.mark.parametrize('case', ['chain', 'tree'])
+def test_greedy_and_sampled_requests_share_a_batch(session, case):
+  """Each request, among others with other settings, gets the tokens a decoder of its own
+  settings alone gives it: greedy rows are greedy, sampled rows are the (statistically tested)
+  static sampler's."""
+  session, requests = session
+  draft, gamma, tree = CASES[case]
+  own = [dataclasses.replace(r, sampling=s) for r, s in zip(requests, OWN_SAMPLING)]
+  decoder = session.decoder(draft, num_draft_tokens=gamma, sampling=SamplingConfig(),
+                            max_new_tokens=MAX_NEW_TOKENS, requests=own, draft_tree=tree)
+  assert decoder.per_request_sampling
+  scheduler = session.scheduler(decoder, num_slots=2, capacity=128, chunk_steps=2,
+                                prefill_width=2, key=RUN_KEY)
+  done = _run_all(scheduler, list(zip(own, BUDGETS)))
+  for request, budget, finished in zip(own, BUDGETS, done):
+    alone = session.decoder(draft, num_draft_tokens=gamma, sampling=request.sampling,
+                            max_new_tokens=MAX_NEW_TOKENS, requests=requests, draft_tree=tree)
+    assert finished.token_ids == _alone(session, alone, request)[:budget], (request.sampling)
+  # A decoder without per-request sampling refuses a request with settings of its own.
+  shared = session.decoder(draft, num_draft_tokens=gamma, sampling=SamplingConfig(),
+                           max_new_tokens=MAX_NEW_TOKENS, requests=requests, draft_tree=tree)
+  with pytest.raises(ValueError, match=r"request 'b' gives its own sampling settings"):
+    session.scheduler(shared, num_slots=2, capacity=128).submit(own[1], 4)
+
+
+def test_stop_sequences_end_a_request_and_free_its_slot(session):
+  session, requests = session
+  decoder = session.decoder('language', num_draft_tokens=3, sampling=SamplingConfig(),
+                            max_new_tokens=MAX_NEW_TOKENS, requests=requests)
+  full = [_alone(session, decoder, r) for r in requests[:3]]
+  text = session.processor.decode(full[1][:6])
+  stop_string = text[-2:] if len(text) >= 2 else text
+  expected_end = next(end for end in range(1, 13)
+                      if stop_string in session.processor.decode(full[1][:end]))
+  stops = [(full[0][4],), (stop_string, next(i for i in range(50) if i not in full[1])), ()]
+  work = [(dataclasses.replace(r, stop=s), MAX_NEW_TOKENS) for r, s in zip(requests, stops)]
+  scheduler = session.scheduler(decoder, num_slots=1, capacity=128, chunk_steps=4,
+                                prefill_width=1, key=RUN_KEY)
+  done = _run_all(scheduler, work)
+  assert done[0].token_ids == full[0][:full[0].index(full[0][4]) + 1]
+  assert done[0].stopped_by == full[0][4]
+  assert done[1].stopped_by == stop_string and len(done[1].token_ids) == expected_end
+  assert done[1].token_ids == full[1][:expected_end]
+  assert done[2].token_ids == full[2] and done[2].stopped_by is None  # The slot was reused.
+
+
 def test_cancel_frees_the_slot(session):
   session, requests = session
   decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
@@ -150,3 +213,42 @@ def test_decode_cli_continuous_with_own_budgets(ckpt, tmp_path):  # noqa: F811
     runner.run(make_config(ckpt, 'bad', prompts=str(bad)))
   with pytest.raises(ValueError, match='needs --config.batching=continuous'):
     runner.run(make_config(ckpt, 'bad_static', prompts=str(prompts), batching='static'))
+  for field, value, message in (('temperature', -1, 'temperature must be >= 0'),
+                                ('top_p', 0, r'top_p must be in \(0, 1\]'),
+                                ('top_k', 1.5, '"top_k" must be an integer'),
+                                ('temperature', '1', '"temperature" must be a number'),
+                                ('stop', [''], 'each "stop" entry must be a non-empty string')):
+    bad.write_text(json.dumps({'id': 7, 'input_ids': [1, 5], field: value}) + '\n')
+    with pytest.raises(ValueError, match=rf'line 1 \(id 7\): .*{message}'):
+      runner.run(make_config(ckpt, 'bad', prompts=str(bad)))
+
+
+def test_decode_cli_greedy_and_sampled_requests(ckpt, tmp_path):  # noqa: F811
+  """Per-request sampling and stop in decode.py's JSONL: a greedy request among sampled ones
+  gets the greedy run's tokens; a stop string cuts the text before it."""
+  greedy = make_config(ckpt, 'all_greedy', draft=ckpt['draft'])
+  runner.run(greedy)
+  want = read_jsonl(greedy.output)
+  rows = [dict(row, temperature=1.0, top_k=5) if i % 2 else dict(row)
+          for i, row in enumerate(ROWS)]
+  stop_text = want[0]['text'][2:4]
+  if stop_text.strip():
+    rows[0]['stop'] = stop_text
+  prompts = tmp_path / 'mixed.jsonl'
+  prompts.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  for row in ROWS:
+    if 'image' in row:
+      (tmp_path / row['image']).write_bytes((ckpt['root'] / row['image']).read_bytes())
+  mixed = make_config(ckpt, 'mixed', draft=ckpt['draft'], prompts=str(prompts))
+  runner.run(mixed)
+  got = read_jsonl(mixed.output)
+  for i, (line, reference) in enumerate(zip(got, want)):
+    if i % 2 == 0 and i:
+      assert line['token_ids'] == reference['token_ids']
+  if 'stop' in rows[0]:
+    assert got[0]['text'] == reference_text_before(want[0]['text'], stop_text)
+    assert got[0]['token_ids'] == want[0]['token_ids'][:len(got[0]['token_ids'])]
+
+
+def reference_text_before(text: str, stop: str) -> str:
+  return text[:text.index(stop)]

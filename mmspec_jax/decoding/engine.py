@@ -37,7 +37,8 @@ from mmspec_jax.decoding import acceptance
 from mmspec_jax.decoding import sampling as sampling_lib
 from mmspec_jax.decoding import tree_step
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.decoding.sampling import SamplingConfig, pad_vocabulary, probabilities, sample
+from mmspec_jax.decoding.sampling import (RowSampling, SamplingConfig, pad_vocabulary,
+                                          probabilities, row_probabilities, sample, sample_rows)
 from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, KVCache, Llava, LlavaConfig,
                                text_config)
 
@@ -58,6 +59,8 @@ class DecodeState:
   reached_by_position: jax.Array  # int32[B, G]: steps in which draft position i was verified
   draft_calls: jax.Array  # int32[B]: draft calls made for the row (the prefill excluded)
   max_new_tokens: jax.Array  # int32[B]: each row's own budget (<= the engine's max_new_tokens)
+  # Each row's own sampling settings (an engine with per_request_sampling), else None.
+  row_sampling: RowSampling | None = None
 
 
 @flax.struct.dataclass
@@ -79,12 +82,6 @@ class DecodeResult:
     return self.accepted_by_position.sum(axis=1)
 
 
-def _draft_token(rng: jax.Array, draft_logits: jax.Array, sampling: SamplingConfig,
-                 vocab_size: int):
-  """A draft token and the exact distribution q it was drawn from (padded to the target's V)."""
-  return sample(rng, pad_vocabulary(draft_logits, vocab_size), sampling)
-
-
 @dataclasses.dataclass(frozen=True)
 class SpeculativeDecoder:
   """Static description of a decoding run; `generate` is its jitted program."""
@@ -102,6 +99,9 @@ class SpeculativeDecoder:
   # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
   # falls below this (0: never).
   confidence_threshold: float = 0.0
+  # Each row samples under its own settings (DecodeState.row_sampling, set at prefill; greedy
+  # and sampled rows in one batch); `sampling` is then the default of rows given none.
+  per_request_sampling: bool = False
 
   def __post_init__(self):
     if self.draft is None and self.num_draft_tokens != 0:
@@ -132,6 +132,25 @@ class SpeculativeDecoder:
     """Whether steps run decoding/tree_step.py: a branching tree, or any adaptive length."""
     return self.draft is not None and (self.confidence_threshold > 0 or (
         self.draft_tree is not None and not self.draft_tree.is_chain))
+
+  @property
+  def greedy(self) -> bool:
+    """Whether every row decodes greedily (a program without sampling)."""
+    return self.sampling.greedy and not self.per_request_sampling
+
+  def probabilities(self, logits: jax.Array, rows: RowSampling | None) -> jax.Array:
+    """float32[B, ..., V]: the distributions tokens are drawn from, under the engine's setting
+    or each row's own (`rows`)."""
+    return probabilities(logits, self.sampling) if rows is None else row_probabilities(logits,
+                                                                                       rows)
+
+  def sample(self, rng: jax.Array, logits: jax.Array, rows: RowSampling | None):
+    """(int32[B, ...] tokens, float32[B, ..., V] their distributions); rng key[B]."""
+    return sample(rng, logits, self.sampling) if rows is None else sample_rows(rng, logits, rows)
+
+  def draft_token(self, rng: jax.Array, draft_logits: jax.Array, rows: RowSampling | None):
+    """A draft token and the exact distribution q it was drawn from (padded to the target's V)."""
+    return self.sample(rng, pad_vocabulary(draft_logits, self.vocab_size), rows)
 
   @property
   def num_draft_nodes(self) -> int:
@@ -227,12 +246,12 @@ class SpeculativeDecoder:
     rngs = jnp.swapaxes(sampling_lib.split(rng, self.num_draft_tokens), 0, 1)  # key[G, B]
     first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
     logits, cache = self.draft.apply(variables, first, state.draft_cache, method='extend')
-    token, probs = _draft_token(rngs[0], logits[:, -1], self.sampling, self.vocab_size)
+    token, probs = self.draft_token(rngs[0], logits[:, -1], state.row_sampling)
 
     def draft_one(carry, step_rng):
       cache, token = carry
       logits, cache = self.draft.apply(variables, token[:, None], cache, method='extend')
-      new_token, probs = _draft_token(step_rng, logits[:, -1], self.sampling, self.vocab_size)
+      new_token, probs = self.draft_token(step_rng, logits[:, -1], state.row_sampling)
       return (cache, new_token), (new_token, probs)
 
     (cache, _), (tokens, all_probs) = jax.lax.scan(draft_one, (cache, token), rngs[1:])
@@ -275,11 +294,14 @@ class SpeculativeDecoder:
     verify = jnp.concatenate([state.last_token[:, None], draft_tokens], axis=1)  # [B, G + 1]
     target_logits, target_cache = self.target.apply({'params': target_params}, verify,
                                                     state.target_cache, method='extend')
-    if self.sampling.greedy:
+    if self.greedy:
       num_accepted, emitted = acceptance.greedy_accept(draft_tokens, target_logits)
     else:
+      # A greedy row among sampled ones has one-hot p and q: speculative sampling then accepts
+      # exactly while the draft equals the target's argmax and emits the argmax, as greedy does.
       num_accepted, emitted = acceptance.speculative_accept(
-          accept_rng, draft_tokens, draft_probs, probabilities(target_logits, self.sampling))
+          accept_rng, draft_tokens, draft_probs,
+          self.probabilities(target_logits, state.row_sampling))
     return num_accepted, emitted, target_cache, draft_cache
 
   def _advance(self, state: DecodeState, num_accepted, emitted, target_cache, draft_cache,
@@ -320,7 +342,7 @@ class SpeculativeDecoder:
         reached_by_position=state.reached_by_position + (positions < jnp.minimum(
             jnp.minimum(num_accepted + 1, count), drafted)[:, None]),
         draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0),
-        max_new_tokens=state.max_new_tokens)
+        max_new_tokens=state.max_new_tokens, row_sampling=state.row_sampling)
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
@@ -355,20 +377,28 @@ class SpeculativeDecoder:
 
   def prefill_rows(self, target_params, draft_params, tokens, lengths, images, rng,
                    max_new_tokens, cache_length: int, draft_prompt_length: int,
-                   draft_cache_length: int | None = None) -> DecodeState:
+                   draft_cache_length: int | None = None,
+                   row_sampling: RowSampling | None = None) -> DecodeState:
     """The decode state of new rows after their prefill and first token (traced, in a jitted
     program). tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] | None, rng
     key[B] (the rows' own keys), max_new_tokens int32[B] (each <= the engine's); the caches hold
-    `cache_length` (draft: `draft_cache_length`, default its prompt width + the new tokens')."""
+    `cache_length` (draft: `draft_cache_length`, default its prompt width + the new tokens').
+    row_sampling: each row's settings (per_request_sampling only; default the engine's)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     batch = tokens.shape[0]
+    if not self.per_request_sampling:
+      row_sampling = None
+    elif row_sampling is None:
+      row_sampling = RowSampling.of([self.sampling] * batch)
+    else:
+      row_sampling = jax.tree.map(jnp.asarray, row_sampling)
     gamma = self.num_draft_tokens
     rng = sampling_lib.split(rng, 2)  # key[B, 2]
     prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
     logits, target_cache, vision_features = self._prefill_target(
         target_params, tokens, lengths, images, cache_length)
-    first, _ = sample(prefill_rng, logits, self.sampling)  # [B]
+    first, _ = self.sample(prefill_rng, logits, row_sampling)  # [B]
     draft_cache, previous = None, jnp.zeros_like(first)
     if self.draft is not None:
       with self._draft_rules():
@@ -387,7 +417,7 @@ class SpeculativeDecoder:
         accepted_by_position=jnp.zeros((batch, gamma), jnp.int32),
         reached_by_position=jnp.zeros((batch, gamma), jnp.int32),
         draft_calls=jnp.zeros((batch,), jnp.int32),
-        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32))
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), row_sampling=row_sampling)
 
   def run_steps(self, target_params, draft_params, state: DecodeState,
                 max_steps: jax.Array | None = None) -> DecodeState:

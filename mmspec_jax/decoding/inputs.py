@@ -4,7 +4,10 @@ Each non-blank line is one request:
   {"id": ..., "prompt": "...", "image": "path"}     text, wrapped in the chat template
   {"id": ..., "input_ids": [...], "image": "path"}  token ids, used as given
 "image" is optional; relative image paths are resolved against the JSONL file's directory.
-"max_new_tokens" (optional, at most the run's) is the request's own budget.
+"max_new_tokens" (optional, at most the run's) is the request's own budget; "temperature",
+"top_k" and "top_p" (optional; the run's settings fill in those not given) its own sampling, so
+greedy and sampled requests share a batch; "stop" (optional: a string, or a list of strings and
+token ids) ends its output at the first stop sequence.
 "seed" (optional, an integer in [0, 2**32): a JAX key holds 32 bits of seed) fixes the
 request's sampling stream; without it the stream is the run's seed folded with the request's id
 (`request_keys`). Either way a request samples the same tokens whatever else is in its batch.
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mmspec_jax.decoding import engine
+from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import LlavaConfig, ModelConfig, text_config
 from mmspec_jax.processing import MultimodalProcessor
 
@@ -46,6 +50,10 @@ class Request:
   image: str | None  # resolved image path, or None for a text-only request
   seed: int | None = None  # the request's own sampling seed, if it gives one
   max_new_tokens: int | None = None  # the request's own budget (None: the run's)
+  sampling: SamplingConfig | None = None  # the request's own settings (None: the run's)
+  # Stop sequences: token ids (the output ends after the id) or strings (the output's text ends
+  # before the string); checked on the host between chunks (decoding/scheduler.py).
+  stop: tuple[int | str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +150,52 @@ def check_max_new_tokens(row: dict[str, Any], where: str, limit: int) -> int | N
   return budget
 
 
+SAMPLING_FIELDS = ('temperature', 'top_k', 'top_p')
+MAX_STOP_SEQUENCES = 16
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sampling(row: dict[str, Any], where: str,
+                   default: SamplingConfig | None) -> SamplingConfig | None:
+  """A request's own sampling settings (the run's filling in those it omits), or None when it
+  gives none."""
+  given = {name: row[name] for name in SAMPLING_FIELDS if name in row}
+  if not given:
+    return None
+  for name, value in given.items():
+    integral = name == 'top_k'
+    if not (isinstance(value, int) and not isinstance(value, bool) if integral
+            else _is_number(value)):
+      raise ValueError(f'{where}: "{name}" must be {"an integer" if integral else "a number"}, '
+                       f'got {value!r}')
+  try:
+    return dataclasses.replace(default or SamplingConfig(), **given)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from e
+
+
+def check_stop(row: dict[str, Any], where: str, vocab_size: int) -> tuple[int | str, ...]:
+  """A request's "stop": a string, or a list of non-empty strings and token ids."""
+  stop = row.get('stop')
+  if stop is None:
+    return ()
+  stop = [stop] if isinstance(stop, str) else stop
+  if not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES:
+    raise ValueError(f'{where}: "stop" must be a string or a list of at most '
+                     f'{MAX_STOP_SEQUENCES} strings and token ids, got {row["stop"]!r}')
+  for item in stop:
+    if isinstance(item, str) and item:
+      continue
+    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < vocab_size:
+      continue
+    raise ValueError(f'{where}: each "stop" entry must be a non-empty string or a token id in '
+                     f'[0, {vocab_size}), got {item!r}')
+  return tuple(stop)
+
+
 def request_keys(requests: Sequence[Request], run_key: jax.Array) -> jax.Array:
   """key[B]: each request's own PRNG key, for `SpeculativeDecoder.generate`.
 
@@ -158,9 +212,11 @@ def request_keys(requests: Sequence[Request], run_key: jax.Array) -> jax.Array:
 
 def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig, *,
                   raw_prompt: bool, max_new_tokens: int, num_draft_tokens: int = 0,
-                  drafts: Sequence[ModelConfig] = ()) -> list[Request]:
+                  drafts: Sequence[ModelConfig] = (),
+                  sampling: SamplingConfig | None = None) -> list[Request]:
   """Parses and validates every line of the JSONL file `path`, in order, for a target decoding
-  `max_new_tokens` with `drafts` (configs) proposing `num_draft_tokens` a step."""
+  `max_new_tokens` with `drafts` (configs) proposing `num_draft_tokens` a step; `sampling`: the
+  run's settings, which fill in those a request omits."""
   if not os.path.isfile(path):
     raise ValueError(f'prompts file not found: {path!r}')
   requests: list[Request] = []
@@ -192,8 +248,11 @@ def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig
         image = check_image(image, where, path, target, processor)
       ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
       check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens, drafts)
-      requests.append(Request(request_id, line_number, tuple(ids), image, check_seed(row, where),
-                              check_max_new_tokens(row, where, max_new_tokens)))
+      requests.append(Request(
+          request_id, line_number, tuple(ids), image, check_seed(row, where),
+          check_max_new_tokens(row, where, max_new_tokens),
+          check_sampling(row, where, sampling),
+          check_stop(row, where, text_config(target).vocab_size)))
   if not requests:
     raise ValueError(f'{path}: no requests (the file is empty)')
   return requests

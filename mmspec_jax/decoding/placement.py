@@ -67,10 +67,14 @@ def batch_sharding(shape, mesh, rules=sharding.DEFAULT_RULES):
   return sharding.logical_sharding((axes.BATCH,) + (None,) * (len(shape) - 1), shape, mesh, rules)
 
 
+def rows_struct(shape, dtype, mesh, rules=sharding.DEFAULT_RULES):
+  """An abstract batch-major array, placed as place_rows places one."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules))
+
+
 def input_structs(batch_size: int, length: int, image_shape, mesh, rules=sharding.DEFAULT_RULES):
   """Abstract (tokens, lengths, images | None) for ahead-of-time compilation."""
-  def struct(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(shape, mesh, rules))
+  struct = lambda shape, dtype: rows_struct(shape, dtype, mesh, rules)
   images = None if image_shape is None else struct((batch_size,) + tuple(image_shape), np.float32)
   return (struct((batch_size, length), np.int32), struct((batch_size,), np.int32), images)
 

@@ -104,9 +104,13 @@ def check_settings(config):
     raise ValueError(f'output {config.output!r} would overwrite the prompts file')
 
 
-def _output_line(request: inputs.Request, token_ids, num_calls, accepted, processor) -> str:
+def _output_line(request: inputs.Request, token_ids, num_calls, accepted, processor,
+                 stopped_by: int | str | None = None) -> str:
+  text = processor.decode(token_ids)
+  if isinstance(stopped_by, str):  # The text ends before the stop string.
+    text = text[:text.index(stopped_by)]
   return json.dumps({
-      'id': request.id, 'text': processor.decode(token_ids), 'token_ids': token_ids,
+      'id': request.id, 'text': text, 'token_ids': token_ids,
       'num_target_calls': int(num_calls), 'num_accepted': int(accepted)},
       ensure_ascii=False) + '\n'
 
@@ -165,13 +169,18 @@ def run(config) -> statistics.RunStatistics:
   gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
   threshold = config.confidence_threshold if draft else 0.0
   requests = session.read_requests(config.prompts, max_new_tokens=config.max_new_tokens,
-                                   num_draft_tokens=gamma, raw_prompt=config.raw_prompt)
+                                   num_draft_tokens=gamma, raw_prompt=config.raw_prompt,
+                                   sampling=sampling)
   decoder = session.decoder(draft, num_draft_tokens=gamma, sampling=sampling,
                             max_new_tokens=config.max_new_tokens, requests=requests,
                             draft_tree=tree, confidence_threshold=threshold)
-  if config.batching == 'static' and any(r.max_new_tokens is not None for r in requests):
-    raise ValueError('a request gives its own "max_new_tokens": that needs '
-                     '--config.batching=continuous')
+  if config.batching == 'static':
+    own = next((r for r in requests if r.max_new_tokens is not None or r.stop
+                or r.sampling not in (None, sampling)), None)
+    if own is not None:
+      raise ValueError(f'{config.prompts} line {own.line} (id {own.id!r}) gives its own '
+                       '"max_new_tokens", sampling settings or "stop": that needs '
+                       '--config.batching=continuous')
   primary = distributed.is_primary()
   progress = tqdm.tqdm(total=len(requests), unit='request', file=sys.stderr, desc='decoding',
                        disable=not primary)
@@ -231,7 +240,7 @@ def _decode_continuous(config, session, decoder, requests, out, progress):
   done = [finished[handle] for handle in range(len(requests))]  # Handles in submission order.
   for f in done:
     out.write(_output_line(f.request, f.token_ids, f.num_target_calls,
-                           f.accepted_by_position.sum(), session.processor))
+                           f.accepted_by_position.sum(), session.processor, f.stopped_by))
   counts = statistics.finished_counts(done)
   timing = statistics.latency_figures(done, start)
   timing.update(decode_seconds=decode_seconds, compile_seconds=compile_seconds,

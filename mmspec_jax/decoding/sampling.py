@@ -8,9 +8,12 @@ both. Everything that samples or scores a token goes through `probabilities` bel
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # Temperatures below this decode greedily: dividing logits by ~1e-6 overflows float32 (inf - inf
@@ -68,6 +71,58 @@ def processed_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
   return x
 
 
+@flax.struct.dataclass
+class RowSampling:
+  """Each row's own sampling settings, so that greedy and sampled requests share a batch
+  (continuous batching). Same meanings as SamplingConfig's, one entry per row."""
+  temperature: jax.Array  # float32[B]: below MIN_TEMPERATURE, greedy
+  top_k: jax.Array  # int32[B]: 0 off
+  top_p: jax.Array  # float32[B]: 1 off
+
+  @classmethod
+  def of(cls, configs: Sequence[SamplingConfig]) -> RowSampling:
+    """Host arrays for one SamplingConfig per row."""
+    return cls(temperature=np.array([c.temperature for c in configs], np.float32),
+               top_k=np.array([c.top_k for c in configs], np.int32),
+               top_p=np.array([c.top_p for c in configs], np.float32))
+
+  @property
+  def greedy(self) -> jax.Array:
+    """bool[B]."""
+    return self.temperature < MIN_TEMPERATURE
+
+
+def _per_row(values: jax.Array, ndim: int) -> jax.Array:
+  """values[B] shaped to broadcast against an array of `ndim` dims led by B."""
+  return values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def _filter_by_rank(x: jax.Array, rows: RowSampling) -> jax.Array:
+  """float32[B, ..., V] with each row's top-k and top-p applied (as processed_logits does for
+  one setting: top-k first, then top-p over what top-k kept; ties by the lower id)."""
+  vocab = x.shape[-1]
+  order = jnp.argsort(-x, axis=-1, stable=True)  # [B, ..., V] ids by rank
+  ranked = jnp.take_along_axis(x, order, axis=-1)
+  top_k = _per_row(jnp.where(rows.top_k > 0, rows.top_k, vocab), x.ndim)
+  keep = jnp.arange(vocab) < top_k
+  probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = keep & (mass_before < _per_row(rows.top_p, x.ndim))
+  return _keep_ranked(x, order, keep)
+
+
+def row_probabilities(logits: jax.Array, rows: RowSampling) -> jax.Array:
+  """float32[B, ..., V]: row b's sampling distribution under its own settings (one-hot on the
+  argmax for a greedy row). The sort that top-k and top-p need runs only when a row uses them."""
+  greedy = rows.greedy
+  x = logits.astype(jnp.float32) / _per_row(jnp.where(greedy, 1.0, rows.temperature),
+                                            logits.ndim)
+  filters_on = jnp.any(((rows.top_k > 0) & (rows.top_k < x.shape[-1])) | (rows.top_p < 1))
+  x = jax.lax.cond(filters_on, _filter_by_rank, lambda x, _: x, x, rows)
+  one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return jnp.where(_per_row(greedy, logits.ndim), one_hot, jax.nn.softmax(x, axis=-1))
+
+
 def probabilities(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """float32[..., V]: the sampling distribution (for greedy, one-hot on the argmax)."""
   if sampling.greedy:
@@ -120,6 +175,13 @@ def sample(rng: jax.Array, logits: jax.Array, sampling: SamplingConfig):
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), probs
   return sample_from(rng, probs), probs
+
+
+def sample_rows(rng: jax.Array, logits: jax.Array, rows: RowSampling):
+  """`sample` under each row's own settings: (int32[B, ...], float32[B, ..., V]); rng key[B]."""
+  probs = row_probabilities(logits, rows)
+  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jnp.where(_per_row(rows.greedy, argmax.ndim), argmax, sample_from(rng, probs)), probs
 
 
 def pad_vocabulary(logits: jax.Array, vocab_size: int) -> jax.Array:

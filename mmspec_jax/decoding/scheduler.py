@@ -11,6 +11,14 @@ runs per token: one device round trip per chunk.
     for event in scheduler.run():        # until nothing waits or runs
       print(event.handle, event.new_tokens, event.finished)
 
+With `refill=False` a batch is closed: requests enter only when every slot is free, so the
+batch runs until its slowest row ends (static batching on the same programs, for comparison).
+
+A request's stop sequences (Request.stop) are looked for here, between chunks, in the tokens it
+has so far. At a match its output ends (after a stop id; after the token that completes a stop
+string, whose text is then cut before the string: Finished.stopped_by says which) and its slot is
+freed at once; the tokens its row made past the stop in that chunk are dropped.
+
 `submit` may be called at any time between events (a server's handlers do, from the loop that
 owns the devices); `cancel(handle)` frees a request's slot at the next chunk boundary. On several
 processes every process submits the same requests in the same order and so makes the same
@@ -31,6 +39,7 @@ import numpy as np
 
 from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, placement
+from mmspec_jax.decoding.sampling import RowSampling
 from mmspec_jax.decoding.slots import SlotPrograms
 
 # Counters the scheduler reads per slot (statistics.COUNT_FIELDS but num_generated).
@@ -51,6 +60,7 @@ class Finished:
   first_token: float | None
   finished: float
   token_times: list[float]  # when each chunk's tokens arrived, one entry per token
+  stopped_by: int | str | None = None  # the stop sequence that ended it, if one did
 
   @property
   def num_generated(self) -> int:
@@ -75,6 +85,7 @@ class _Active:
   cancelled: bool = False
   first_token: float | None = None
   calls_seen: int = 1  # num_target_calls read at the last chunk (the prefill's 1 at entry)
+  stopped_by: int | str | None = None
   token_times: list[float] = dataclasses.field(default_factory=list)
 
 
@@ -82,7 +93,8 @@ class Scheduler:
   """See the module docstring. Built by DecodeSession.scheduler."""
 
   def __init__(self, session, decoder, programs: SlotPrograms, *, chunk_steps: int,
-               buckets: Sequence[int], prefill_width: int, run_key: jax.Array):
+               buckets: Sequence[int], prefill_width: int, run_key: jax.Array,
+               refill: bool = True):
     if chunk_steps < 1:
       raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
     if prefill_width < 1:
@@ -90,7 +102,7 @@ class Scheduler:
     self.session, self.decoder, self.programs = session, decoder, programs
     self.chunk_steps, self.buckets = chunk_steps, tuple(buckets)
     self.prefill_width = min(prefill_width, programs.num_slots)
-    self.run_key = run_key
+    self.run_key, self.refill = run_key, refill
     self._handles = itertools.count()
     self._waiting: collections.deque[tuple[int, inputs.Request, int, float]] = collections.deque()
     self._active: dict[int, _Active] = {}  # slot -> the request in it
@@ -122,6 +134,13 @@ class Scheduler:
     if request.image is not None and not self.decoder.with_images:
       raise ValueError(f'request {request.id!r} has an image, but this decoder was built '
                        'without images (pass requests with images to session.decoder)')
+    if (request.sampling not in (None, self.decoder.sampling)
+        and not self.decoder.per_request_sampling):
+      raise ValueError(f'request {request.id!r} gives its own sampling settings, but this decoder '
+                       'samples every row alike (session.decoder(..., per_request_sampling=True))')
+    if any(isinstance(s, str) for s in request.stop) and self.session.processor is None:
+      raise ValueError(f'request {request.id!r} has stop strings, but this session has no '
+                       'tokenizer to read its tokens as text')
 
   def submit(self, request: inputs.Request, max_new_tokens: int | None = None) -> int:
     """Queues a request (checked now); returns its handle."""
@@ -167,9 +186,15 @@ class Scheduler:
       with placement.mesh_context(session.mesh, session.rules):
         structs = placement.input_structs(width, length, image_shape, session.mesh, session.rules)
         rows = placement.input_structs(width, 1, None, session.mesh, session.rules)[1]
+        row_sampling = None
+        if self.decoder.per_request_sampling:
+          struct = lambda dtype: placement.rows_struct((width,), dtype, session.mesh,
+                                                       session.rules)
+          row_sampling = RowSampling(struct(np.float32), struct(np.int32), struct(np.float32))
         program = self.programs.prefill.lower(
             *self._params(), self.state, rows, *structs,
-            placement.keys_struct(width, session.mesh, session.rules), rows).compile()
+            placement.keys_struct(width, session.mesh, session.rules), rows,
+            row_sampling).compile()
       self._compiled_prefill[length] = program
     return program
 
@@ -206,6 +231,8 @@ class Scheduler:
   def _admit(self):
     """Fills free slots from the head of the queue, one prefill per `prefill_width` rows."""
     free = [s for s in range(self.programs.num_slots) if s not in self._active]
+    if not self.refill and self._active:
+      return  # Closed batches: the next enters when every slot is free.
     admitted = []
     while self._waiting and len(admitted) < len(free):
       handle, request, budget, submitted = self._waiting.popleft()
@@ -231,9 +258,13 @@ class Scheduler:
     keys = inputs.request_keys(padded, self.run_key)
     program = self._prefill_program(length)
     placed = placement.place_inputs(tokens, lengths, images, session.mesh, session.rules)
+    row_sampling = None
+    if self.decoder.per_request_sampling:
+      row_sampling = jax.tree.map(self._placed, RowSampling.of(
+          [r.sampling or self.decoder.sampling for r in padded]))
     self._state = program(*self._params(), self.state, self._placed(slot_rows), *placed,
                           placement.place_keys(keys, session.mesh, session.rules),
-                          self._placed(budgets))
+                          self._placed(budgets), row_sampling)
     for (handle, request, _, submitted), slot in zip(group, slots):
       self._active[slot] = _Active(handle, request, slot, submitted)
 
@@ -270,23 +301,48 @@ class Scheduler:
     self.chunks += 1
     self.slot_steps += steps * self.programs.num_slots
     self._view = view
+    stopped = []
     for slot in sorted(self._active):
       active = self._active[slot]
       calls = int(view['num_target_calls'][slot])
       self.active_row_steps += calls - active.calls_seen
       active.calls_seen = calls
       generated = int(view['num_generated'][slot])
+      if active.request.stop:
+        keep, active.stopped_by = self._stop(active.request, view['tokens'][slot, :generated],
+                                             active.emitted)
+        if active.stopped_by is not None:
+          generated = keep
+          stopped.append(slot)
       new = view['tokens'][slot, active.emitted:generated].tolist()
       active.emitted = generated
       if new:
         active.token_times += [now] * len(new)
         if active.first_token is None:
           active.first_token = now
-      if view['done'][slot]:
+      if view['done'][slot] or active.stopped_by is not None:
         events.append(self._retire(slot, new, now))
       elif new:
         events.append(Event(active.handle, new))
+    if stopped:
+      self._release(stopped)  # Their rows take no more steps (a new request may reuse them).
     return events
+
+  def _stop(self, request: inputs.Request, tokens: np.ndarray, seen: int):
+    """(tokens kept, the stop sequence) at the first stop of `request` in int[n] `tokens` that
+    ends past the first `seen` (already checked), or (n, None)."""
+    ids = {s for s in request.stop if isinstance(s, int)}
+    strings = [s for s in request.stop if isinstance(s, str)]
+    text_of = lambda end: self.session.processor.decode(tokens[:end])
+    has_string = bool(strings) and any(s in text_of(len(tokens)) for s in strings)
+    for end in range(seen + 1, len(tokens) + 1):
+      if int(tokens[end - 1]) in ids:
+        return end, int(tokens[end - 1])
+      if has_string:
+        found = [s for s in strings if s in text_of(end)]
+        if found:
+          return end, found[0]
+    return len(tokens), None
 
   def _retire(self, slot: int, new: list[int], now: float) -> Event:
     active = self._active.pop(slot)
@@ -302,7 +358,7 @@ class Scheduler:
         reached_by_position=np.array(count('reached_by_position')),
         draft_calls=int(count('draft_calls')), cancelled=active.cancelled,
         submitted=active.submitted, first_token=active.first_token, finished=now,
-        token_times=active.token_times)
+        token_times=active.token_times, stopped_by=active.stopped_by)
     return Event(active.handle, new, finished)
 
   def _counter_shape(self, name):

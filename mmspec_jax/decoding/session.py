@@ -113,6 +113,8 @@ class Decoder:
   eos_token_ids: tuple[int, ...]
   draft_tree: DraftTree | None = None
   confidence_threshold: float = 0.0
+  # Each request samples under its own settings (Request.sampling; `sampling` the default).
+  per_request_sampling: bool = False
 
 
 class DecodeSession:
@@ -219,12 +221,14 @@ class DecodeSession:
 
   # --- requests -------------------------------------------------------------------------------
   def read_requests(self, path: str, *, max_new_tokens: int, num_draft_tokens: int = 0,
-                    raw_prompt: bool = False) -> list[inputs.Request]:
-    """decode.py's JSONL prompts, validated for this target and every draft."""
+                    raw_prompt: bool = False,
+                    sampling: SamplingConfig | None = None) -> list[inputs.Request]:
+    """decode.py's JSONL prompts, validated for this target and every draft; `sampling`: the
+    run's settings, the default of a request's own."""
     requests = inputs.read_requests(
         path, self.processor, self.target_config, raw_prompt=raw_prompt,
         max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
-        drafts=tuple(self.draft_configs.values()))
+        drafts=tuple(self.draft_configs.values()), sampling=sampling)
     self.check_images(requests)
     return requests
 
@@ -261,11 +265,14 @@ class DecodeSession:
   def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
               max_new_tokens: int, requests: Sequence[inputs.Request] = (),
               eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | None = None,
-              confidence_threshold: float = 0.0) -> Decoder:
+              confidence_threshold: float = 0.0,
+              per_request_sampling: bool | None = None) -> Decoder:
     """The decoder for these settings, built once. `requests`: those it will decode; its
     programs take images when the target is a LLaVA and any of them has one. `eos_token_ids`:
     default the target's; () lets every row run to max_new_tokens (the benchmarks).
-    `draft_tree` (its depth must be num_draft_tokens) and `confidence_threshold`: the engine's."""
+    `draft_tree` (its depth must be num_draft_tokens) and `confidence_threshold`: the engine's.
+    `per_request_sampling`: whether each row samples under its request's own settings (default:
+    when any of `requests` gives settings other than `sampling`; slot programs only)."""
     if draft is not None and draft not in self.draft_configs:
       raise ValueError(f'unknown draft {draft!r}; this session has {sorted(self.draft_configs)}')
     if draft is not None and num_draft_tokens < 1:
@@ -273,9 +280,11 @@ class DecodeSession:
                        f'{num_draft_tokens}')
     with_images = self.image_shape is not None and any(r.image is not None for r in requests)
     eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
+    if per_request_sampling is None:
+      per_request_sampling = any(r.sampling not in (None, sampling) for r in requests)
     spec = Decoder(draft, num_draft_tokens if draft is not None else 0, sampling,
                    max_new_tokens, with_images, eos, draft_tree if draft is not None else None,
-                   confidence_threshold if draft is not None else 0.0)
+                   confidence_threshold if draft is not None else 0.0, per_request_sampling)
     if spec not in self._decoders:
       self._decoders[spec] = SpeculativeDecoder(
           target=build(self.target_config, self.target_layout),
@@ -283,7 +292,8 @@ class DecodeSession:
           num_draft_tokens=spec.num_draft_tokens, sampling=sampling,
           max_new_tokens=max_new_tokens, eos_token_ids=spec.eos_token_ids,
           draft_rules=self.draft_rules, draft_tree=spec.draft_tree,
-          confidence_threshold=spec.confidence_threshold)
+          confidence_threshold=spec.confidence_threshold,
+          per_request_sampling=per_request_sampling)
     return spec
 
   def engine(self, decoder: Decoder) -> SpeculativeDecoder:
@@ -323,12 +333,13 @@ class DecodeSession:
 
   def scheduler(self, decoder: Decoder, *, num_slots: int, capacity: int, chunk_steps: int = 8,
                 buckets: Sequence[int] = inputs.DEFAULT_BUCKETS, prefill_width: int = 4,
-                key: jax.Array | None = None) -> Scheduler:
+                key: jax.Array | None = None, refill: bool = True) -> Scheduler:
     """Continuous batching with this decoder over `num_slots` slots of `capacity` positions
     (the longest prompt + max_new_tokens a request may bring; the decoder's max_new_tokens is the
     most any request may ask for); `chunk_steps` steps per chunk; new requests are prefilled
     `prefill_width` at a time, padded to a length bucket. `key`: the run's key, from which a
-    request without a seed draws (inputs.request_keys). See decoding/scheduler.py."""
+    request without a seed draws (inputs.request_keys); `refill=False`: closed batches on the
+    same programs (the benchmark's static baseline). See decoding/scheduler.py."""
     programs_key = (decoder, num_slots, capacity)
     if programs_key not in self._slot_programs:
       self._slot_programs[programs_key] = SlotPrograms(self._decoders[decoder], num_slots,
@@ -336,7 +347,7 @@ class DecodeSession:
     self.load()
     return Scheduler(self, decoder, self._slot_programs[programs_key], chunk_steps=chunk_steps,
                      buckets=buckets, prefill_width=prefill_width,
-                     run_key=jax.random.key(0) if key is None else key)
+                     run_key=jax.random.key(0) if key is None else key, refill=refill)
 
   def _params(self, decoder: Decoder):
     return None if decoder.draft is None else self.draft_params[decoder.draft]

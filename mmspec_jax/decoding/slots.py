@@ -9,7 +9,8 @@ Three compiled programs work on it (JetStream's prefill -> insert -> generate):
   `init`: every slot empty (done, length 0);
   `prefill`: P new requests, each into a given free slot: both caches of those rows written from a
     P-row prefill (slot index = RoPE position, so a row prefilled alone copies in unchanged), the
-    first token sampled, the row's counters and budget reset; a slot index of B drops a padding row;
+    first token sampled, the row's counters, budget and (per_request_sampling) sampling settings
+    reset; a slot index of B drops a padding row;
   `generate_chunk`: the engine's steps, at most `chunk_steps` of them or until no slot is active;
     the state is donated, so the caches are updated in place.
 A done row takes no tokens and grows no cache; a tree step drafts nothing for it. Which slots are
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 
 from mmspec_jax import axes, sharding
 from mmspec_jax.decoding.engine import DecodeState, SpeculativeDecoder
+from mmspec_jax.decoding.sampling import RowSampling
 from mmspec_jax.models import KVCache, text_config
 from mmspec_jax.models.kv_cache import CACHE_AXES, HEADS_FIRST_CACHE_AXES
 
@@ -64,7 +66,8 @@ class SlotPrograms:
   @functools.cached_property
   def prefill(self):
     """(target_params, draft_params, state, slots int32[P], tokens int32[P, T], lengths int32[P],
-    images float32[P, H, W, 3] | None, keys key[P], max_new_tokens int32[P]) -> state."""
+    images float32[P, H, W, 3] | None, keys key[P], max_new_tokens int32[P],
+    row_sampling RowSampling of [P] | None) -> state."""
     return jax.jit(self._prefill, donate_argnums=(2,))
 
   @functools.cached_property
@@ -96,14 +99,16 @@ class SlotPrograms:
                                   layout=engine.target.layout),
         draft_cache=draft_cache, num_target_calls=zeros(batch),
         accepted_by_position=zeros(batch, gamma), reached_by_position=zeros(batch, gamma),
-        draft_calls=zeros(batch), max_new_tokens=zeros(batch))
+        draft_calls=zeros(batch), max_new_tokens=zeros(batch),
+        row_sampling=RowSampling(temperature=jnp.zeros((batch,)), top_k=zeros(batch),
+                                 top_p=jnp.ones((batch,))) if engine.per_request_sampling else None)
     return _constrain(state)
 
   def _prefill(self, target_params, draft_params, state, slots, tokens, lengths, images, keys,
-               max_new_tokens):
+               max_new_tokens, row_sampling=None):
     rows = self.engine.prefill_rows(
         target_params, draft_params, tokens, lengths, images, keys, max_new_tokens,
-        self.cache_length, tokens.shape[1], self.cache_length)
+        self.cache_length, tokens.shape[1], self.cache_length, row_sampling)
     return _constrain(_insert(state, rows, jnp.asarray(slots, jnp.int32)))
 
   def _generate_chunk(self, target_params, draft_params, state, chunk_steps):
@@ -129,7 +134,7 @@ def _insert(state: DecodeState, rows: DecodeState, slots: jax.Array) -> DecodeSt
     elif whole is None:
       fields[name] = None
     else:
-      fields[name] = put(whole, new)
+      fields[name] = jax.tree.map(put, whole, new)
   return DecodeState(**fields)
 
 
@@ -157,5 +162,6 @@ def _constrain(state: DecodeState) -> DecodeState:
 
   fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(DecodeState)}
   for name, value in fields.items():
-    fields[name] = cache(value) if name in ('target_cache', 'draft_cache') else by_slot(value)
+    fields[name] = (cache(value) if name in ('target_cache', 'draft_cache')
+                    else jax.tree.map(by_slot, value))
   return DecodeState(**fields)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mmspec_jax.decoding import acceptance
-from mmspec_jax.decoding.sampling import pad_vocabulary, probabilities, split
+from mmspec_jax.decoding.sampling import pad_vocabulary, split
 
 
 def draw_children(rng: jax.Array, probs: jax.Array, num: int):
@@ -49,7 +49,7 @@ def propose(engine, params, state, rng):
   made while each row was drafting int32[B] (a batch's call runs while any row drafts), the
   depths each row drafted int32[B], the draft cache: its length counts the root, and the nodes
   of depths 1 .. D-1 lie past it). Finished rows draft nothing."""
-  tree, sampling = engine.draft_tree, engine.sampling
+  tree, rows = engine.draft_tree, state.row_sampling
   threshold = engine.confidence_threshold
   variables = {'params': params}
   keys = split(rng, tree.depth)  # [B, D]
@@ -65,14 +65,19 @@ def propose(engine, params, state, rng):
   for depth in range(1, tree.depth + 1):
     padded = pad_vocabulary(logits, engine.vocab_size)  # [B, W_{d-1}, V]
     width = tree.branching[depth - 1]
-    if sampling.greedy:
+    if engine.greedy:
       children, drawn = _top_children(padded, width)
       confidence_probs = jax.nn.softmax(padded, axis=-1) if threshold > 0 else None
     else:
-      q = probabilities(padded, sampling)
+      q = engine.probabilities(padded, rows)
       all_probs.append(q)
       children, drawn = draw_children(keys[:, depth - 1], q, width)
       confidence_probs = q
+      if rows is not None:  # Greedy rows among sampled ones take their top-b, as greedy trees.
+        greedy = rows.greedy[:, None, None]
+        top, top_drawn = _top_children(padded, width)
+        children, drawn = jnp.where(greedy, top, children), jnp.where(greedy, top_drawn, drawn)
+        confidence_probs = jnp.where(greedy, jax.nn.softmax(padded, axis=-1), q)
     if threshold > 0 and depth > 1:
       confidence = jnp.where(parent_valid, confidence_probs.max(axis=-1), 0.0)  # [B, W_{d-1}]
       drafting = drafting & (confidence.max(axis=1) >= threshold)
@@ -94,7 +99,7 @@ def propose(engine, params, state, rng):
     else:
       draft_calls = draft_calls + 1
       logits, cache = feed(cache)
-  draft_probs = None if sampling.greedy else jnp.concatenate(all_probs, axis=1)
+  draft_probs = None if engine.greedy else jnp.concatenate(all_probs, axis=1)
   return (jnp.concatenate(tokens, axis=1), jnp.concatenate(valid, axis=1), draft_probs,
           draft_calls, drafted, cache)
 
@@ -106,11 +111,16 @@ def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, r
   verified = jnp.concatenate([state.last_token[:, None], node_tokens], axis=1)  # [B, N + 1]
   logits, cache = engine.target.apply({'params': target_params}, verified, state.target_cache,
                                       tree=tree.verification_attention(), method='extend')
-  if engine.sampling.greedy:
+  if engine.greedy:
     outcome = acceptance.greedy_tree_accept(tree, node_tokens, node_valid, logits)
   else:
+    rows = state.row_sampling
     outcome = acceptance.recursive_tree_accept(rng, tree, node_tokens, node_valid, draft_probs,
-                                               probabilities(logits, engine.sampling))
+                                               engine.probabilities(logits, rows))
+    if rows is not None:  # Greedy rows among sampled ones: the greedy rule.
+      by_argmax = acceptance.greedy_tree_accept(tree, node_tokens, node_valid, logits)
+      outcome = tuple(jnp.where(rows.greedy.reshape((-1,) + (1,) * (a.ndim - 1)), g, a)
+                      for g, a in zip(by_argmax, outcome))
   return (*outcome, cache)
 
 
