@@ -24,8 +24,9 @@ from scipy import stats
 from decoding_fixtures import perturb
 
 from mmspec_jax.decoding import acceptance, engine, tree_step
-from mmspec_jax.decoding.sampling import (SamplingConfig, pad_vocabulary, probabilities,
-                                          processed_logits, sample, sample_from)
+from mmspec_jax.decoding.sampling import (RowSampling, SamplingConfig, pad_vocabulary,
+                                          probabilities, processed_logits, row_probabilities,
+                                          sample, sample_from, sample_rows)
 from mmspec_jax.decoding.statistics import expected_block_efficiency
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import LlamaConfig, build, init_params
@@ -329,3 +330,40 @@ def test_sampling_streams_are_per_row():
   alone = [int(sample_from(keys[i:i + 1], probs[i:i + 1])[0]) for i in range(5)]
   shuffled = np.asarray(sample_from(keys[::-1], probs[::-1]))[::-1]
   assert together.tolist() == alone == shuffled.tolist()
+
+
+def test_each_rows_own_settings_give_that_settings_distribution():
+  """row_probabilities at the paper's layout (a 32064-id target, the draft's 32000 padded with
+  -inf, ties in the logits): row b's distribution is probabilities() under row b's settings, and
+  sample_rows draws a greedy row's argmax."""
+  settings = [SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.0,
+              top_k=3), SamplingConfig(temperature=1.3, top_p=0.8),
+              SamplingConfig(temperature=0.9, top_k=40, top_p=0.5)]
+  logits = jax.random.normal(jax.random.key(0), (len(settings), 2, 32000)) * 3
+  logits = logits.at[:, :, 10:14].set(logits.max())  # Ties at the top: kept by the lower id.
+  logits = pad_vocabulary(logits, 32064)
+  rows = RowSampling.of(settings)
+  got = row_probabilities(logits, rows)
+  for b, sampling in enumerate(settings):
+    np.testing.assert_allclose(got[b], probabilities(logits[b], sampling), atol=1e-6)
+    assert float(got[b, :, 32000:].sum()) == 0
+  tokens, _ = sample_rows(jax.random.split(jax.random.key(1), len(settings)), logits, rows)
+  np.testing.assert_array_equal(tokens[0], jnp.argmax(logits[0], axis=-1))
+  # Without top-k or top-p anywhere, the sort is skipped: still the same distributions.
+  plain = RowSampling.of([SamplingConfig(), SamplingConfig(temperature=0.5)])
+  np.testing.assert_allclose(row_probabilities(logits[:2], plain)[1],
+                             probabilities(logits[1], SamplingConfig(temperature=0.5)), atol=1e-6)
+
+
+def test_per_request_sampling_engine_follows_the_target(models, exact):
+  """The engine that samples under each row's own settings (continuous batching's), every row
+  with top-p's: the same chi-square test."""
+  target_params, draft_params = models
+  sampling = SAMPLINGS['top_p']
+  decoder = engine.SpeculativeDecoder(build(CONFIG), build(DRAFT_CONFIG), GAMMA, sampling,
+                                      max_new_tokens=3, eos_token_ids=(-1,),
+                                      per_request_sampling=True)
+  counts, _ = sampled_joint(target_params, draft_params, sampling, decoder)
+  p_value = chi_square_p_value(counts, exact(sampling))
+  print(f'per-request top_p: p = {p_value:.3f}')
+  assert p_value > P_VALUE_FLOOR

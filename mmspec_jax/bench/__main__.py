@@ -1,6 +1,6 @@
 r"""`make bench`: decoding speed against the memory roofline, transformers and our own baseline.
 
-  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5]
+  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5,6]
 
 Sections (each writes its figures into bench.json as soon as it finishes):
   1  a random 1.1B LLaMA, batch 1: our autoregressive tokens/s, transformers `generate` on the same
@@ -10,8 +10,10 @@ Sections (each writes its figures into bench.json as soon as it finishes):
      its target widened function-preservingly to ~1B parameters;
   4  transformers assisted generation on the demo pair's HF exports, text and image prompts;
   5  a decode step's cost at two cache capacities (prompt buckets 256 and 2048) holding the same
-     ~60-token prompts, batch 8: it should pay for the live cache, not the allocated one.
-Sections 2-4 need the demo's trained models: they are trained first if missing (`make demo`'s
+     ~60-token prompts, batch 8: it should pay for the live cache, not the allocated one;
+  6  continuous against static batching, 8 slots, on a ragged workload (64 requests with their
+     own budgets) and one with real EOS: tokens/s, slot utilization, latency, chunk_steps.
+Sections 2-4 and 6 need the demo's trained models: they are trained first if missing (`make demo`'s
 training, about 10 minutes, not counted in any figure).
 """
 
@@ -27,11 +29,14 @@ import time
 import jax
 
 from mmspec_jax import artifacts
-from mmspec_jax.bench import assisted, autoregressive, capacity, report, speculative, widen
+from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report, speculative,
+                              widen)
 from mmspec_jax.bench.timing import read_bandwidth
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.models import parameter_count
 
+SECTIONS = (1, 2, 3, 4, 5, 6)
+NEEDS_DEMO_MODELS = {2, 3, 4, 6}
 TASKS = ('captioning', 'sqa', 'conversation')
 # Section 3's trees and adaptive length beside gammas 3 and 5: the best tree of the evaluation
 # within 32 verified tokens (README, Trees), a small one, and a chain of 7 stopping below draft
@@ -73,7 +78,7 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m mmspec_jax.bench', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out_dir', default=os.path.join(artifacts.results_dir(), 'bench'))
-  parser.add_argument('--sections', default='1,2,3,4,5', help='comma-separated, among 1-5')
+  parser.add_argument('--sections', default='1,2,3,4,5,6', help='comma-separated, among 1-6')
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per figure')
   parser.add_argument('--work_dir', default=None,
                       help='where the 1.1B checkpoint is written (default: a temporary dir)')
@@ -82,8 +87,8 @@ def parse_args(argv):
     args.sections = sorted({int(s) for s in args.sections.split(',')})
   except ValueError:
     parser.error(f'--sections: expected comma-separated numbers, got {args.sections!r}')
-  if not args.sections or not set(args.sections) <= {1, 2, 3, 4, 5}:
-    parser.error(f'--sections: choose among 1,2,3,4,5, got {args.sections}')
+  if not args.sections or not set(args.sections) <= set(SECTIONS):
+    parser.error(f'--sections: choose among {",".join(map(str, SECTIONS))}, got {args.sections}')
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}')
   return args
@@ -92,7 +97,7 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(argv)
   report.write({}, args.out_dir, final=False)  # A bad --out_dir fails before any work.
-  if set(args.sections) & {2, 3, 4}:
+  if set(args.sections) & NEEDS_DEMO_MODELS:
     ensure_demo_models()
   start = time.perf_counter()
   results = {}
@@ -109,7 +114,7 @@ def main(argv=None):
   threads = results['machine']['cores']
   report.write(results, args.out_dir, final=False)
 
-  if set(args.sections) & {2, 3, 4}:
+  if set(args.sections) & NEEDS_DEMO_MODELS:
     pair = speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
                                  artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE),
                                  artifacts.world_dir(), TASKS, num_examples=22,
@@ -139,6 +144,9 @@ def main(argv=None):
     report.write(results, args.out_dir, final=False)
   if 5 in args.sections:
     results['cache_capacity'] = capacity.run_section(repeats=args.repeats, log=_log)
+    report.write(results, args.out_dir, final=False)
+  if 6 in args.sections:
+    results['continuous'] = continuous.run_section(pair, speculative.DRAFT, log=_log)
 
   results['seconds'] = time.perf_counter() - start
   report.write(results, args.out_dir, final=True)

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from mmspec_jax.bench import continuous
+
 JSON_FILE = 'bench.json'
 MARKDOWN_FILE = 'bench.md'
 BATCH_PLOT = 'batch_scaling.png'
@@ -158,6 +160,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _assisted(results['assisted'])
   if 'cache_capacity' in results:
     lines += _capacity(results['cache_capacity'])
+  if 'continuous' in results:
+    lines += ['', '### 6. Continuous against static batching (demo pair, 8 slots, greedy)', '']
+    lines += continuous.markdown(results['continuous'])
   return '\n'.join(lines)
 
 

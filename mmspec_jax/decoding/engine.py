@@ -82,6 +82,12 @@ class DecodeResult:
     return self.accepted_by_position.sum(axis=1)
 
 
+def _draft_token(rng: jax.Array, draft_logits: jax.Array, sampling: SamplingConfig,
+                 vocab_size: int):
+  """A draft token and the exact distribution q it was drawn from (padded to the target's V)."""
+  return sample(rng, pad_vocabulary(draft_logits, vocab_size), sampling)
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeDecoder:
   """Static description of a decoding run; `generate` is its jitted program."""
@@ -149,8 +155,10 @@ class SpeculativeDecoder:
     return sample(rng, logits, self.sampling) if rows is None else sample_rows(rng, logits, rows)
 
   def draft_token(self, rng: jax.Array, draft_logits: jax.Array, rows: RowSampling | None):
-    """A draft token and the exact distribution q it was drawn from (padded to the target's V)."""
-    return self.sample(rng, pad_vocabulary(draft_logits, self.vocab_size), rows)
+    """_draft_token under the engine's setting or each row's own (`rows`)."""
+    if rows is None:
+      return _draft_token(rng, draft_logits, self.sampling, self.vocab_size)
+    return sample_rows(rng, pad_vocabulary(draft_logits, self.vocab_size), rows)
 
   @property
   def num_draft_nodes(self) -> int:

@@ -1,0 +1,127 @@
+"""Section 6: continuous against static batching, on the same slot programs.
+
+Two workloads on the demo pair, 8 slots, autoregressive and speculative (a chain of 3):
+  ragged: 64 requests, each with its own max_new_tokens drawn exponentially (mean 30, at least 1,
+    at most 160), EOS off, so the budgets alone make rows ragged;
+  eos: the world's held-out prompts with their real EOS (budget 64 each).
+Static batching is the same scheduler with `refill=False`: a batch of 8 enters when every slot is
+free and runs until its slowest row ends. Continuous batching refills a slot at the first chunk
+boundary after its row ends. Figures: tokens/s (wall time from the first admission to the last
+token, compilation excluded, after one warm-up pass), slot utilization (active row-steps /
+slot-steps), time to first token and time per output token, and whether every request's tokens are
+identical across the two. The speculative ragged case is also run at several `chunk_steps`: short
+chunks refill sooner but pay a host round trip each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from mmspec_jax.decoding import statistics
+from mmspec_jax.decoding.sampling import SamplingConfig
+
+NUM_SLOTS = 8
+NUM_REQUESTS = 64
+MEAN_BUDGET, MAX_BUDGET = 30, 160
+EOS_BUDGET = 64
+GAMMA = 3
+CHUNK_STEPS = 8
+CHUNK_STEPS_SWEEP = (2, 4, 8, 16, 32)
+
+
+def ragged_budgets(num: int, seed: int = 0) -> list[int]:
+  """max_new_tokens per request: exponential with mean MEAN_BUDGET, in [1, MAX_BUDGET]."""
+  draws = np.random.default_rng(seed).exponential(MEAN_BUDGET, num)
+  return [int(b) for b in np.clip(np.ceil(draws), 1, MAX_BUDGET)]
+
+
+def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity: int):
+  """Decodes `work` ((request, budget) pairs) twice (warm-up, then timed): figures and tokens."""
+  scheduler = session.scheduler(
+      decoder, num_slots=NUM_SLOTS, capacity=capacity, chunk_steps=chunk_steps,
+      prefill_width=NUM_SLOTS if not refill else 4, refill=refill)
+  compile_seconds = scheduler.compile([scheduler.bucket(r) for r, _ in work])
+  for _ in scheduler.run(work):  # Warm-up: first runs of a program are slower.
+    pass
+  scheduler.slot_steps = scheduler.active_row_steps = 0
+  finished = {}
+  start = time.perf_counter()
+  handles = [scheduler.submit(r, b) for r, b in work]
+  for event in scheduler.run():
+    if event.finished is not None:
+      finished[event.handle] = event.finished
+  seconds = time.perf_counter() - start
+  done = [finished[h] for h in handles]
+  new_tokens = sum(f.num_generated for f in done)
+  stats = statistics.summarize(*statistics.finished_counts(done),
+                               num_draft_tokens=decoder.num_draft_tokens)
+  latency = statistics.latency_figures(done, start)
+  return {
+      'tokens_per_second': new_tokens / seconds, 'seconds': seconds, 'new_tokens': new_tokens,
+      'slot_utilization': scheduler.utilization, 'chunks': scheduler.chunks,
+      'requests_per_second': len(done) / seconds, 'compile_seconds': compile_seconds,
+      'tau': stats.block_efficiency if decoder.num_draft_tokens else None, **latency,
+  }, [f.token_ids for f in done]
+
+
+def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
+  session, prompts = pair.session, pair.requests
+  requests = [prompts[i % len(prompts)] for i in range(NUM_REQUESTS)]
+  # Repeated prompts under their own ids: each is its own request.
+  requests = [r.__class__(f'{r.id}#{i}', r.line, r.token_ids, r.image, r.seed)
+              for i, r in enumerate(requests)]
+  workloads = {
+      'ragged': ([(r, b) for r, b in zip(requests, ragged_budgets(len(requests)))], ()),
+      'eos': ([(r, EOS_BUDGET) for r in prompts[:NUM_REQUESTS]], None),
+  }
+  results = {}
+  for name, (work, eos) in workloads.items():
+    budget = max(b for _, b in work)
+    capacity = max(len(r.token_ids) for r, _ in work) + budget
+    for kind, gamma in (('autoregressive', 0), ('speculative', GAMMA)):
+      decoder = session.decoder(draft_name if gamma else None, num_draft_tokens=gamma,
+                                sampling=SamplingConfig(), max_new_tokens=budget,
+                                requests=[r for r, _ in work], eos_token_ids=eos)
+      static, static_tokens = run_once(session, decoder, work, refill=False,
+                                       chunk_steps=CHUNK_STEPS, capacity=capacity)
+      continuous, tokens = run_once(session, decoder, work, refill=True,
+                                    chunk_steps=CHUNK_STEPS, capacity=capacity)
+      cell = {'static': static, 'continuous': continuous,
+              'speedup': continuous['tokens_per_second'] / static['tokens_per_second'],
+              'tokens_identical': tokens == static_tokens}
+      if name == 'ragged' and gamma:
+        cell['chunk_steps'] = {
+            steps: run_once(session, decoder, work, refill=True, chunk_steps=steps,
+                            capacity=capacity)[0] for steps in CHUNK_STEPS_SWEEP}
+      results[f'{name} {kind}'] = cell
+      log(f'[6] {name} {kind}: continuous {continuous["tokens_per_second"]:.0f} tokens/s '
+          f'(utilization {continuous["slot_utilization"]:.0%}) against static '
+          f'{static["tokens_per_second"]:.0f} ({static["slot_utilization"]:.0%}): '
+          f'{cell["speedup"]:.2f}x, tokens identical {cell["tokens_identical"]}')
+  jax.clear_caches()
+  return results
+
+
+def markdown(section: dict) -> list[str]:
+  """The section's tables."""
+  lines = ['| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
+           '(static / continuous) | TTFT p50 / p99 s (continuous) | TPOT p50 s | identical |',
+           '|---|---|---|---|---|---|---|---|']
+  for name, cell in section.items():
+    s, c = cell['static'], cell['continuous']
+    ttft, tpot = c['time_to_first_token'] or {}, c['per_token_latency'] or {}
+    lines.append(
+        f'| {name} | {s["tokens_per_second"]:.0f} | {c["tokens_per_second"]:.0f} | '
+        f'{cell["speedup"]:.2f}x | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} | '
+        f'{ttft.get("p50", 0):.3f} / {ttft.get("p99", 0):.3f} | {tpot.get("p50", 0):.4f} | '
+        f'{cell["tokens_identical"]} |')
+  for name, cell in section.items():
+    if 'chunk_steps' in cell:
+      lines += ['', f'chunk_steps ({name}): ' + ', '.join(
+          f'{steps}: {r["tokens_per_second"]:.0f} tokens/s ({r["slot_utilization"]:.0%}, '
+          f'{r["chunks"]} chunks)' for steps, r in cell['chunk_steps'].items())]
+  return lines
