@@ -28,6 +28,9 @@ def get_config():
   config.draft_tree = ''
   config.confidence_threshold = 0.0
   config.temperature = 0.0
+  # Continuous batching's persistent state: slots x capacity (the longest prompt + new tokens a
+  # request may bring); num_slots 0 skips it.
+  config.slots = ml_collections.ConfigDict(dict(num_slots=16, capacity=4096))
   # Compute and parameter dtype for decoding (the train step keeps float32 parameters).
   config.dtype = 'bfloat16'
   # The draft's train step (batch_size 0 skips it).

@@ -6,9 +6,11 @@ per-device memory and the cost of each decoding call.
 
 Lowers and compiles, without allocating a single weight, (1) the whole speculative decoding
 program (prefill with images, the while_loop of drafting and verification) for the target and
-draft presets, and (2) the draft's train step, on the mesh of the devices present (real TPU/GPU
+draft presets, (2) continuous batching's persistent state of `slots.num_slots` slots x
+`slots.capacity` positions and its chunk program (decoding/slots.py), and (3) the draft's train
+step, on the mesh of the devices present (real TPU/GPU
 devices, or fake CPU ones), then prints per-device parameter, KV cache and temporary bytes from the
-compiled programs' memory analysis and whether they fit `memory_per_device_gib`; then (3) the
+compiled programs' memory analysis and whether they fit `memory_per_device_gib`; then (4) the
 cost report of `mmspec_jax/plan_costs.py`: bytes, flops and temporaries of one target step, one
 verification and one draft step at `live_length`, against the ideal bytes, with the step times and
 speculative speedup they predict. Models run in the decoding layout of `config.layout`.
@@ -31,6 +33,8 @@ from ml_collections import config_flags
 from mmspec_jax import plan_costs, sharding
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.session import eos_token_ids
+from mmspec_jax.decoding.slots import SlotPrograms
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
@@ -48,7 +52,9 @@ def _bytes_per_device(structs) -> int:
   total = 0
   for leaf in jax.tree.leaves(structs):
     shard = leaf.sharding.shard_shape(leaf.shape)
-    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    itemsize = (8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)  # A threefry key.
+                else np.dtype(leaf.dtype).itemsize)
+    total += math.prod(shard) * itemsize
   return total
 
 
@@ -64,9 +70,9 @@ def _memory(compiled) -> dict[str, int]:
   return {name: int(getattr(analysis, name, 0) or 0) for name in fields}
 
 
-def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
-  """The whole decoding program, as decode.py compiles it: the draft placed by its own rules,
-  its cache sized to its own prompt (the language-only draft of LLaVA holds no image slots)."""
+def _models(config, mesh, rules, draft_rules, layout: Layout):
+  """(target config, draft config | None, their abstract placed params, the decoder) as decode.py
+  builds them: the target's EOS, the draft placed by its own rules."""
   target = with_dtype(presets.get(config.target), config.dtype)
   draft = with_dtype(presets.get(config.draft), config.dtype) if config.draft else None
   target_params = _abstract(target, mesh, rules, layout)
@@ -75,9 +81,25 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
   gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
   decoder = SpeculativeDecoder(build(target, layout), build(draft, layout) if draft else None,
                                gamma, SamplingConfig(temperature=config.temperature),
-                               config.max_new_tokens, (2,), draft_rules=draft_rules,
-                               draft_tree=tree, confidence_threshold=(
+                               config.max_new_tokens, eos_token_ids(target, None),
+                               draft_rules=draft_rules, draft_tree=tree, confidence_threshold=(
                                    config.get('confidence_threshold', 0.0) if draft else 0.0))
+  return target, draft, target_params, draft_params, decoder
+
+
+def _describe(config, decoder) -> str:
+  tree = decoder.draft_tree
+  return (f'{config.target} + {config.draft or "(none)"}, '
+          + (f'tree {tree}' if tree and not tree.is_chain else
+             f'gamma {decoder.num_draft_tokens}'))
+
+
+def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
+  """The whole decoding program, as decode.py's static batching compiles it: its cache sized to
+  the prompt (the language-only draft of LLaVA holds no image slots)."""
+  target, draft, target_params, draft_params, decoder = _models(config, mesh, rules, draft_rules,
+                                                                layout)
+  tree = decoder.draft_tree
   image_shape, prompt = None, [0] * config.prompt_length
   if isinstance(target, LlavaConfig):
     image_shape = (target.vision.image_size, target.vision.image_size, 3)
@@ -86,8 +108,9 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
   inputs = placement.input_structs(config.batch_size, config.prompt_length, image_shape, mesh,
                                    rules)
   start = time.time()
+  keys = placement.keys_struct(config.batch_size, mesh, rules)
   with placement.mesh_context(mesh, rules):
-    compiled = decoder.generate.lower(target_params, draft_params, *inputs, jax.random.key(0),
+    compiled = decoder.generate.lower(target_params, draft_params, *inputs, keys,
                                       draft_prompt_length=draft_prompt_length).compile()
   new_positions = config.max_new_tokens + decoder.num_draft_nodes + 1
   cache_length = config.prompt_length + new_positions
@@ -102,9 +125,8 @@ def plan_decoding(config, mesh, rules, draft_rules, layout: Layout) -> dict:
     cache_structs.append(sharding.placed_structs(cache, sharding.tree_shardings(
         cache, KVCache.logical_axes(layout.cache_heads_first), mesh, model_rules)))
   return {
-      'program': f'speculative decoding {config.target} + {config.draft or "(none)"}, batch '
-                 f'{config.batch_size}, ' + (f'tree {tree}' if tree else f'gamma {gamma}')
-                 + f', {cache_length} positions'
+      'program': f'speculative decoding {_describe(config, decoder)}, batch '
+                 f'{config.batch_size}, {cache_length} positions'
                  + (f' (draft {caches[1][1]})' if draft else '') + f', layers {layout.layers}',
       'compile_seconds': round(time.time() - start, 1),
       'parameter_bytes': _bytes_per_device([target_params, draft_params]),
@@ -142,6 +164,30 @@ def plan_training(config, mesh, rules) -> dict:
       **_memory(compiled)}
 
 
+def plan_slots(config, mesh, rules, draft_rules, layout: Layout) -> dict:
+  """Continuous batching's persistent decode state (both caches of every slot, the tokens and
+  counters) and its chunk program, which updates the state in place (donated)."""
+  _, _, target_params, draft_params, decoder = _models(config, mesh, rules, draft_rules, layout)
+  slots = config.slots
+  programs = SlotPrograms(decoder, slots.num_slots, slots.capacity)
+  start = time.time()
+  with placement.mesh_context(mesh, rules):
+    shardings = programs.init.lower().compile().output_shardings
+    state = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                         jax.eval_shape(programs.init), shardings)
+    compiled = programs.generate_chunk.lower(target_params, draft_params, state,
+                                             np.int32(1)).compile()
+  caches = [c for c in (state.target_cache, state.draft_cache) if c is not None]
+  return {
+      'program': f'continuous batching {_describe(config, decoder)}, {slots.num_slots} slots x '
+                 f'{slots.capacity} positions ({programs.cache_length} cached), one chunk',
+      'compile_seconds': round(time.time() - start, 1),
+      'parameter_bytes': _bytes_per_device([target_params, draft_params]),
+      'state_bytes': _bytes_per_device(state),
+      'kv_cache_bytes': _bytes_per_device(caches),
+      **_memory(compiled)}
+
+
 def _peak(report: dict) -> int:
   return (report['argument_size_in_bytes'] + report['output_size_in_bytes']
           + report['temp_size_in_bytes'] - report['alias_size_in_bytes'])
@@ -157,6 +203,8 @@ def run(config) -> list[dict]:
   print(f'{len(jax.devices())} {jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, '
         f'{config.dtype}, {layout}', flush=True)
   reports = [plan_decoding(config, mesh, rules, draft_rules, layout)]
+  if config.slots.num_slots:
+    reports.append(plan_slots(config, mesh, rules, draft_rules, layout))
   if config.draft and config.train.batch_size:
     reports.append(plan_training(config, mesh, rules))
   for report in reports:

@@ -13,7 +13,9 @@ from mmspec_jax.models import presets
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.target=tiny_llava', '--config.draft=tiny_llama', '--config.prompt_length=64',
          '--config.max_new_tokens=64', '--config.train.batch_size=8', '--config.train.seq_len=64',
-         '--config.dtype=float32', '--config.memory_per_device_gib=0.5', '--config.live_length=96']
+         '--config.dtype=float32', '--config.memory_per_device_gib=0.5', '--config.live_length=96',
+         # 6 slots: a number the 8-device data axis does not divide.
+         '--config.slots.num_slots=6', '--config.slots.capacity=192']
 
 
 def _plan(tmp_path, name, *flags):
@@ -40,13 +42,18 @@ def plans(tmp_path_factory):
 def test_reports_decoding_and_training_memory(plans):
   stdout, reports = plans[1]
   assert '8 cpu devices' in stdout and 'GiB per device' in stdout
-  decoding, training = reports
+  decoding, slots, training = reports
   assert decoding['program'].startswith('speculative decoding tiny_llava + tiny_llama')
+  assert slots['program'].startswith('continuous batching tiny_llava + tiny_llama, gamma 5, '
+                                     '6 slots x 192 positions')
   assert training['program'].startswith('train step tiny_llama')
   for report in reports:
     assert report['parameter_bytes'] > 0 and report['temp_size_in_bytes'] > 0
     assert report['fits']
   assert decoding['kv_cache_bytes'] > 0 and training['optimizer_bytes'] > 0
+  # The persistent state is mostly its caches, and the chunk program updates it in place.
+  assert 0.5 * slots['state_bytes'] < slots['kv_cache_bytes'] < slots['state_bytes']
+  assert slots['alias_size_in_bytes'] >= slots['kv_cache_bytes']
 
 
 def test_tensor_parallelism_divides_parameter_bytes(plans):
@@ -55,7 +62,9 @@ def test_tensor_parallelism_divides_parameter_bytes(plans):
   target = lambda report: report['parameter_bytes'] - report['draft_parameter_bytes']
   assert target(sharded[0]) < 0.5 * target(replicated[0])
   assert sharded[0]['draft_parameter_bytes'] == replicated[0]['draft_parameter_bytes'] > 0
-  assert sharded[1]['optimizer_bytes'] < 0.5 * replicated[1]['optimizer_bytes']
+  assert sharded[2]['optimizer_bytes'] < 0.5 * replicated[2]['optimizer_bytes']
+  # The slots' caches: 6 slots do not divide data=8 (replicated there); data=2 halves them.
+  assert sharded[1]['kv_cache_bytes'] <= 0.5 * replicated[1]['kv_cache_bytes']
 
 
 def _ideal(model, rows: int, tokens: int, live: int) -> int:
