@@ -176,7 +176,7 @@ def plan_slots(config, mesh, rules, draft_rules, layout: Layout) -> dict:
     state = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
                          jax.eval_shape(programs.init), shardings)
     compiled = programs.generate_chunk.lower(target_params, draft_params, state,
-                                             np.int32(1)).compile()
+                                             np.int32(1), np.bool_(True)).compile()
   caches = [c for c in (state.target_cache, state.draft_cache) if c is not None]
   return {
       'program': f'continuous batching {_describe(config, decoder)}, {slots.num_slots} slots x '

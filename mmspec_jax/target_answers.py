@@ -3,22 +3,37 @@ the LLaVA JSON format the builders read, for distilling a draft toward what the 
 
   python -m mmspec_jax.target_answers --target=runs/target/export \
       --json_files=train_all.json --image_folder=images --out=answers/train_all.json \
-      [--sampling=greedy|sample --seed=0 --max_new_tokens=128 --batch_size=16 --draft=DIR]
+      [--sampling=greedy|sample --seed=0 --max_new_tokens=128 --batch_size=16 --draft=DIR
+       --slot_capacity=N]
 
 Every human turn of every record is answered by the target, turn after turn: the prompt of turn
 t holds the record's image, its questions and the target's own answers to turns before t (the
 conversation it would have had). The output keeps each record's id, image and questions and
 replaces the assistant turns by the target's answers.
 
-It runs on decode.py's engine through one DecodeSession: batched, sharded over the mesh (and over
-several processes with --multihost, every process running the same command; process 0 writes). With --draft the
-target's answers come from speculative decoding, which leaves them unchanged (greedy: the same
+It runs on decode.py's engine through one DecodeSession and one continuous-batching scheduler
+(decoding/scheduler.py), sharded over the mesh (and over several processes with --multihost, every
+process running the same command and so making the same submissions; process 0 writes). Every
+record's first unanswered turn is submitted at the start; when a turn's answer arrives, the
+record's next turn (whose prompt holds that answer) is submitted at once, so it decodes beside the
+other records' turns instead of waiting for every record to finish the turn before. With --draft
+the target's answers come from speculative decoding, which leaves them unchanged (greedy: the same
 tokens; sampled: the same distribution) and faster. Greedy answers are the target's argmax;
-sampled ones (temperature 1) use each turn's own key, fold_in(key(seed), hash(id, turn)).
+sampled ones (temperature 1) use each turn's own key, fold_in(key(seed), hash(id, turn)), so an
+answer does not depend on which slot or chunk it was decoded in.
 
-Progress: each answered batch is appended to OUT.partial.jsonl at once, and a rerun skips every
-(record, turn) already there, so an interrupted stage loses at most one batch. OUT appears (by an
-atomic rename) only when every turn is answered; the partial file is then removed.
+Slot capacity (prompt + new tokens a slot holds): a later turn's prompt holds answers not given
+yet, and an answer's length in tokens is not bounded by max_new_tokens (it is decoded to text,
+stripped and encoded again inside the conversation). So while any record has a turn after its
+first unanswered one, the slots hold the target's max_position_embeddings, which no prompt that
+inputs.check_ids accepts can exceed; otherwise every prompt is known, and they hold the longest
+plus max_new_tokens. --slot_capacity sets a smaller one (the caches hold batch_size x capacity
+positions); a later turn it cannot hold is then refused by record and turn.
+
+Progress: the answers that arrive in each chunk are appended to OUT.partial.jsonl at once, and a
+rerun skips every (record, turn) already there, so an interrupted stage loses at most one chunk.
+OUT appears (by an atomic rename) only when every turn is answered; the partial file is then
+removed.
 """
 
 from __future__ import annotations
@@ -41,10 +56,9 @@ from mmspec_jax.decoding import inputs
 from mmspec_jax.decoding.runner import atomic_writer
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
-from mmspec_jax.models import LlavaConfig
+from mmspec_jax.models import LlavaConfig, text_config
 
 SAMPLINGS = {'greedy': SamplingConfig(temperature=0.0), 'sample': SamplingConfig(temperature=1.0)}
-LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
 def read_records(json_files: Sequence[str]) -> list[dict[str, Any]]:
@@ -82,6 +96,16 @@ def _turn_id(record_id: Any, turn: int) -> str:
   return json.dumps([record_id, turn])
 
 
+def _where(record: dict[str, Any], turn: int) -> str:
+  return f'record {record["id"]!r} turn {turn}'
+
+
+def _next_turn(record: dict[str, Any], turn: int, answers: dict[str, str]) -> int | None:
+  """The record's first turn from `turn` on that has no answer yet (None: none is left)."""
+  return next((t for t in range(turn, len(record['questions']))
+               if _turn_id(record['id'], t) not in answers), None)
+
+
 def read_partial(path: str) -> dict[str, str]:
   """{turn id: answer} of a previous, interrupted run (empty if none); a torn last line (the
   run died while writing it) is dropped."""
@@ -102,12 +126,17 @@ class TargetAnswers:
 
   def __init__(self, session: DecodeSession, *, draft: str | None = None, gamma: int = 5,
                sampling: str = 'greedy', seed: int = 0, max_new_tokens: int = 128,
-               batch_size: int = 16):
+               batch_size: int = 16, slot_capacity: int = 0):
+    """batch_size: the scheduler's slots; slot_capacity: 0 for the module docstring's rule."""
     if sampling not in SAMPLINGS:
       raise ValueError(f'sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}')
+    if slot_capacity < 0:
+      raise ValueError(f'slot_capacity must be >= 0 (0: what the prompts can need), got '
+                       f'{slot_capacity}')
     self.session, self.draft, self.gamma = session, draft, gamma if draft else 0
     self.sampling, self.seed = sampling, seed
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    self.slot_capacity = slot_capacity
     target = session.target_config
     image_mode = 'expand' if isinstance(target, LlavaConfig) else 'drop'
     self.encoder = ConversationEncoder(
@@ -128,11 +157,19 @@ class TargetAnswers:
       image = os.path.join(image_folder, record['image'])
       if not os.path.isfile(image):
         raise ValueError(f'record {record["id"]!r}: image not found: {image}')
-    where = f'record {record["id"]!r} turn {turn}'
-    inputs.check_ids(ids.tolist(), where, image is not None, self.session.target_config,
-                     self.max_new_tokens, self.gamma,
+    inputs.check_ids(ids.tolist(), _where(record, turn), image is not None,
+                     self.session.target_config, self.max_new_tokens, self.gamma,
                      tuple(self.session.draft_configs.values()))
     return inputs.Request(_turn_id(record['id'], turn), turn + 1, tuple(ids.tolist()), image)
+
+  def _capacity(self, first: Sequence[inputs.Request], later_turns: bool) -> int:
+    """The slots' capacity (module docstring): `first` are the turns known now; `later_turns`
+    whether any turn after them is still to be asked."""
+    if self.slot_capacity:
+      return self.slot_capacity
+    if later_turns:
+      return text_config(self.session.target_config).max_position_embeddings
+    return max(len(r.token_ids) for r in first) + self.max_new_tokens
 
   def run(self, json_files: Sequence[str], image_folder: str, out: str) -> dict[str, Any]:
     """Answers every turn of every record of `json_files` into `out`; returns counts."""
@@ -144,36 +181,12 @@ class TargetAnswers:
     total = sum(len(r['questions']) for r in records)
     progress = tqdm.tqdm(total=total, initial=resumed, unit='answer', file=sys.stderr,
                          desc='target answers', disable=not primary)
-    key = jax.random.key(self.seed)
+    # Each record's first unanswered turn: the turns whose prompts are known now (_answer checks
+    # them all before anything is loaded or compiled).
+    first = [(r, t) for r in records if (t := _next_turn(r, 0, answers)) is not None]
     with progress:
-      for turn in range(max(len(r['questions']) for r in records)):
-        pending = [r for r in records if len(r['questions']) > turn
-                   and _turn_id(r['id'], turn) not in answers]
-        if not pending:
-          continue
-        requests = [self._request(r, turn, answers, image_folder) for r in pending]
-        self.session.check_images(requests)
-        decoder = self.session.decoder(
-            self.draft, num_draft_tokens=self.gamma, sampling=SAMPLINGS[self.sampling],
-            max_new_tokens=self.max_new_tokens, requests=requests)
-        batches = inputs.make_batches(requests, self.batch_size, LENGTH_BUCKETS)
-        self.session.compile(decoder, batches)
-        for batch in batches:
-          result, _ = self.session.decode(decoder, batch, key)
-          lines = []
-          for request, row, count in zip(batch.requests[:batch.num_real], result.tokens,
-                                         result.num_generated):
-            record_id, _ = json.loads(request.id)
-            answer = self.session.processor.decode(row[:count].tolist()).strip()
-            answers[request.id] = answer
-            lines.append(json.dumps({'id': record_id, 'turn': turn, 'answer': answer},
-                                    ensure_ascii=False) + '\n')
-          if primary:
-            with open(partial_path, 'a', encoding='utf-8') as f:
-              f.writelines(lines)
-              f.flush()
-              os.fsync(f.fileno())
-          progress.update(batch.num_real)
+      if first:
+        self._answer(first, answers, image_folder, partial_path if primary else None, progress)
     if primary:
       with atomic_writer(out) as f:
         json.dump([self._answered(r, answers) for r in records], f, ensure_ascii=False,
@@ -181,6 +194,55 @@ class TargetAnswers:
       os.unlink(partial_path)
     distributed.barrier('target answers written')
     return {'records': len(records), 'answers': total, 'resumed': resumed}
+
+  def _answer(self, first: Sequence[tuple[dict[str, Any], int]], answers: dict[str, str],
+              image_folder: str, partial_path: str | None, progress: tqdm.tqdm):
+    """Answers the (record, turn)s of `first` and every turn after them through one scheduler,
+    into `answers` and (on the primary process) `partial_path`."""
+    requests = [self._request(record, turn, answers, image_folder) for record, turn in first]
+    self.session.check_images(requests)
+    # Later turns share their record's image: the first turns tell whether any request has one.
+    decoder = self.session.decoder(
+        self.draft, num_draft_tokens=self.gamma, sampling=SAMPLINGS[self.sampling],
+        max_new_tokens=self.max_new_tokens, requests=requests)
+    later_turns = any(_next_turn(record, turn + 1, answers) is not None
+                      for record, turn in first)
+    scheduler = self.session.scheduler(
+        decoder, num_slots=self.batch_size, capacity=self._capacity(requests, later_turns),
+        key=jax.random.key(self.seed))
+    asked = {}  # handle -> (record, turn)
+
+    def submit(record, turn, request):
+      try:
+        handle = scheduler.submit(request, self.max_new_tokens)
+      except ValueError as e:
+        raise ValueError(f'{_where(record, turn)}: {e} (pass a larger --slot_capacity, up to '
+                         'the target\'s max_position_embeddings)') from e
+      asked[handle] = record, turn
+
+    for (record, turn), request in zip(first, requests):
+      submit(record, turn, request)
+    # The first turns' prefill lengths now; a later turn's compiles when first needed.
+    scheduler.compile([scheduler.bucket(r) for r in requests])
+    while not scheduler.idle:
+      done = [asked.pop(e.handle) + (e.finished,) for e in scheduler.step() if e.finished]
+      lines = []
+      for record, turn, finished in done:
+        answer = self.session.processor.decode(finished.token_ids).strip()
+        answers[_turn_id(record['id'], turn)] = answer
+        lines.append(json.dumps({'id': record['id'], 'turn': turn, 'answer': answer},
+                                ensure_ascii=False) + '\n')
+      if partial_path is not None and lines:
+        with open(partial_path, 'a', encoding='utf-8') as f:
+          f.writelines(lines)
+          f.flush()
+          os.fsync(f.fileno())
+      progress.update(len(lines))
+      # Written first: a later turn refused here leaves every answer that arrived on disk.
+      for record, turn, _ in done:
+        later = _next_turn(record, turn + 1, answers)
+        if later is not None:
+          submit(record, later, self._request(record, later, answers, image_folder))
 
   @staticmethod
   def _answered(record: dict[str, Any], answers: dict[str, str]) -> dict[str, Any]:
@@ -203,7 +265,9 @@ def main(argv=None):
   parser.add_argument('--sampling', default='greedy', choices=sorted(SAMPLINGS))
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--max_new_tokens', type=int, default=128)
-  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--batch_size', type=int, default=16, help='decode slots')
+  parser.add_argument('--slot_capacity', type=int, default=0,
+                      help='prompt + new tokens a slot holds (0: what the prompts can need)')
   parser.add_argument('--dtype', default='float32')
   # Several processes, as train.py's and decode.py's --config.multihost / --config.distributed.*.
   parser.add_argument('--multihost', action='store_true')
@@ -225,6 +289,7 @@ def main(argv=None):
   counts = TargetAnswers(
       session, draft='draft' if args.draft else None, gamma=args.gamma, sampling=args.sampling,
       seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+      slot_capacity=args.slot_capacity,
   ).run(args.json_files.split(','), args.image_folder, args.out)
   print(f'{args.out}: {counts["answers"]} answers to {counts["records"]} records '
         f'({counts["resumed"]} from a previous run)')

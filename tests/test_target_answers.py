@@ -1,5 +1,6 @@
 """The data stage that asks the target (mmspec_jax/target_answers.py): LLaVA JSON the builders read,
-every turn answered, speculative answers equal to the target's own, resumable, seeded sampling."""
+every turn answered, a record's next turn decoded beside the others' as soon as its answer
+arrives, speculative answers equal to the target's own, resumable, seeded sampling."""
 
 import json
 import os
@@ -10,6 +11,7 @@ from PIL import Image
 
 from mmspec_jax.data import builders
 from mmspec_jax.data.pipeline import make_iterator
+from mmspec_jax.decoding.scheduler import Scheduler
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.processing import MultimodalProcessor
 from mmspec_jax.target_answers import TargetAnswers, read_records
@@ -64,8 +66,31 @@ def _run(world, name, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def greedy(world):
-  return _run(world, 'greedy')
+def recorded(world):
+  """The greedy run, and what its scheduler was given and gave back, in order: ('submit', turn
+  id, prompt ids), ('chunk',) as a chunk starts, ('finish', turn id) after it."""
+  timeline = []
+  submit, step = Scheduler.submit, Scheduler.step
+
+  def recording_submit(self, request, max_new_tokens=None):
+    timeline.append(('submit', request.id, request.token_ids))
+    return submit(self, request, max_new_tokens)
+
+  def recording_step(self):
+    timeline.append(('chunk',))
+    events = step(self)
+    timeline.extend(('finish', e.finished.request.id) for e in events if e.finished)
+    return events
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(Scheduler, 'submit', recording_submit)
+    patch.setattr(Scheduler, 'step', recording_step)
+    return _run(world, 'greedy'), timeline
+
+
+@pytest.fixture(scope='module')
+def greedy(recorded):
+  return recorded[0]
 
 
 def test_every_turn_is_answered_and_the_rest_kept(greedy):
@@ -82,6 +107,29 @@ def test_every_turn_is_answered_and_the_rest_kept(greedy):
     assert all(isinstance(t['value'], str) for t in turns[1::2])
   assert any(t['value'] != o['value'] for r, o in zip(answered, originals)
              for t, o in zip(r['conversations'][1::2], o['conversations'][1::2]))
+
+
+def test_a_later_turn_enters_with_its_answer_while_others_decode(world, recorded):
+  (answered, _, _), timeline = recorded
+  turn_of = lambda entry: tuple(json.loads(entry[1]))
+  submitted = {turn_of(e): (i, e[2]) for i, e in enumerate(timeline) if e[0] == 'submit'}
+  finished = {turn_of(e): i for i, e in enumerate(timeline) if e[0] == 'finish'}
+  assert sorted(submitted) == sorted(finished) == sorted(
+      (r['id'], t) for r in answered for t in range(len(r['conversations']) // 2))
+  # Every record's turn 0 first, in record order.
+  assert [turn_of(e) for e in timeline[:5]] == [(r['id'], 0) for r in _records()]
+  encoder = TargetAnswers(world['session']).encoder
+  for record in answered:
+    turns = record['conversations']
+    for turn in range(1, len(turns) // 2):
+      index, prompt = submitted[record['id'], turn]
+      # Submitted as soon as the answer before it arrived, before the next chunk.
+      previous = finished[record['id'], turn - 1]
+      assert previous < index and ('chunk',) not in timeline[previous:index]
+      # Its prompt holds the conversation so far: the questions and the target's answers.
+      assert prompt == tuple(encoder(turns[:2 * turn + 1])[0].tolist())
+  # Record 'a' asks its second question while others' first ones are still decoding.
+  assert any(finished[r['id'], 0] > submitted['a', 1][0] for r in answered)
 
 
 def test_speculative_answers_equal_the_target_alone(world, greedy):
@@ -105,7 +153,7 @@ def test_the_builders_read_the_answers(world, greedy):
 def test_an_interrupted_stage_resumes_where_it_stopped(world, greedy):
   answered, _, _ = greedy
   out = str(world['root'] / 'resumed.json')
-  # What an interrupted run leaves: the first batch of turn 0 written, then a torn line.
+  # What an interrupted run leaves: the first answers of turn 0 written, then a torn line.
   first = [{'id': r['id'], 'turn': 0, 'answer': r['conversations'][1]['value']}
            for r in answered[:2]]
   with open(out + '.partial.jsonl', 'w', encoding='utf-8') as f:
@@ -114,6 +162,25 @@ def test_an_interrupted_stage_resumes_where_it_stopped(world, greedy):
   resumed, counts, _ = _run(world, 'resumed')
   assert counts['resumed'] == 2 and resumed == answered
   assert not os.path.exists(out + '.partial.jsonl')
+
+
+def test_a_later_turn_the_slots_cannot_hold_is_refused_by_name(world, recorded):
+  (answered, _, _), timeline = recorded
+  out = str(world['root'] / 'small.json')
+  # Slots that hold the longest first turn (record a's) but not a's turn 1, its answer added.
+  capacity = MAX_NEW_TOKENS + max(len(e[2]) for e in timeline
+                                  if e[0] == 'submit' and json.loads(e[1])[1] == 0)
+  with pytest.raises(ValueError, match=rf"record 'a' turn 1: .* exceeds the slot capacity "
+                                       rf'{capacity} \(pass a larger --slot_capacity'):
+    TargetAnswers(world['session'], max_new_tokens=MAX_NEW_TOKENS, batch_size=2,
+                  slot_capacity=capacity).run([world['json']], world['images'], out)
+  # The answers that arrived before it are kept for a rerun.
+  with open(out + '.partial.jsonl', encoding='utf-8') as f:
+    kept = [json.loads(line) for line in f]
+  assert kept and {(row['id'], row['turn']) for row in kept} >= {('a', 0)}
+  by_id = {r['id']: r for r in answered}
+  assert all(row['answer'] == by_id[row['id']]['conversations'][2 * row['turn'] + 1]['value']
+             for row in kept)
 
 
 def test_sampled_answers_follow_the_seed(world, greedy):

@@ -5,12 +5,14 @@ Two workloads on the demo pair, 8 slots, autoregressive and speculative (a chain
     at most 160), EOS off, so the budgets alone make rows ragged;
   eos: the world's held-out prompts with their real EOS (budget 64 each).
 Static batching is the same scheduler with `refill=False`: a batch of 8 enters when every slot is
-free and runs until its slowest row ends. Continuous batching refills a slot at the first chunk
-boundary after its row ends. Figures: tokens/s (wall time from the first admission to the last
-token, compilation excluded, after one warm-up pass), slot utilization (active row-steps /
-slot-steps), time to first token and time per output token, and whether every request's tokens are
-identical across the two. The speculative ragged case is also run at several `chunk_steps`: short
-chunks refill sooner but pay a host round trip each.
+free and runs until its slowest row ends. Continuous batching refills a slot right after the step
+in which its row ends (a chunk ends early then, while requests wait). Figures: tokens/s (wall time
+from the first admission to the last token, compilation excluded, after one warm-up pass), slot
+utilization (active row-steps / slot-steps) overall, while requests waited, and the ideal for the
+workload (first come first served, refilled instantly: the longest requests' tail leaves slots
+empty at the end whatever the scheduler does), time to first token and time per output token,
+and whether every request's tokens are identical across the two. The speculative ragged case is
+also run at several `chunk_steps`: long chunks pay fewer host round trips.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def ragged_budgets(num: int, seed: int = 0) -> list[int]:
   return [int(b) for b in np.clip(np.ceil(draws), 1, MAX_BUDGET)]
 
 
+def ideal_utilization(steps: list[int], num_slots: int) -> float:
+  """The utilization of first-come-first-served slots refilled the instant a row ends, for
+  requests taking `steps` steps each (in submission order): the bound a workload's own tail sets
+  (slots empty at the end while the longest requests finish)."""
+  loads = [0] * num_slots
+  for count in steps:
+    loads[loads.index(min(loads))] += count
+  return sum(steps) / (num_slots * max(loads)) if max(loads) else 1.0
+
+
 def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity: int):
   """Decodes `work` ((request, budget) pairs) twice (warm-up, then timed): figures and tokens."""
   scheduler = session.scheduler(
@@ -47,7 +59,7 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
   compile_seconds = scheduler.compile([scheduler.bucket(r) for r, _ in work])
   for _ in scheduler.run(work):  # Warm-up: first runs of a program are slower.
     pass
-  scheduler.slot_steps = scheduler.active_row_steps = 0
+  scheduler.reset_counters()
   finished = {}
   start = time.perf_counter()
   handles = [scheduler.submit(r, b) for r, b in work]
@@ -63,6 +75,8 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
   return {
       'tokens_per_second': new_tokens / seconds, 'seconds': seconds, 'new_tokens': new_tokens,
       'slot_utilization': scheduler.utilization, 'chunks': scheduler.chunks,
+      'utilization_while_waiting': scheduler.utilization_while_waiting,
+      'ideal_utilization': ideal_utilization([f.num_target_calls - 1 for f in done], NUM_SLOTS),
       'requests_per_second': len(done) / seconds, 'compile_seconds': compile_seconds,
       'tau': stats.block_efficiency if decoder.num_draft_tokens else None, **latency,
   }, [f.token_ids for f in done]
@@ -109,16 +123,26 @@ def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
 def markdown(section: dict) -> list[str]:
   """The section's tables."""
   lines = ['| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
-           '(static / continuous) | TTFT p50 / p99 s (continuous) | TPOT p50 s | identical |',
+           'static / continuous (ideal; while waiting) | TTFT p50 / p99 s (continuous) | '
+           'TPOT p50 s | identical |',
            '|---|---|---|---|---|---|---|---|']
   for name, cell in section.items():
     s, c = cell['static'], cell['continuous']
     ttft, tpot = c['time_to_first_token'] or {}, c['per_token_latency'] or {}
     lines.append(
         f'| {name} | {s["tokens_per_second"]:.0f} | {c["tokens_per_second"]:.0f} | '
-        f'{cell["speedup"]:.2f}x | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} | '
+        f'{cell["speedup"]:.2f}x | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} '
+        f'({c["ideal_utilization"]:.0%}; {c["utilization_while_waiting"] or 0:.0%}) | '
         f'{ttft.get("p50", 0):.3f} / {ttft.get("p99", 0):.3f} | {tpot.get("p50", 0):.4f} | '
         f'{cell["tokens_identical"]} |')
+  for name, cell in section.items():
+    if name.startswith('ragged'):
+      c = cell['continuous']
+      lines += ['', f'{name}: continuous over static tokens/s {cell["speedup"]:.2f}x (goal >= '
+                f'1.8: {"met" if cell["speedup"] >= 1.8 else "not met"}); slot utilization '
+                f'{c["slot_utilization"]:.0%} (goal >= 90%: '
+                f'{"met" if c["slot_utilization"] >= 0.9 else "not met"}; this workload\'s '
+                f'ideal {c["ideal_utilization"]:.0%})']
   for name, cell in section.items():
     if 'chunk_steps' in cell:
       lines += ['', f'chunk_steps ({name}): ' + ', '.join(

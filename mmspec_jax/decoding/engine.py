@@ -428,13 +428,19 @@ class SpeculativeDecoder:
         max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), row_sampling=row_sampling)
 
   def run_steps(self, target_params, draft_params, state: DecodeState,
-                max_steps: jax.Array | None = None) -> DecodeState:
-    """Steps until every row is done, or `max_steps` (int32[]) steps have run (traced)."""
-    start = state.step
+                max_steps: jax.Array | None = None,
+                stop_at_finish: jax.Array | None = None) -> DecodeState:
+    """Steps until every row is done, or `max_steps` (int32[]) steps have run, or (when
+    `stop_at_finish`, bool[], holds) after the step in which a row finished (traced)."""
+    start, done_at_start = state.step, state.done
 
     def running(s):
       going = jnp.any(~s.done)
-      return going if max_steps is None else going & (s.step - start < max_steps)
+      if max_steps is not None:
+        going = going & (s.step - start < max_steps)
+      if stop_at_finish is not None:
+        going = going & ~(stop_at_finish & jnp.any(s.done & ~done_at_start))
+      return going
 
     return jax.lax.while_loop(
         running, functools.partial(self._step, target_params, draft_params), state)

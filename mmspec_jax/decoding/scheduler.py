@@ -111,12 +111,16 @@ class Scheduler:
     self._compiled_prefill: dict[int, Any] = {}
     self._compiled_chunk = None
     self._compiled_release = None
-    # Slot-steps: chunks x slots, and the active row-steps among them (utilization).
-    self.slot_steps = 0
-    self.active_row_steps = 0
-    self.chunks = 0
+    self.reset_counters()
     self._last_step = 0
     self._view = None
+
+  def reset_counters(self):
+    """Slot-steps (chunks x slots) and the active row-steps among them (utilization), overall
+    and while requests waited; chunks run."""
+    self.slot_steps = self.slot_steps_while_waiting = 0
+    self.active_row_steps = self.active_row_steps_while_waiting = 0
+    self.chunks = 0
 
   # --- requests ------------------------------------------------------------------------------
   def check(self, request: inputs.Request, max_new_tokens: int):
@@ -168,6 +172,14 @@ class Scheduler:
     return self.active_row_steps / self.slot_steps if self.slot_steps else None
 
   @property
+  def utilization_while_waiting(self) -> float | None:
+    """Utilization over the chunks run while requests waited for a slot: what refilling
+    controls (the rest is the workload's end, when slots empty and nothing waits)."""
+    if not self.slot_steps_while_waiting:
+      return None
+    return self.active_row_steps_while_waiting / self.slot_steps_while_waiting
+
+  @property
   def idle(self) -> bool:
     return not self._waiting and not self._active
 
@@ -202,7 +214,7 @@ class Scheduler:
     if self._compiled_chunk is None:
       with placement.mesh_context(self.session.mesh, self.session.rules):
         self._compiled_chunk = self.programs.generate_chunk.lower(
-            *self._params(), self.state, np.int32(self.chunk_steps)).compile()
+            *self._params(), self.state, np.int32(self.chunk_steps), np.bool_(True)).compile()
         width = self.prefill_width
         rows = placement.input_structs(width, 1, None, self.session.mesh, self.session.rules)[1]
         self._compiled_release = self.programs.release.lower(self.state, rows).compile()
@@ -289,7 +301,9 @@ class Scheduler:
     if not self._active:
       return events
     program = self._chunk_program()
-    state = program(*self._params(), self.state, np.int32(self.chunk_steps))
+    # Requests wait for a slot: end the chunk when a row finishes, so its slot refills at once.
+    waiting = self.refill and bool(self._waiting)
+    state = program(*self._params(), self.state, np.int32(self.chunk_steps), np.bool_(waiting))
     self._state = state
     view = distributed.fetch({'tokens': state.tokens, 'num_generated': state.num_generated,
                               'done': state.done, 'step': state.step,
@@ -300,12 +314,16 @@ class Scheduler:
     self._last_step = int(view['step'])
     self.chunks += 1
     self.slot_steps += steps * self.programs.num_slots
+    if waiting:
+      self.slot_steps_while_waiting += steps * self.programs.num_slots
     self._view = view
     stopped = []
     for slot in sorted(self._active):
       active = self._active[slot]
       calls = int(view['num_target_calls'][slot])
       self.active_row_steps += calls - active.calls_seen
+      if waiting:
+        self.active_row_steps_while_waiting += calls - active.calls_seen
       active.calls_seen = calls
       generated = int(view['num_generated'][slot])
       if active.request.stop:

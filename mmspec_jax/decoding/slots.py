@@ -11,8 +11,9 @@ Three compiled programs work on it (JetStream's prefill -> insert -> generate):
     P-row prefill (slot index = RoPE position, so a row prefilled alone copies in unchanged), the
     first token sampled, the row's counters, budget and (per_request_sampling) sampling settings
     reset; a slot index of B drops a padding row;
-  `generate_chunk`: the engine's steps, at most `chunk_steps` of them or until no slot is active;
-    the state is donated, so the caches are updated in place.
+  `generate_chunk`: the engine's steps, at most `chunk_steps` of them or until no slot is active,
+    or (`stop_at_finish`: requests wait for a slot) until a row finishes, so that its slot is
+    refilled at once; the state is donated, so the caches are updated in place.
 A done row takes no tokens and grows no cache; a tree step drafts nothing for it. Which slots are
 free, waiting or finished is the host's business (decoding/scheduler.py), read between chunks from
 `tokens[b, previous:num_generated]` and `done`.
@@ -72,7 +73,8 @@ class SlotPrograms:
 
   @functools.cached_property
   def generate_chunk(self):
-    """(target_params, draft_params, state, chunk_steps int32[]) -> state."""
+    """(target_params, draft_params, state, chunk_steps int32[], stop_at_finish bool[])
+    -> state."""
     return jax.jit(self._generate_chunk, donate_argnums=(2,))
 
   @functools.cached_property
@@ -111,9 +113,10 @@ class SlotPrograms:
         self.cache_length, tokens.shape[1], self.cache_length, row_sampling)
     return _constrain(_insert(state, rows, jnp.asarray(slots, jnp.int32)))
 
-  def _generate_chunk(self, target_params, draft_params, state, chunk_steps):
+  def _generate_chunk(self, target_params, draft_params, state, chunk_steps, stop_at_finish):
     state = self.engine.run_steps(target_params, draft_params, state,
-                                  jnp.asarray(chunk_steps, jnp.int32))
+                                  jnp.asarray(chunk_steps, jnp.int32),
+                                  jnp.asarray(stop_at_finish, bool))
     return _constrain(state)
 
 

@@ -1,9 +1,11 @@
 """The paper's evaluation: block efficiency and MBSU per task x draft x gamma x sampling.
 
 One decoder is built per (draft, gamma or shape, sampling), plus the target alone (gamma 0,
-greedy) for its answer quality and a tokens/s baseline. Every prompt of every task is padded to one length
-and every batch to `batch_size` rows, so each decoder compiles exactly once per run; compile time
-is kept apart from decode time. The same decoder then runs every task, one cell per task.
+greedy) for its answer quality and a tokens/s baseline. Each decoder decodes through one
+continuous-batching scheduler (decoding/scheduler.py) of `batch_size` slots, a task's examples
+submitted together, each slot refilled as its example ends. Every prompt of every task is padded
+to one length, so each decoder compiles its programs exactly once per run; compile time is kept
+apart from decode time. The same scheduler then runs every task, one cell per task.
 
 Beside the chains of each gamma, `shapes` adds trees and adaptive lengths (decoding/tree.py's
 parse_shape: '3,2,1' a tree, '1,1,1,1,1@0.4' an adaptive chain); their cells carry `shape` (the
@@ -18,9 +20,9 @@ target-alone cells `quality` (the mean score) and `examples` (id, prediction, re
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.scheduler import Scheduler
 from mmspec_jax.decoding.session import DRAFT_KINDS, DecodeSession
 from mmspec_jax.decoding.tree import parse_shape, shape_label
 from mmspec_jax.evaluation import report, tasks as task_data
@@ -123,20 +126,25 @@ def _decoder_specs(drafts: Sequence[str], gammas: Sequence[int], samplings: Sequ
         yield name, tree.depth, sampling, tree, threshold
 
 
-def _decode_task(session: DecodeSession, decoder, batches: Sequence[inputs.Batch],
-                 draft_prompt_length: int | None, key: jax.Array):
-  """Runs one task's batches through the session.
+def _decode_task(scheduler: Scheduler, requests: Sequence[inputs.Request], max_new_tokens: int,
+                 key: jax.Array):
+  """Runs one task's requests through the scheduler, each drawing from inputs.request_keys under
+  `key`.
 
-  Returns (new tokens: list of int32[n_i] per real row, statistics.row_counts over the real rows,
-  decode seconds).
+  Returns (new tokens: a list of ints per request, in order; statistics.finished_counts over them;
+  the seconds from the first submission until the last request finished).
   """
-  tokens, counts, seconds = [], [], 0.0
-  for batch in batches:
-    result, batch_seconds = session.decode(decoder, batch, key, draft_prompt_length)
-    seconds += batch_seconds
-    counts.append(statistics.row_counts(result, batch.num_real))  # Padding rows do not count.
-    tokens += [row[:n] for row, n in zip(result.tokens, counts[-1][0])]
-  return tokens, statistics.concatenate_counts(counts), seconds
+  # Read when a request enters a slot: the scheduler is idle between tasks, so this task's
+  # requests, and only they, draw under this task's key.
+  scheduler.run_key = key
+  start = time.perf_counter()
+  finished = {}
+  for event in scheduler.run([(r, max_new_tokens) for r in requests]):
+    if event.finished is not None:
+      finished[event.handle] = event.finished
+  seconds = time.perf_counter() - start
+  done = [finished[handle] for handle in sorted(finished)]  # Handles grow with submission.
+  return [f.token_ids for f in done], statistics.finished_counts(done), seconds
 
 
 def _score(examples: Sequence[task_data.Example], tokens, processor: MultimodalProcessor,
@@ -224,8 +232,7 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
   requests = [e.request for task in tasks for e in examples[task]]
   session.check_images(requests)
   length = inputs.bucket_length(max(len(r.token_ids) for r in requests), LENGTH_BUCKETS)
-  batches = {task: inputs.make_batches([e.request for e in examples[task]], batch_size, (length,))
-             for task in tasks}
+  capacity = max(len(r.token_ids) for r in requests) + max_new_tokens
 
   # --- load every model once ---------------------------------------------------------------------
   parameters = session.parameter_counts()
@@ -247,18 +254,18 @@ def evaluate(target: str, drafts: Iterable[str] | Mapping[str, str], data_dir: s
     decoder = session.decoder(name, num_draft_tokens=gamma, sampling=SAMPLINGS[sampling],
                               max_new_tokens=max_new_tokens, requests=requests, draft_tree=tree,
                               confidence_threshold=threshold)
-    # One program for every task: the draft's prompt width covers all of their prompts.
-    draft_length = session.engine(decoder).draft_prompt_length(
-        [r.token_ids for r in requests], length)
-    all_batches = [batch for task in tasks for batch in batches[task]]
-    compile_seconds = session.compile(decoder, all_batches, draft_length)
-    decode = functools.partial(_decode_task, session, decoder, draft_prompt_length=draft_length)
+    # Every prefill padded to `length`: one prefill program and one chunk program for every task.
+    scheduler = session.scheduler(decoder, num_slots=batch_size, capacity=capacity,
+                                  buckets=(length,))
+    compile_seconds = scheduler.compile([length])
     # A compiled program's first run is several times slower (allocations, thread pools): one
     # warm-up batch, counted with the compile, keeps the first task's tokens/s comparable.
-    compile_seconds += decode(batches[tasks[0]][:1], key=base_key)[-1]
+    warm_up = [e.request for e in examples[tasks[0]][:batch_size]]
+    compile_seconds += _decode_task(scheduler, warm_up, max_new_tokens, base_key)[-1]
     for task_index, task in enumerate(tasks):
-      tokens, counts, seconds = decode(
-          batches[task], key=jax.random.fold_in(base_key, task_index))
+      tokens, counts, seconds = _decode_task(
+          scheduler, [e.request for e in examples[task]], max_new_tokens,
+          jax.random.fold_in(base_key, task_index))
       stats = statistics.summarize(
           *counts, num_draft_tokens=gamma, draft_tree=tree, confidence_threshold=threshold,
           draft_parameters=None if name is None else parameters[name],
