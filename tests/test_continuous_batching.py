@@ -156,6 +156,23 @@ def test_stop_sequences_end_a_request_and_free_its_slot(session):
   assert done[2].token_ids == full[2] and done[2].stopped_by is None  # The slot was reused.
 
 
+def test_a_chunk_ends_when_a_row_finishes_while_requests_wait(session):
+  """Two slots, long chunks: the step in which the first request ends also ends its chunk (a
+  third waits), so the third enters at once; with nothing waiting, chunks run their length."""
+  session, requests = session
+  decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
+                            max_new_tokens=MAX_NEW_TOKENS, requests=requests, eos_token_ids=())
+  scheduler = session.scheduler(decoder, num_slots=2, capacity=128, chunk_steps=50,
+                                prefill_width=2, key=RUN_KEY)
+  done = _run_all(scheduler, [(requests[0], 4), (requests[1], 12), (requests[2], 6)])
+  assert [f.num_generated for f in done] == [4, 12, 6]
+  # Steps (the first token comes from the prefill): 3 with both slots busy, then 8 more for the
+  # second while the third takes 5. Without the early end: 11 + 5 steps, 32 slot-steps.
+  assert scheduler.chunks == 2 and scheduler.slot_steps == 22
+  assert scheduler.active_row_steps == 3 + 11 + 5
+  assert scheduler.utilization_while_waiting == 1.0
+
+
 def test_cancel_frees_the_slot(session):
   session, requests = session
   decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
