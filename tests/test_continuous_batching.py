@@ -181,12 +181,16 @@ def test_cancel_frees_the_slot(session):
                                 prefill_width=1, key=RUN_KEY)
   first = scheduler.submit(requests[0], MAX_NEW_TOKENS)
   second = scheduler.submit(requests[1], 4)
-  events = scheduler.step()  # The first runs one step; the second waits for the only slot.
-  assert [e.handle for e in events] == [first] and scheduler.num_waiting == 1
+  third = scheduler.submit(requests[2], 4)
+  events = scheduler.step()  # The first runs one step; the others wait for the only slot.
+  assert [e.handle for e in events] == [first] and scheduler.num_waiting == 2
   scheduler.cancel(first)
+  scheduler.cancel(third)  # Still waiting: dropped, with a last event of its own.
   events = scheduler.step()
   cancelled = [e.finished for e in events if e.handle == first][0]
   assert cancelled.cancelled and 0 < cancelled.num_generated < MAX_NEW_TOKENS
+  dropped = [e.finished for e in events if e.handle == third][0]
+  assert dropped.cancelled and dropped.token_ids == [] and scheduler.num_waiting == 0
   rest = [e for e in scheduler.run()]
   finished = [e.finished for e in events + rest if e.finished and e.handle == second][0]
   assert finished.token_ids == _alone(session, decoder, requests[1])[:4]

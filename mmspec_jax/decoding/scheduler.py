@@ -155,7 +155,8 @@ class Scheduler:
     return handle
 
   def cancel(self, handle: int):
-    """Drops a waiting request now, or frees a running one's slot at the next chunk boundary."""
+    """Frees a running request's slot at the next chunk boundary, or drops a waiting one then;
+    either way its last event (Finished.cancelled) comes from that step."""
     self._cancelled.add(handle)
 
   @property
@@ -240,22 +241,29 @@ class Scheduler:
     return inputs.bucket_length(len(request.token_ids), self.buckets)
 
   # --- the loop --------------------------------------------------------------------------------
-  def _admit(self):
-    """Fills free slots from the head of the queue, one prefill per `prefill_width` rows."""
+  def _admit(self) -> list[Event]:
+    """Fills free slots from the head of the queue, one prefill per `prefill_width` rows;
+    returns the last events of the waiting requests that were cancelled."""
+    dropped = [entry for entry in self._waiting if entry[0] in self._cancelled]
+    if dropped:
+      self._waiting = collections.deque(e for e in self._waiting if e[0] not in self._cancelled)
+      self._cancelled.difference_update(entry[0] for entry in dropped)
+    now = time.perf_counter()
+    events = [Event(handle, [], Finished(
+        request, [], 0, np.zeros(self._counter_shape('accepted_by_position').shape, np.int64),
+        np.zeros(self._counter_shape('reached_by_position').shape, np.int64), 0, True,
+        submitted, None, now, [])) for handle, request, _, submitted in dropped]
     free = [s for s in range(self.programs.num_slots) if s not in self._active]
     if not self.refill and self._active:
-      return  # Closed batches: the next enters when every slot is free.
+      return events  # Closed batches: the next enters when every slot is free.
     admitted = []
     while self._waiting and len(admitted) < len(free):
-      handle, request, budget, submitted = self._waiting.popleft()
-      if handle in self._cancelled:
-        self._cancelled.discard(handle)
-        continue
-      admitted.append((handle, request, budget, submitted))
+      admitted.append(self._waiting.popleft())
     for start in range(0, len(admitted), self.prefill_width):
       group = admitted[start:start + self.prefill_width]
       slots = free[start:start + len(group)]
       self._prefill(group, slots)
+    return events
 
   def _prefill(self, group, slots):
     width, session = self.prefill_width, self.session
@@ -297,7 +305,7 @@ class Scheduler:
       self._chunk_program()
       self._release(cancelled)
     events = [self._retire(slot, [], time.perf_counter()) for slot in cancelled]
-    self._admit()
+    events += self._admit()
     if not self._active:
       return events
     program = self._chunk_program()
