@@ -115,13 +115,14 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
   run = lambda rate, used: {'tokens_per_second': rate, 'slot_utilization': used,
                             'ideal_utilization': 0.87, 'utilization_while_waiting': 0.97,
                             'time_to_first_token': {'p50': 0.1, 'p99': 0.2},
-                            'per_token_latency': {'p50': 0.01}, 'chunks': 40}
+                            'per_token_latency': {'p50': 0.01}, 'chunks': 40, 'steps': 90,
+                            'prefill_calls': 8}
   results['continuous'] = {'ragged speculative': {
       'static': run(100, 0.38), 'continuous': run(210, 0.86), 'speedup': 2.1,
       'tokens_identical': True, 'chunk_steps': {4: run(190, 0.85)}}}
   text = report.markdown(results)
   assert ('| ragged speculative | 100 | 210 | 2.10x | 38% / 86% (87%; 97%) | 0.100 / 0.200 | '
-          '0.0100 | True |') in text
+          '0.0100 | 90 / 8; 90 / 8 | True |') in text
   assert ('continuous over static tokens/s 2.10x (goal >= 1.8: met); slot utilization 86% '
           '(goal >= 90%: not met; this workload\'s ideal 87%)') in text
   assert 'fraction of roofline: 0.90 (goal >= 0.9: met)' in text

@@ -7,16 +7,18 @@ Two workloads on the demo pair, 8 slots, autoregressive and speculative (a chain
 Static batching is the same scheduler with `refill=False`: a batch of 8 enters when every slot is
 free and runs until its slowest row ends. Continuous batching refills a slot right after the step
 in which its row ends (a chunk ends early then, while requests wait). Figures: tokens/s (wall time
-from the first admission to the last token, compilation excluded, after one warm-up pass), slot
-utilization (active row-steps / slot-steps) overall, while requests waited, and the ideal for the
-workload (first come first served, refilled instantly: the longest requests' tail leaves slots
-empty at the end whatever the scheduler does), time to first token and time per output token,
-and whether every request's tokens are identical across the two. The speculative ragged case is
-also run at several `chunk_steps`: long chunks pay fewer host round trips.
+from the first admission to the last token, compilation excluded, after a warm-up on the first
+requests), slot utilization (active row-steps / slot-steps) overall, while requests waited, and the
+ideal for the workload (first come first served, refilled instantly: the longest requests' tail
+leaves slots empty at the end whatever the scheduler does), time to first token and time per
+output token, and whether every request's tokens are identical across the two (and, greedy, to
+the autoregressive ones). The speculative ragged case is also run at several `chunk_steps`: long
+chunks pay fewer host round trips.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -32,6 +34,10 @@ MEAN_BUDGET, MAX_BUDGET = 30, 160
 EOS_BUDGET = 64
 GAMMA = 3
 CHUNK_STEPS = 8
+PREFILL_WIDTH = 4
+# Prompts are padded to a multiple of this (the world's prompts are 70-95 tokens; the default
+# buckets would pad them to 128, and prefill is a large share of a step's cost on CPU).
+BUCKET_MULTIPLE = 32
 CHUNK_STEPS_SWEEP = (2, 4, 8, 16, 32)
 
 
@@ -51,13 +57,15 @@ def ideal_utilization(steps: list[int], num_slots: int) -> float:
   return sum(steps) / (num_slots * max(loads)) if max(loads) else 1.0
 
 
-def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity: int):
-  """Decodes `work` ((request, budget) pairs) twice (warm-up, then timed): figures and tokens."""
+def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity: int,
+             buckets: tuple[int, ...]):
+  """Decodes `work` ((request, budget) pairs), after a warm-up on its first requests: figures
+  and tokens."""
   scheduler = session.scheduler(
       decoder, num_slots=NUM_SLOTS, capacity=capacity, chunk_steps=chunk_steps,
-      prefill_width=NUM_SLOTS if not refill else 4, refill=refill)
+      prefill_width=NUM_SLOTS if not refill else PREFILL_WIDTH, refill=refill, buckets=buckets)
   compile_seconds = scheduler.compile([scheduler.bucket(r) for r, _ in work])
-  for _ in scheduler.run(work):  # Warm-up: first runs of a program are slower.
+  for _ in scheduler.run(work[:2 * NUM_SLOTS]):  # First runs of a program are slower.
     pass
   scheduler.reset_counters()
   finished = {}
@@ -75,6 +83,7 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
   return {
       'tokens_per_second': new_tokens / seconds, 'seconds': seconds, 'new_tokens': new_tokens,
       'slot_utilization': scheduler.utilization, 'chunks': scheduler.chunks,
+      'steps': scheduler.slot_steps // NUM_SLOTS, 'prefill_calls': scheduler.prefills,
       'utilization_while_waiting': scheduler.utilization_while_waiting,
       'ideal_utilization': ideal_utilization([f.num_target_calls - 1 for f in done], NUM_SLOTS),
       'requests_per_second': len(done) / seconds, 'compile_seconds': compile_seconds,
@@ -92,25 +101,28 @@ def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
       'ragged': ([(r, b) for r, b in zip(requests, ragged_budgets(len(requests)))], ()),
       'eos': ([(r, EOS_BUDGET) for r in prompts[:NUM_REQUESTS]], None),
   }
-  results = {}
+  results, autoregressive_tokens = {}, {}
   for name, (work, eos) in workloads.items():
     budget = max(b for _, b in work)
-    capacity = max(len(r.token_ids) for r, _ in work) + budget
+    longest = max(len(r.token_ids) for r, _ in work)
+    capacity = longest + budget
+    buckets = tuple(range(BUCKET_MULTIPLE, longest + BUCKET_MULTIPLE, BUCKET_MULTIPLE))
+    run = functools.partial(run_once, session, work=work, capacity=capacity,
+                            buckets=buckets)
     for kind, gamma in (('autoregressive', 0), ('speculative', GAMMA)):
       decoder = session.decoder(draft_name if gamma else None, num_draft_tokens=gamma,
                                 sampling=SamplingConfig(), max_new_tokens=budget,
                                 requests=[r for r, _ in work], eos_token_ids=eos)
-      static, static_tokens = run_once(session, decoder, work, refill=False,
-                                       chunk_steps=CHUNK_STEPS, capacity=capacity)
-      continuous, tokens = run_once(session, decoder, work, refill=True,
-                                    chunk_steps=CHUNK_STEPS, capacity=capacity)
+      static, static_tokens = run(decoder=decoder, refill=False, chunk_steps=CHUNK_STEPS)
+      continuous, tokens = run(decoder=decoder, refill=True, chunk_steps=CHUNK_STEPS)
+      # Greedy: speculative tokens are the autoregressive ones too.
+      autoregressive_tokens.setdefault(name, tokens)
       cell = {'static': static, 'continuous': continuous,
               'speedup': continuous['tokens_per_second'] / static['tokens_per_second'],
-              'tokens_identical': tokens == static_tokens}
+              'tokens_identical': tokens == static_tokens == autoregressive_tokens[name]}
       if name == 'ragged' and gamma:
-        cell['chunk_steps'] = {
-            steps: run_once(session, decoder, work, refill=True, chunk_steps=steps,
-                            capacity=capacity)[0] for steps in CHUNK_STEPS_SWEEP}
+        cell['chunk_steps'] = {steps: run(decoder=decoder, refill=True, chunk_steps=steps)[0]
+                               for steps in CHUNK_STEPS_SWEEP}
       results[f'{name} {kind}'] = cell
       log(f'[6] {name} {kind}: continuous {continuous["tokens_per_second"]:.0f} tokens/s '
           f'(utilization {continuous["slot_utilization"]:.0%}) against static '
@@ -124,8 +136,8 @@ def markdown(section: dict) -> list[str]:
   """The section's tables."""
   lines = ['| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
            'static / continuous (ideal; while waiting) | TTFT p50 / p99 s (continuous) | '
-           'TPOT p50 s | identical |',
-           '|---|---|---|---|---|---|---|---|']
+           'TPOT p50 s | steps / prefill calls (static; continuous) | identical |',
+           '|---|---|---|---|---|---|---|---|---|']
   for name, cell in section.items():
     s, c = cell['static'], cell['continuous']
     ttft, tpot = c['time_to_first_token'] or {}, c['per_token_latency'] or {}
@@ -134,6 +146,7 @@ def markdown(section: dict) -> list[str]:
         f'{cell["speedup"]:.2f}x | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} '
         f'({c["ideal_utilization"]:.0%}; {c["utilization_while_waiting"] or 0:.0%}) | '
         f'{ttft.get("p50", 0):.3f} / {ttft.get("p99", 0):.3f} | {tpot.get("p50", 0):.4f} | '
+        f'{s["steps"]} / {s["prefill_calls"]}; {c["steps"]} / {c["prefill_calls"]} | '
         f'{cell["tokens_identical"]} |')
   for name, cell in section.items():
     if name.startswith('ragged'):

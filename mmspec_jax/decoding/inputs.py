@@ -202,12 +202,20 @@ def request_keys(requests: Sequence[Request], run_key: jax.Array) -> jax.Array:
   key(seed) for a request that gives a "seed", else run_key folded with a hash of its id (not
   its position: the same request in another file, batch or bucket samples the same tokens).
   """
-  def key(request: Request):
-    if request.seed is not None:
-      return jax.random.key(request.seed)
-    id_hash = zlib.crc32(json.dumps(request.id).encode('utf-8'))
-    return jax.random.fold_in(run_key, np.uint32(id_hash))
-  return jnp.stack([key(r) for r in requests])
+  seeds = np.array([r.seed or 0 for r in requests], np.uint32)
+  id_hashes = np.array([zlib.crc32(json.dumps(r.id).encode('utf-8')) for r in requests],
+                       np.uint32)
+  given = np.array([r.seed is not None for r in requests])
+  return _request_keys(run_key, seeds, id_hashes, given)  # One dispatch for the whole batch.
+
+
+@jax.jit
+def _request_keys(run_key, seeds, id_hashes, given):
+  def key(seed, id_hash, own):
+    return jnp.where(own, jax.random.key_data(jax.random.key(seed)),
+                     jax.random.key_data(jax.random.fold_in(run_key, id_hash)))
+  return jax.random.wrap_key_data(jax.vmap(key)(seeds, id_hashes, given),
+                                  impl=jax.random.key_impl(run_key))
 
 
 def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig, *,

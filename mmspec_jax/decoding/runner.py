@@ -74,6 +74,20 @@ def check_settings(config):
   for name in ('target', 'prompts', 'output'):
     if not config[name]:
       raise ValueError(f'config.{name} is empty: pass --config.{name}=PATH')
+  check_decoding_settings(config)
+  if config.batching not in BATCHING:
+    raise ValueError(f'batching must be one of {BATCHING}, got {config.batching!r}')
+  output = os.path.abspath(config.output)
+  if os.path.isdir(output):
+    raise ValueError(f'output {config.output!r} is a directory; give a file path')
+  if not os.path.isdir(os.path.dirname(output)):
+    raise ValueError(f'the output directory {os.path.dirname(output)!r} does not exist')
+  if os.path.abspath(config.prompts) in (output, os.path.abspath(summary_path(output))):
+    raise ValueError(f'output {config.output!r} would overwrite the prompts file')
+
+
+def check_decoding_settings(config):
+  """The model and decoding settings decode.py and serve.py share."""
   sampling_config(config)
   draft_tree(config)
   if not 0 <= config.confidence_threshold < 1:
@@ -87,21 +101,12 @@ def check_settings(config):
   for name in ('max_new_tokens', 'batch_size', 'chunk_steps', 'prefill_width'):
     if config[name] < 1:
       raise ValueError(f'{name} must be >= 1, got {config[name]}')
-  if config.batching not in BATCHING:
-    raise ValueError(f'batching must be one of {BATCHING}, got {config.batching!r}')
   if config.slot_capacity < 0:
     raise ValueError(f'slot_capacity must be >= 0 (0: what the requests need), got '
                      f'{config.slot_capacity}')
   if config.dtype not in SUPPORTED_DTYPES:
     raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of {SUPPORTED_DTYPES}')
   inputs.check_buckets(config.length_buckets)
-  output = os.path.abspath(config.output)
-  if os.path.isdir(output):
-    raise ValueError(f'output {config.output!r} is a directory; give a file path')
-  if not os.path.isdir(os.path.dirname(output)):
-    raise ValueError(f'the output directory {os.path.dirname(output)!r} does not exist')
-  if os.path.abspath(config.prompts) in (output, os.path.abspath(summary_path(output))):
-    raise ValueError(f'output {config.output!r} would overwrite the prompts file')
 
 
 def _output_line(request: inputs.Request, token_ids, num_calls, accepted, processor,
@@ -153,6 +158,22 @@ def _discarding_writer(path: str):
     yield f
 
 
+def open_session(config) -> DecodeSession:
+  """The session of config's target and draft (named DRAFT), checked, nothing loaded yet."""
+  return DecodeSession(
+      config.target, {DRAFT: config.draft} if config.draft else {}, dtype=config.dtype,
+      mesh_shape=config.mesh.to_dict(), rules=config.logical_axis_rules,
+      draft_rules=config.draft_logical_axis_rules, layout_config=config.layout)
+
+
+def speculation(config) -> tuple[str | None, int, DraftTree | None, float]:
+  """(the draft's name or None, gamma, the tree or None, the confidence threshold)."""
+  if not config.draft:
+    return None, 0, None, 0.0
+  tree = draft_tree(config)
+  return DRAFT, tree.depth if tree else config.num_draft_tokens, tree, config.confidence_threshold
+
+
 def run(config) -> statistics.RunStatistics:
   """Decodes config.prompts into config.output and config.output's summary; see module doc."""
   # --- validation: nothing loaded, compiled or written yet ------------------------------------
@@ -160,14 +181,8 @@ def run(config) -> statistics.RunStatistics:
   use_demo_checkpoints(config)
   check_settings(config)
   sampling = sampling_config(config)
-  draft = DRAFT if config.draft else None
-  session = DecodeSession(
-      config.target, {DRAFT: config.draft} if draft else {}, dtype=config.dtype,
-      mesh_shape=config.mesh.to_dict(), rules=config.logical_axis_rules,
-      draft_rules=config.draft_logical_axis_rules, layout_config=config.layout)
-  tree = draft_tree(config) if draft else None
-  gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
-  threshold = config.confidence_threshold if draft else 0.0
+  session = open_session(config)
+  draft, gamma, tree, threshold = speculation(config)
   requests = session.read_requests(config.prompts, max_new_tokens=config.max_new_tokens,
                                    num_draft_tokens=gamma, raw_prompt=config.raw_prompt,
                                    sampling=sampling)

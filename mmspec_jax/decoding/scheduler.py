@@ -1,7 +1,9 @@
 """The host side of continuous batching: requests wait, enter free slots, stream out, leave.
 
 Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots, first
-come first served, in prefill calls of up to `prefill_width` rows padded to a length bucket; runs
+come first served, in prefill calls of up to `prefill_width` rows (a power of two at least the
+number admitted, so that a single refill does not pay for a full prefill's vision tower and
+prompts) padded to a length bucket; runs
 one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
 the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
 runs per token: one device round trip per chunk.
@@ -107,6 +109,7 @@ class Scheduler:
     self._waiting: collections.deque[tuple[int, inputs.Request, int, float]] = collections.deque()
     self._active: dict[int, _Active] = {}  # slot -> the request in it
     self._cancelled: set[int] = set()
+    self._pixels: dict[int, np.ndarray] = {}  # handle -> its image preprocessed ahead of entry
     self._state = None
     self._compiled_prefill: dict[int, Any] = {}
     self._compiled_chunk = None
@@ -117,10 +120,10 @@ class Scheduler:
 
   def reset_counters(self):
     """Slot-steps (chunks x slots) and the active row-steps among them (utilization), overall
-    and while requests waited; chunks run."""
+    and while requests waited; chunks and prefill calls run."""
     self.slot_steps = self.slot_steps_while_waiting = 0
     self.active_row_steps = self.active_row_steps_while_waiting = 0
-    self.chunks = 0
+    self.chunks = self.prefills = 0
 
   # --- requests ------------------------------------------------------------------------------
   def check(self, request: inputs.Request, max_new_tokens: int):
@@ -191,10 +194,20 @@ class Scheduler:
   def _params(self):
     return self.session.target_params, self.session._params(self.decoder)
 
-  def _prefill_program(self, length: int):
-    program = self._compiled_prefill.get(length)
+  @property
+  def prefill_widths(self) -> tuple[int, ...]:
+    """The prefill programs' row counts: powers of two below prefill_width, and prefill_width."""
+    widths = {self.prefill_width}
+    width = 1
+    while width < self.prefill_width:
+      widths.add(width)
+      width *= 2
+    return tuple(sorted(widths))
+
+  def _prefill_program(self, length: int, width: int):
+    program = self._compiled_prefill.get((length, width))
     if program is None:
-      session, width = self.session, self.prefill_width
+      session = self.session
       image_shape = session.image_shape if self.decoder.with_images else None
       with placement.mesh_context(session.mesh, session.rules):
         structs = placement.input_structs(width, length, image_shape, session.mesh, session.rules)
@@ -208,7 +221,7 @@ class Scheduler:
             *self._params(), self.state, rows, *structs,
             placement.keys_struct(width, session.mesh, session.rules), rows,
             row_sampling).compile()
-      self._compiled_prefill[length] = program
+      self._compiled_prefill[(length, width)] = program
     return program
 
   def _chunk_program(self):
@@ -216,8 +229,8 @@ class Scheduler:
       with placement.mesh_context(self.session.mesh, self.session.rules):
         self._compiled_chunk = self.programs.generate_chunk.lower(
             *self._params(), self.state, np.int32(self.chunk_steps), np.bool_(True)).compile()
-        width = self.prefill_width
-        rows = placement.input_structs(width, 1, None, self.session.mesh, self.session.rules)[1]
+        rows = placement.input_structs(self.prefill_width, 1, None, self.session.mesh,
+                                       self.session.rules)[1]
         self._compiled_release = self.programs.release.lower(self.state, rows).compile()
     return self._compiled_chunk
 
@@ -234,7 +247,8 @@ class Scheduler:
     start = time.perf_counter()
     self._chunk_program()
     for length in sorted(set(lengths)):
-      self._prefill_program(length)
+      for width in self.prefill_widths:
+        self._prefill_program(length, width)
     return time.perf_counter() - start
 
   def bucket(self, request: inputs.Request) -> int:
@@ -248,6 +262,8 @@ class Scheduler:
     if dropped:
       self._waiting = collections.deque(e for e in self._waiting if e[0] not in self._cancelled)
       self._cancelled.difference_update(entry[0] for entry in dropped)
+      for entry in dropped:
+        self._pixels.pop(entry[0], None)
     now = time.perf_counter()
     events = [Event(handle, [], Finished(
         request, [], 0, np.zeros(self._counter_shape('accepted_by_position').shape, np.int64),
@@ -265,18 +281,32 @@ class Scheduler:
       self._prefill(group, slots)
     return events
 
+  def _prepare_waiting(self):
+    """Preprocesses the images of the requests that enter next (the head of the queue: first
+    come first served), so that admitting them waits on no image work."""
+    if not self.decoder.with_images:
+      return
+    for handle, request, _, _ in itertools.islice(self._waiting, self.programs.num_slots):
+      if request.image is not None and handle not in self._pixels:
+        self._pixels[handle] = self.session.processor.preprocess_images([request.image])[0]
+
   def _prefill(self, group, slots):
-    width, session = self.prefill_width, self.session
+    session = self.session
+    width = min(w for w in self.prefill_widths if w >= len(group))
     requests = [request for _, request, _, _ in group]
     padded = requests + [requests[0]] * (width - len(requests))
     length = max(self.bucket(r) for r in requests)
     batch = inputs.Batch(0, tuple(padded), len(requests), length)
-    tokens, lengths, images = session.batch_arrays(batch, self.decoder.with_images)
+    pixels = [self._pixels.pop(handle, None) for handle, _, _, _ in group]
+    pixels = None if any(p is None and r.image is not None for p, r in zip(pixels, requests)) else (
+        pixels + [pixels[0]] * (width - len(group)))
+    tokens, lengths, images = session.batch_arrays(batch, self.decoder.with_images, pixels)
     num_slots = self.programs.num_slots
     slot_rows = np.array(slots + [num_slots] * (width - len(slots)), np.int32)  # Past: dropped.
     budgets = np.array([b for _, _, b, _ in group] + [1] * (width - len(group)), np.int32)
     keys = inputs.request_keys(padded, self.run_key)
-    program = self._prefill_program(length)
+    program = self._prefill_program(length, width)
+    self.prefills += 1
     placed = placement.place_inputs(tokens, lengths, images, session.mesh, session.rules)
     row_sampling = None
     if self.decoder.per_request_sampling:
@@ -313,6 +343,7 @@ class Scheduler:
     waiting = self.refill and bool(self._waiting)
     state = program(*self._params(), self.state, np.int32(self.chunk_steps), np.bool_(waiting))
     self._state = state
+    self._prepare_waiting()  # While the chunk runs (dispatch is asynchronous).
     view = distributed.fetch({'tokens': state.tokens, 'num_generated': state.num_generated,
                               'done': state.done, 'step': state.step,
                               **{name: getattr(state, name) for name in _COUNTERS}})

@@ -244,8 +244,10 @@ class DecodeSession:
                        f'{self.image_shape}')
     self._image_size_checked = True
 
-  def batch_arrays(self, batch: inputs.Batch, with_images: bool = True):
-    """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None)."""
+  def batch_arrays(self, batch: inputs.Batch, with_images: bool = True,
+                   pixels: Sequence[np.ndarray | None] | None = None):
+    """(tokens int32[B, T], lengths int32[B], images float32[B, H, W, 3] or None). `pixels`:
+    each row's preprocessed image (float32[H, W, 3]), when already computed."""
     rows = [r.token_ids for r in batch.requests]
     if self.processor is None:
       pad_id = text_config(self.target_config).pad_token_id or 0
@@ -257,7 +259,10 @@ class DecodeSession:
     # Rows without an image get zeros: they have no placeholders, so the zeros are never read.
     images = np.zeros((len(batch.requests),) + self.image_shape, np.float32)
     rows = [i for i, r in enumerate(batch.requests) if r.image is not None]
-    if rows:
+    if pixels is not None:
+      for i in rows:
+        images[i] = pixels[i]
+    elif rows:
       images[rows] = self.processor.preprocess_images([batch.requests[i].image for i in rows])
     return tokens, lengths, images
 
@@ -266,19 +271,23 @@ class DecodeSession:
               max_new_tokens: int, requests: Sequence[inputs.Request] = (),
               eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | None = None,
               confidence_threshold: float = 0.0,
-              per_request_sampling: bool | None = None) -> Decoder:
+              per_request_sampling: bool | None = None,
+              with_images: bool | None = None) -> Decoder:
     """The decoder for these settings, built once. `requests`: those it will decode; its
     programs take images when the target is a LLaVA and any of them has one. `eos_token_ids`:
     default the target's; () lets every row run to max_new_tokens (the benchmarks).
     `draft_tree` (its depth must be num_draft_tokens) and `confidence_threshold`: the engine's.
     `per_request_sampling`: whether each row samples under its request's own settings (default:
-    when any of `requests` gives settings other than `sampling`; slot programs only)."""
+    when any of `requests` gives settings other than `sampling`; slot programs only).
+    `with_images`: whether its programs take images (default: from `requests`)."""
     if draft is not None and draft not in self.draft_configs:
       raise ValueError(f'unknown draft {draft!r}; this session has {sorted(self.draft_configs)}')
     if draft is not None and num_draft_tokens < 1:
       raise ValueError(f'num_draft_tokens (gamma) must be >= 1 with a draft, got '
                        f'{num_draft_tokens}')
-    with_images = self.image_shape is not None and any(r.image is not None for r in requests)
+    if with_images is None:
+      with_images = any(r.image is not None for r in requests)
+    with_images = with_images and self.image_shape is not None
     eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
     if per_request_sampling is None:
       per_request_sampling = any(r.sampling not in (None, sampling) for r in requests)
