@@ -28,11 +28,16 @@ setup(
         'absl-py>=2.0',
         'numpy>=1.26',
         'pillow>=10.0',
+        # serve.py: the OpenAI-compatible HTTP layer and its metrics.
+        'fastapi>=0.110',
+        'uvicorn>=0.29',
+        'prometheus_client>=0.20',
     ],
     extras_require={
         # The torch reference for parity tests. Pinned: an unpinned torch pulls a CUDA build.
         # pytest-xdist: `make test` runs the test files on 2 workers.
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.10', 'torch==2.13.0'],
+        # openai: the server is tested with the real client.
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.10', 'torch==2.13.0', 'openai>=1.0'],
         'tpu': ['jax[tpu]'],
         'cuda': ['jax[cuda12]'],
     },

@@ -65,6 +65,41 @@ def decode(mesh, decoder, target_config, target_params, draft_config, draft_para
   return jax.device_get(result), str(q_proj.sharding.spec)
 
 
+def continuous_on_a_mesh(target_config, target_params, draft_config, draft_params):
+  """Continuous batching of text requests, greedy and sampled sharing the batch, over 3 slots
+  (a number the data axis of 4 does not divide) on a 4x2 mesh, against each request decoded
+  alone on one device."""
+  from mmspec_jax.decoding import inputs  # pylint: disable=import-outside-toplevel
+  from mmspec_jax.decoding.session import DecodeSession  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  budgets = (9, 3, 12, 5, 7, 12)
+  requests = [inputs.Request(f'r{i}', i, tuple(int(t) for t in rng.integers(
+      1, fx.BASE_VOCAB, size=4 + 3 * i)), None,
+      sampling=SamplingConfig(temperature=1.0 if i % 2 else 0.0)) for i in range(6)]
+  layout = {'layers': 'unrolled', 'fused_projections': True}
+
+  def decode_all(mesh, num_slots, one_by_one):
+    session = DecodeSession.from_params(None, (target_config, target_params),
+                                        {'draft': (draft_config, draft_params)},
+                                        layout_config=layout, mesh=mesh)
+    decoder = session.decoder('draft', num_draft_tokens=3, sampling=SamplingConfig(),
+                              max_new_tokens=16, requests=requests, eos_token_ids=())
+    scheduler = session.scheduler(decoder, num_slots=num_slots, capacity=64, chunk_steps=2,
+                                  prefill_width=2, key=jax.random.key(1))
+    batches = [[pair] for pair in zip(requests, budgets)] if one_by_one else [
+        list(zip(requests, budgets))]
+    tokens = {}
+    for work in batches:
+      tokens.update({e.finished.request.id: e.finished.token_ids for e in scheduler.run(work)
+                     if e.finished is not None})
+    return tokens
+
+  alone = decode_all(sharding.make_mesh({'data': 1}, jax.devices()[:1]), 1, True)
+  together = decode_all(sharding.make_mesh({'data': 4, 'tensor': 2}), 3, False)
+  return {'tokens_equal': alone == together,
+          'lengths': [len(alone[r.id]) for r in requests] == list(budgets)}
+
+
 def main():
   target_config, target_params = fx.llava_target()
   draft_config, draft_params = fx.language_draft(target_config, target_params)
@@ -101,6 +136,9 @@ def main():
       'tokens_equal': bool((tree_result.tokens == reference.tokens).all()
                            and (tree_result.num_generated == reference.num_generated).all()),
       'accepted': int(tree_result.accepted_by_position.sum())}
+
+  results['continuous_4x2'] = continuous_on_a_mesh(target_config, target_params, draft_config,
+                                                   draft_params)
 
   # A converted checkpoint saved from one mesh restores onto another.
   save_mesh = sharding.make_mesh({'data': 4, 'tensor': 2})

@@ -75,7 +75,7 @@ def test_text_only_prompts_drop_placeholders_and_images():
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--sections=1,7'], 'choose among'), (['--sections=a'], 'comma-separated'),
+    (['--sections=1,8'], 'choose among'), (['--sections=a'], 'comma-separated'),
     (['--repeats=0'], 'repeats')])
 def test_bad_arguments_are_named(argv, message, capsys):
   with pytest.raises(SystemExit):

@@ -29,3 +29,7 @@ def test_checkpoint_restores_onto_another_mesh(results):
 def test_tree_decoding_on_a_mesh_equals_the_chain_on_one_device(results):
   assert results['tree_4x2']['tokens_equal']
   assert results['tree_4x2']['accepted'] > results['accepted']  # The tree accepted more.
+
+
+def test_continuous_batching_on_a_mesh_equals_each_request_alone_on_one_device(results):
+  assert results['continuous_4x2'] == {'tokens_equal': True, 'lengths': True}

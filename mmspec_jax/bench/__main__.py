@@ -1,6 +1,6 @@
 r"""`make bench`: decoding speed against the memory roofline, transformers and our own baseline.
 
-  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5,6]
+  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5,6,7]
 
 Sections (each writes its figures into bench.json as soon as it finishes):
   1  a random 1.1B LLaMA, batch 1: our autoregressive tokens/s, transformers `generate` on the same
@@ -12,8 +12,10 @@ Sections (each writes its figures into bench.json as soon as it finishes):
   5  a decode step's cost at two cache capacities (prompt buckets 256 and 2048) holding the same
      ~60-token prompts, batch 8: it should pay for the live cache, not the allocated one;
   6  continuous against static batching, 8 slots, on a ragged workload (64 requests with their
-     own budgets) and one with real EOS: tokens/s, slot utilization, latency, chunk_steps.
-Sections 2-4 and 6 need the demo's trained models: they are trained first if missing (`make demo`'s
+     own budgets) and one with real EOS: tokens/s, slot utilization, latency, chunk_steps;
+  7  the OpenAI-compatible server under 1, 4 and 16 concurrent streaming clients against
+     decode.py's offline throughput on the same 64 requests.
+Sections 2-4, 6 and 7 need the demo's trained models: they are trained first if missing (`make demo`'s
 training, about 10 minutes, not counted in any figure).
 """
 
@@ -29,14 +31,15 @@ import time
 import jax
 
 from mmspec_jax import artifacts
-from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report, speculative,
-                              widen)
+from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report,
+                              serving_load, speculative, widen)
 from mmspec_jax.bench.timing import read_bandwidth
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.models import parameter_count
 
-SECTIONS = (1, 2, 3, 4, 5, 6)
-NEEDS_DEMO_MODELS = {2, 3, 4, 6}
+SECTIONS = (1, 2, 3, 4, 5, 6, 7)
+NEEDS_DEMO_MODELS = {2, 3, 4, 6, 7}
+NEEDS_PAIR = {2, 3, 4, 6}  # The demo pair in memory (section 7 serves it from its directories).
 TASKS = ('captioning', 'sqa', 'conversation')
 # Section 3's trees and adaptive length beside gammas 3 and 5: the best tree of the evaluation
 # within 32 verified tokens (README, Trees), a small one, and a chain of 7 stopping below draft
@@ -78,7 +81,7 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(prog='python -m mmspec_jax.bench', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out_dir', default=os.path.join(artifacts.results_dir(), 'bench'))
-  parser.add_argument('--sections', default='1,2,3,4,5,6', help='comma-separated, among 1-6')
+  parser.add_argument('--sections', default='1,2,3,4,5,6,7', help='comma-separated, among 1-7')
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per figure')
   parser.add_argument('--work_dir', default=None,
                       help='where the 1.1B checkpoint is written (default: a temporary dir)')
@@ -114,7 +117,7 @@ def main(argv=None):
   threads = results['machine']['cores']
   report.write(results, args.out_dir, final=False)
 
-  if set(args.sections) & NEEDS_DEMO_MODELS:
+  if set(args.sections) & NEEDS_PAIR:
     pair = speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
                                  artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE),
                                  artifacts.world_dir(), TASKS, num_examples=22,
@@ -147,6 +150,9 @@ def main(argv=None):
     report.write(results, args.out_dir, final=False)
   if 6 in args.sections:
     results['continuous'] = continuous.run_section(pair, speculative.DRAFT, log=_log)
+    report.write(results, args.out_dir, final=False)
+  if 7 in args.sections:
+    results['serving'] = serving_load.run_section(log=_log)
 
   results['seconds'] = time.perf_counter() - start
   report.write(results, args.out_dir, final=True)

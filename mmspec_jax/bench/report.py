@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from mmspec_jax.bench import continuous
+from mmspec_jax.bench import continuous, serving_load
 
 JSON_FILE = 'bench.json'
 MARKDOWN_FILE = 'bench.md'
@@ -163,6 +163,10 @@ def markdown(results: dict[str, Any]) -> str:
   if 'continuous' in results:
     lines += ['', '### 6. Continuous against static batching (demo pair, 8 slots, greedy)', '']
     lines += continuous.markdown(results['continuous'])
+  if 'serving' in results:
+    lines += ['', '### 7. The server under load (demo pair, 8 slots, greedy, 64 chat requests '
+              'with images)', '']
+    lines += serving_load.markdown(results['serving'])
   return '\n'.join(lines)
 
 

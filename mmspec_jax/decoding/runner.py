@@ -31,6 +31,7 @@ import tqdm
 from mmspec_jax import artifacts, distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.scheduler import output_text
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models.config import SUPPORTED_DTYPES
@@ -111,11 +112,9 @@ def check_decoding_settings(config):
 
 def _output_line(request: inputs.Request, token_ids, num_calls, accepted, processor,
                  stopped_by: int | str | None = None) -> str:
-  text = processor.decode(token_ids)
-  if isinstance(stopped_by, str):  # The text ends before the stop string.
-    text = text[:text.index(stopped_by)]
   return json.dumps({
-      'id': request.id, 'text': text, 'token_ids': token_ids,
+      'id': request.id, 'text': output_text(processor, token_ids, stopped_by),
+      'token_ids': token_ids,
       'num_target_calls': int(num_calls), 'num_accepted': int(accepted)},
       ensure_ascii=False) + '\n'
 

@@ -48,6 +48,12 @@ from mmspec_jax.decoding.slots import SlotPrograms
 _COUNTERS = ('num_target_calls', 'accepted_by_position', 'reached_by_position', 'draft_calls')
 
 
+def output_text(processor, token_ids: Sequence[int], stopped_by: int | str | None) -> str:
+  """A request's text: its tokens decoded, cut before the stop string that ended it."""
+  text = processor.decode(list(token_ids))
+  return text[:text.index(stopped_by)] if isinstance(stopped_by, str) else text
+
+
 @dataclasses.dataclass
 class Finished:
   """A finished request: its new tokens and its counters (statistics.COUNT_FIELDS)."""
@@ -67,6 +73,9 @@ class Finished:
   @property
   def num_generated(self) -> int:
     return len(self.token_ids)
+
+  def text(self, processor) -> str:
+    return output_text(processor, self.token_ids, self.stopped_by)
 
 
 @dataclasses.dataclass

@@ -148,10 +148,11 @@ class DecodeSession:
   @classmethod
   def from_params(cls, processor: MultimodalProcessor | None, target: tuple[ModelConfig, Any],
                   drafts: Mapping[str, tuple[ModelConfig, Any]] | None = None, *,
-                  dtype: str = 'float32', layout_config: Mapping[str, Any] | None = None
-                  ) -> DecodeSession:
+                  dtype: str = 'float32', layout_config: Mapping[str, Any] | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> DecodeSession:
     """A session over models already in memory, as canonical (config, params) pairs, placed on
-    the default mesh (the benchmarks: a target widened in memory has no directory). Without a
+    `mesh` (default: every device on `data`; the benchmarks: a target widened in memory has no
+    directory). Without a
     processor (a model with no tokenizer, decoding given token ids), prompts are padded with
     the model's pad id, and requests may carry no image."""
     session = cls.__new__(cls)
@@ -160,7 +161,7 @@ class DecodeSession:
     session.rules, session.draft_rules = sharding.DEFAULT_RULES, sharding.DRAFT_RULES
     session.target_config, session.processor = target[0], processor
     session.draft_configs = {name: config for name, (config, _) in (drafts or {}).items()}
-    session._finish(layout_config, None)
+    session._finish(layout_config, None, mesh)
     session.target_params = placement.decoding_params(
         target[0], target[1], session.target_layout, session.mesh, session.rules)
     session.draft_params = {
@@ -169,7 +170,7 @@ class DecodeSession:
         for name, (config, params) in (drafts or {}).items()}
     return session
 
-  def _finish(self, layout_config, mesh_shape):
+  def _finish(self, layout_config, mesh_shape, mesh=None):
     """What both constructors set once the configs and the processor are known."""
     self.eos_token_ids = eos_token_ids(self.target_config, self.processor)
     self.image_shape = None
@@ -179,7 +180,7 @@ class DecodeSession:
     self.target_layout = placement.decoding_layout(layout_config,
                                                    verifies=bool(self.draft_configs))
     self.draft_layout = placement.decoding_layout(layout_config)
-    self.mesh = sharding.make_mesh(dict(mesh_shape or {'data': -1}))
+    self.mesh = mesh or sharding.make_mesh(dict(mesh_shape or {'data': -1}))
     self._image_size_checked = False
     self._decoders: dict[Decoder, SpeculativeDecoder] = {}
     self._compiled: dict[tuple[Decoder, int, int, int | None], Any] = {}

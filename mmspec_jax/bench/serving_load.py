@@ -1,0 +1,160 @@
+"""Section 7: the server under load, against decode.py's offline throughput on the same requests.
+
+The demo pair is served from its exported directories (serve.py's Server on 127.0.0.1, 8 slots)
+and a bounded load generator sends the same 64 chat requests (world prompts, each with its image
+as a base64 data URL, greedy, 64 tokens at most) from 1, 4 and 16 concurrent streaming clients.
+Offline is the same Server's scheduler run over the same requests (inputs.Request objects built by
+the server's own request builder) with no HTTP: what decode.py does. Figures: tokens/s,
+requests/s, time to first token and inter-token latency (between a stream's events; speculative
+decoding sends several tokens per event) p50/p99, and the server's tokens/s over offline's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from mmspec_jax import artifacts
+from mmspec_jax.decoding import statistics
+from mmspec_jax.evaluation import tasks as task_data
+from mmspec_jax.serving import local, protocol
+from mmspec_jax.serving.app import Server
+from mmspec_jax.serving.defaults import serve_config
+from mmspec_jax.serving.local import httpx
+
+CLIENTS = (1, 4, 16)
+NUM_REQUESTS = 64
+MAX_TOKENS = 64
+NUM_SLOTS = 8
+GAMMA = 3
+MODEL = 'demo'
+REQUEST_TIMEOUT_SECONDS = 300
+STARTUP_SECONDS = 600
+
+
+def chat_bodies(server: Server, num: int) -> list[dict]:
+  """`num` chat requests: the world's tasks' questions with their images, interleaved."""
+  per_task = []
+  for task in ('captioning', 'sqa', 'conversation'):
+    examples = task_data.read_task(artifacts.world_dir(), task, server.session.processor,
+                                   server.session.target_config, num_examples=num,
+                                   max_new_tokens=MAX_TOKENS)
+    per_task.append(examples)
+  bodies = []
+  for example in [e for row in zip(*per_task) for e in row][:num]:
+    question, _ = task_data._first_exchange(example.record, '')  # pylint: disable=protected-access
+    content = [{'type': 'text', 'text': question}]
+    if example.request.image is not None:
+      with open(example.request.image, 'rb') as f:
+        url = 'data:image/png;base64,' + base64.b64encode(f.read()).decode()
+      content.append({'type': 'image_url', 'image_url': {'url': url}})
+    bodies.append({'model': MODEL, 'messages': [{'role': 'user', 'content': content}],
+                   'max_tokens': MAX_TOKENS, 'temperature': 0})
+  return bodies
+
+
+def offline(server: Server, bodies: list[dict]) -> dict:
+  """decode.py's way over the same requests: the scheduler, no HTTP; after a warm-up."""
+  work = [server._chat_request(protocol.ChatCompletionRequest.model_validate(b), f'offline-{i}')
+          for i, b in enumerate(bodies)]  # pylint: disable=protected-access
+  scheduler = server.session.scheduler(
+      server.decoder, num_slots=NUM_SLOTS, capacity=server.engine.scheduler.programs.capacity,
+      chunk_steps=server.config.chunk_steps, buckets=server.config.length_buckets,
+      prefill_width=server.config.prefill_width)
+  compile_seconds = scheduler.compile([scheduler.bucket(r) for r, _ in work])
+  for _ in scheduler.run(work[:2 * NUM_SLOTS]):
+    pass
+  start = time.perf_counter()
+  done = [e.finished for e in scheduler.run(work) if e.finished is not None]
+  seconds = time.perf_counter() - start
+  tokens = sum(f.num_generated for f in done)
+  return {'tokens_per_second': tokens / seconds, 'requests_per_second': len(done) / seconds,
+          'new_tokens': tokens, 'compile_seconds': compile_seconds,
+          'slot_utilization': scheduler.utilization}
+
+
+async def _load(base: str, bodies: list[dict], clients: int) -> dict:
+  """Streams every body from `clients` concurrent clients, each taking the next when done."""
+  pending = list(bodies)
+  rows = []
+
+  async def client():
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_SECONDS) as http:
+      while pending:
+        body = dict(pending.pop(0), stream=True, stream_options={'include_usage': True})
+        sent, arrivals, tokens = time.perf_counter(), [], 0
+        async with http.stream('POST', f'{base}/v1/chat/completions', json=body) as response:
+          if response.status_code != 200:
+            raise RuntimeError(f'status {response.status_code}: {await response.aread()}')
+          async for line in response.aiter_lines():
+            if not line.startswith('data: ') or line == 'data: [DONE]':
+              continue
+            chunk = json.loads(line[len('data: '):])
+            if chunk.get('usage'):
+              tokens = chunk['usage']['completion_tokens']
+            elif chunk['choices'] and chunk['choices'][0]['delta'].get('content'):
+              arrivals.append(time.perf_counter())
+        rows.append((sent, arrivals, tokens))
+
+  start = time.perf_counter()
+  await asyncio.gather(*[client() for _ in range(clients)])
+  seconds = time.perf_counter() - start
+  first = [a[0] - sent for sent, a, _ in rows if a]
+  gaps = [g for _, a, _ in rows for g in np.diff(a)]
+  tokens = sum(t for _, _, t in rows)
+  return {'tokens_per_second': tokens / seconds, 'requests_per_second': len(rows) / seconds,
+          'new_tokens': tokens, 'time_to_first_token': statistics.percentiles(first),
+          'inter_token_latency': statistics.percentiles(gaps)}
+
+
+def run_section(*, log: Callable[[str], None]) -> dict:
+  results = {}
+  for kind, gamma in (('autoregressive', 0), ('speculative', GAMMA)):
+    config = serve_config()
+    port = local.free_port()
+    config.update(
+        target=artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
+        draft=artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE) if gamma else '',
+        num_draft_tokens=max(gamma, 1), port=port, batch_size=NUM_SLOTS,
+        max_new_tokens=MAX_TOKENS, slot_capacity=96 + MAX_TOKENS, length_buckets=(32, 64, 96),
+        served_model_name=MODEL, max_waiting=NUM_REQUESTS)
+    server = Server(config)
+    bodies = chat_bodies(server, NUM_REQUESTS)
+    cell = {'offline': offline(server, bodies), 'clients': {}}
+    with local.serving(server.app, port, STARTUP_SECONDS) as base:
+      asyncio.run(_load(base, bodies[:2 * NUM_SLOTS], NUM_SLOTS))  # Warm-up.
+      for clients in CLIENTS:
+        row = asyncio.run(_load(base, bodies, clients))
+        row['over_offline'] = row['tokens_per_second'] / cell['offline']['tokens_per_second']
+        cell['clients'][clients] = row
+        log(f'[7] {kind}, {clients} clients: {row["tokens_per_second"]:.0f} tokens/s, '
+            f'{row["over_offline"]:.0%} of offline {cell["offline"]["tokens_per_second"]:.0f}')
+    results[kind] = cell
+  return results
+
+
+def markdown(section: dict) -> list[str]:
+  lines = ['| decoding | clients | tokens/s | of offline | requests/s | TTFT p50 / p99 s | '
+           'inter-token p50 / p99 s |', '|---|---|---|---|---|---|---|']
+  for kind, cell in section.items():
+    off = cell['offline']
+    lines.append(f'| {kind} | offline | {off["tokens_per_second"]:.0f} | 100% | '
+                 f'{off["requests_per_second"]:.1f} | | |')
+    for clients, row in cell['clients'].items():
+      ttft, itl = row['time_to_first_token'] or {}, row['inter_token_latency'] or {}
+      lines.append(
+          f'| {kind} | {clients} | {row["tokens_per_second"]:.0f} | {row["over_offline"]:.0%} | '
+          f'{row["requests_per_second"]:.1f} | {ttft.get("p50", 0):.3f} / '
+          f'{ttft.get("p99", 0):.3f} | {itl.get("p50", 0):.4f} / {itl.get("p99", 0):.4f} |')
+  for kind, cell in section.items():
+    most = cell['clients'].get(max(CLIENTS))
+    if most:
+      met = 'met' if most['over_offline'] >= 0.85 else 'not met'
+      lines += ['', f'{kind}: at {max(CLIENTS)} clients the server reaches '
+                f'{most["over_offline"]:.0%} of offline tokens/s (goal >= 85%: {met})']
+  return lines

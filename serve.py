@@ -1,0 +1,51 @@
+r"""An OpenAI-compatible server for speculative decoding (see configs/serve.py for every setting).
+
+  python serve.py --config=configs/serve.py --config.target=DIR [--config.draft=DIR] \
+      [--config.port=8000] [--config.batch_size=8]
+
+Serves /v1/chat/completions (text and images), /v1/completions, /v1/models, /health (200 once
+the programs are compiled) and /metrics on 127.0.0.1 unless --config.host says otherwise. Bad
+settings stop it before anything is loaded, with `error: ...`. SIGTERM stops admitting, lets
+what runs finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/serve.py', lock_config=True)
+
+# How long SIGTERM waits for running requests before cancelling them.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import uvicorn
+
+  from mmspec_jax.decoding import runner
+  from mmspec_jax.serving.app import Server
+  config = _CONFIG.value
+  try:
+    runner.use_demo_checkpoints(config)
+    server = Server(config)
+  except (ValueError, OSError) as e:  # Bad settings or paths: the message says it.
+    sys.exit(f'error: {e}')
+  print(f'serving {server.model_name!r} on http://{config.host}:{config.port} (GET /health says '
+        'when the programs are compiled)', flush=True)
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  # uvicorn drains on SIGTERM, then restores the handler it found and raises the signal again:
+  # finding this one, the process goes on to exit 0 instead of dying by the signal.
+  signal.signal(signal.SIGTERM, lambda *_: None)
+  uvicorn.run(server.app, host=config.host, port=config.port, log_level='warning',
+              timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+
+
+if __name__ == '__main__':
+  app.run(main)
