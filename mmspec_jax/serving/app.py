@@ -147,7 +147,10 @@ class Server:
     if isinstance(body.prompt, str):
       if not body.prompt:
         raise APIError(400, 'prompt must not be empty', param='prompt')
-      ids = self.session.processor.encode(body.prompt, num_images=0)
+      try:
+        ids = self.session.processor.encode(body.prompt, num_images=0)
+      except ValueError as e:  # An <image> in a text completion's prompt.
+        raise APIError(400, str(e), param='prompt') from e
     else:
       ids = list(body.prompt)
       if not ids:
