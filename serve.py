@@ -29,14 +29,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import uvicorn
 
+  from mmspec_jax import distributed
   from mmspec_jax.decoding import runner
   from mmspec_jax.serving.app import Server
   config = _CONFIG.value
   try:
+    distributed.initialize(config)
     runner.use_demo_checkpoints(config)
     server = Server(config)
   except (ValueError, OSError) as e:  # Bad settings or paths: the message says it.
     sys.exit(f'error: {e}')
+  if not distributed.is_primary():  # Process 0 serves; this one runs what it admits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # It stops when process 0 says so.
+    server.engine.follow()
+    return
   print(f'serving {server.model_name!r} on http://{config.host}:{config.port} (GET /health says '
         'when the programs are compiled)', flush=True)
   logging.getLogger('absl').setLevel(logging.WARNING)

@@ -86,3 +86,54 @@ def fetch(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class HostMessages:
+  """Process 0's messages to every other process, in order, through the coordination service's
+  key-value store (host to host: no device work, no compile). One process: nothing is sent.
+
+  Message i is stored under `{name}/{i}` (its part count, written last) and `{name}/{i}/{j}`
+  (parts of at most PART_BYTES). `forget_read()` deletes what every process has surely read:
+  process 0 calls it right after a collective step, which no process can reach before reading
+  every message sent before it.
+  """
+
+  PART_BYTES = 1 << 20
+  WAIT_MS = 60_000  # A receive waits this long, then again, for as long as it takes.
+
+  def __init__(self, name: str):
+    self.name, self.sent, self.received, self._forgotten = name, 0, 0, 0
+
+  @staticmethod
+  def _client():
+    from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+    return jax_distributed.global_state.client
+
+  def send(self, payload: bytes):
+    client, index = self._client(), self.sent
+    parts = [payload[i:i + self.PART_BYTES]
+             for i in range(0, max(len(payload), 1), self.PART_BYTES)]
+    for j, part in enumerate(parts):
+      client.key_value_set_bytes(f'{self.name}/{index}/{j}', part)
+    client.key_value_set(f'{self.name}/{index}', str(len(parts)))
+    self.sent += 1
+
+  def receive(self) -> bytes:
+    client, index = self._client(), self.received
+    while True:
+      try:
+        count = int(client.blocking_key_value_get(f'{self.name}/{index}', self.WAIT_MS))
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        if 'DEADLINE_EXCEEDED' not in str(e) and 'timed out' not in str(e).lower():
+          raise
+    payload = b''.join(client.blocking_key_value_get_bytes(f'{self.name}/{index}/{j}',
+                                                           self.WAIT_MS) for j in range(count))
+    self.received += 1
+    return payload
+
+  def forget_read(self):
+    client = self._client()
+    for index in range(self._forgotten, self.sent):
+      client.key_value_delete(f'{self.name}/{index}')  # With the parts under it.
+    self._forgotten = self.sent

@@ -263,3 +263,32 @@ def test_sigterm_finishes_running_requests_and_exits_zero(ckpt, tmp_path):  # no
       process.wait(30)
   output = process.stdout.read()
   assert f'serving {MODEL!r} on http://127.0.0.1:{port}' in output
+
+
+def test_two_processes_serve_what_one_process_decodes(ckpt, decoded):  # noqa: F811
+  """serve.py on 2 processes x 4 CPU devices (every slot's rows split over all 8): process 0
+  serves HTTP and hands its admissions to process 1; the answers are decode.py's on one device,
+  and SIGTERM to process 0 stops both, with exit status 0."""
+  from multiprocess import Processes  # pylint: disable=import-outside-toplevel
+  port = free_port()
+  flags = [f'--config.{name}={value}' for name, value in (
+      ('target', ckpt['target']), ('draft', ckpt['draft']), ('port', port), ('batch_size', 4),
+      ('num_draft_tokens', 3), ('max_new_tokens', MAX_NEW_TOKENS), ('chunk_steps', 2),
+      ('prefill_width', 2), ('slot_capacity', 96), ('length_buckets', '(32,64)'),
+      ('served_model_name', MODEL))]
+  with Processes([sys.executable, 'serve.py', *flags], num_processes=2,
+                 timeout=STARTUP_SECONDS) as job:
+    job.wait_for_line(f'serving {MODEL!r} on')
+    base = f'http://127.0.0.1:{port}'
+    wait_healthy(base, STARTUP_SECONDS)
+    client = openai.OpenAI(base_url=f'{base}/v1', api_key='unused', max_retries=0, timeout=120)
+    prompts = [('w5 w6 w7', 'a.png', {'temperature': 0}, 'image'),
+               ('w11 w12', 'b.png', {'temperature': 1.0, 'seed': 7}, 'sampled')]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+      answers = list(pool.map(lambda p: client.chat.completions.create(
+          model=MODEL, messages=_image_message(ckpt, p[0], p[1]), **p[2]), prompts))
+    for (_, _, _, name), answer in zip(prompts, answers):
+      assert answer.choices[0].message.content == decoded[name]['text']
+    job.signal(signal.SIGTERM, indices=[0])
+    assert job.wait() == [0, 0]
+  assert f'serving {MODEL!r} on' not in job.output(1)  # Process 1 serves nothing itself.

@@ -1,9 +1,9 @@
 """The host side of continuous batching: requests wait, enter free slots, stream out, leave.
 
 Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots, first
-come first served, in prefill calls of up to `prefill_width` rows (a power of two at least the
-number admitted, so that a single refill does not pay for a full prefill's vision tower and
-prompts) padded to a length bucket; runs
+come first served, in prefill calls of up to `prefill_width` rows (one row alone when one is
+admitted, so that a single refill does not pay for a full prefill's vision tower and prompts)
+padded to a length bucket; runs
 one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
 the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
 runs per token: one device round trip per chunk.
@@ -205,13 +205,9 @@ class Scheduler:
 
   @property
   def prefill_widths(self) -> tuple[int, ...]:
-    """The prefill programs' row counts: powers of two below prefill_width, and prefill_width."""
-    widths = {self.prefill_width}
-    width = 1
-    while width < self.prefill_width:
-      widths.add(width)
-      width *= 2
-    return tuple(sorted(widths))
+    """The prefill programs' row counts: 1 (a slot refilled as its row ends, the common case) and
+    prefill_width (admissions together)."""
+    return tuple(sorted({1, self.prefill_width}))
 
   def _prefill_program(self, length: int, width: int):
     program = self._compiled_prefill.get((length, width))

@@ -3,6 +3,9 @@
     server = Server(config)          # loads and checks the models; nothing compiled yet
     app = server.app                 # the engine compiles and starts with the app's lifespan
 
+On several processes every process builds the Server; process 0 serves the app and the others
+run `server.engine.follow()` (serve.py does this).
+
 Handlers never touch the device (serving/engine.py owns it). Bad input gets OpenAI's error body
 with a 4xx status, never a 500; one request's failure never disturbs the others.
 """
@@ -18,9 +21,11 @@ import time
 from typing import Any
 
 import fastapi
+import jax
 import pydantic
 from fastapi import responses
 
+from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, runner
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import LlavaConfig, text_config
@@ -38,8 +43,6 @@ class Server:
 
   def __init__(self, config):
     runner.check_decoding_settings(config)
-    if config.multihost:
-      raise ValueError('serve.py runs on one host for now: --config.multihost=True is refused')
     self.config = config
     self.session = runner.open_session(config)
     self.model_name = config.served_model_name or os.path.basename(
@@ -60,8 +63,9 @@ class Server:
         prefill_width=config.prefill_width)
     lengths = [b for b in config.length_buckets if b < capacity] or [
         inputs.bucket_length(capacity - 1, config.length_buckets)]
+    messages = distributed.HostMessages('mmspec_serve') if jax.process_count() > 1 else None
     self.engine = ServingEngine(scheduler, max_waiting=config.max_waiting,
-                                compile_lengths=lengths)
+                                compile_lengths=lengths, messages=messages)
     self.metrics = ServerMetrics(self.engine, gamma, self.session.eos_token_ids)
     self.engine.on_event = self.metrics.observe
     self.app = self._make_app()

@@ -5,6 +5,11 @@ HTTP handlers never touch the device: they validate, `submit` (a command on a th
 and await the request's events on an asyncio queue; `cancel` (a client gone) frees the slot at
 the next chunk boundary. The thread compiles every program first (`ready` is set then), steps the
 scheduler while anything waits or runs, and sleeps on the command queue otherwise.
+
+On several processes (hosts) process 0 runs this loop and sends each iteration's commands (the
+requests it admits, the cancellations) to the others before applying them (distributed.
+HostMessages); every other process runs `follow()`, applying the same commands in the same order
+and stepping when process 0 steps, so that every process runs the same programs on the same state.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import pickle
 import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 
+from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs
 from mmspec_jax.decoding.scheduler import Event, Scheduler
 
@@ -47,17 +54,20 @@ class ServingEngine:
   engine's thread (the metrics)."""
 
   def __init__(self, scheduler: Scheduler, *, max_waiting: int,
-               compile_lengths: Sequence[int] = (), on_event=None):
+               compile_lengths: Sequence[int] = (), on_event=None,
+               messages: distributed.HostMessages | None = None):
     self.scheduler, self.max_waiting = scheduler, max_waiting
     self._compile_lengths = tuple(compile_lengths)
     self.on_event = on_event
+    self.messages = messages  # To the other processes (None: this one alone).
     self._commands: queue.SimpleQueue = queue.SimpleQueue()
     self._ids = itertools.count()
     self._lock = threading.Lock()
     self._in_flight = 0  # Submitted and not yet finished (waiting or running).
+    self._streams: dict[int, _Stream] = {}  # Our id -> its stream, until the engine takes it.
     # Engine thread only: our id -> scheduler handle, and per handle its id, stream and request.
     self._handles: dict[int, int] = {}
-    self._live: dict[int, tuple[int, _Stream, inputs.Request]] = {}
+    self._live: dict[int, tuple[int, _Stream | None, inputs.Request]] = {}
     self.ready = threading.Event()
     self.stopping = threading.Event()
     self.error: BaseException | None = None
@@ -95,7 +105,8 @@ class ServingEngine:
       self._in_flight += 1
     rid = next(self._ids)
     stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-    self._commands.put(('submit', rid, request, max_new_tokens, stream))
+    self._streams[rid] = stream  # Before the command: the engine takes it when it applies that.
+    self._commands.put(('submit', rid, request, max_new_tokens))
     return rid, stream.queue
 
   def cancel(self, rid: int):
@@ -129,36 +140,59 @@ class ServingEngine:
       seconds = self.scheduler.compile(self._compile_lengths)
       logging.info('serving programs compiled in %.1fs', seconds)
       self.ready.set()
-      while not (self.stopping.is_set() and self.scheduler.idle and self._commands.empty()):
-        self._take_commands(block=self.scheduler.idle)
-        if not self.scheduler.idle:
+      while True:
+        commands = self._take_commands(block=self.scheduler.idle)
+        for command in commands:
+          self._apply(command)
+        done = self.stopping.is_set() and self.scheduler.idle and self._commands.empty()
+        stepping = not self.scheduler.idle
+        if self.messages is not None and (commands or done or stepping):
+          self.messages.send(pickle.dumps((commands, done)))
+        if done:
+          return
+        if stepping:
           for event in self.scheduler.step():
             self._deliver(event)
+          if self.messages is not None:
+            self.messages.forget_read()  # Every process has read what came before this step.
     except BaseException as e:  # Every waiting coroutine hears of it; /health turns 503.
       logging.exception('the decoding engine failed')
       self.error = e
       for _, stream, _ in self._live.values():
         _put(stream, e)
 
-  def _take_commands(self, block: bool):
-    try:
-      command = self._commands.get(timeout=_IDLE_POLL_SECONDS) if block else (
-          self._commands.get_nowait())
-    except queue.Empty:
-      return
+  def follow(self):
+    """The loop of a process other than 0: process 0's commands, and its steps, until it stops."""
+    seconds = self.scheduler.compile(self._compile_lengths)
+    logging.info('serving programs compiled in %.1fs', seconds)
     while True:
-      self._apply(command)
-      try:
-        command = self._commands.get_nowait()
-      except queue.Empty:
+      commands, done = pickle.loads(self.messages.receive())
+      for command in commands:
+        self._apply(command)
+      if done:
         return
+      if not self.scheduler.idle:
+        self.scheduler.step()
+
+  def _take_commands(self, block: bool) -> list[tuple]:
+    """The commands queued by the handlers (waiting a moment for one when `block`)."""
+    try:
+      commands = [self._commands.get(timeout=_IDLE_POLL_SECONDS) if block else (
+          self._commands.get_nowait())]
+    except queue.Empty:
+      return []
+    while True:
+      try:
+        commands.append(self._commands.get_nowait())
+      except queue.Empty:
+        return [c for c in commands if c[0] != 'wake']
 
   def _apply(self, command):
     if command[0] == 'submit':
-      _, rid, request, max_new_tokens, stream = command
+      _, rid, request, max_new_tokens = command
       handle = self.scheduler.submit(request, max_new_tokens)
       self._handles[rid] = handle
-      self._live[handle] = (rid, stream, request)
+      self._live[handle] = (rid, self._streams.pop(rid, None), request)
     elif command[0] == 'cancel':
       handle = self._handles.get(command[1])
       if handle is not None:
