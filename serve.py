@@ -11,6 +11,7 @@ what runs finish, and exits 0.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import sys
@@ -27,6 +28,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 30
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack.
   import uvicorn
 
   from mmspec_jax import distributed

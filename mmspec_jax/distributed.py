@@ -15,6 +15,7 @@ The helpers below are no-ops for one process, so single-host code paths stay unc
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
@@ -93,9 +94,9 @@ class HostMessages:
   key-value store (host to host: no device work, no compile). One process: nothing is sent.
 
   Message i is stored under `{name}/{i}` (its part count, written last) and `{name}/{i}/{j}`
-  (parts of at most PART_BYTES). `forget_read()` deletes what every process has surely read:
-  process 0 calls it right after a collective step, which no process can reach before reading
-  every message sent before it.
+  (parts of at most PART_BYTES). Each reader counts what it has read under `{name}/read/{p}`;
+  `forget_read()` deletes what every reader has read. (A shared program step is no proof that a
+  process has read: with replicated state a step needs nothing from the others.)
   """
 
   PART_BYTES = 1 << 20
@@ -127,13 +128,24 @@ class HostMessages:
       except Exception as e:  # pylint: disable=broad-except
         if 'DEADLINE_EXCEEDED' not in str(e) and 'timed out' not in str(e).lower():
           raise
+        logging.info('still waiting for message %d of %s', index, self.name)
     payload = b''.join(client.blocking_key_value_get_bytes(f'{self.name}/{index}/{j}',
                                                            self.WAIT_MS) for j in range(count))
     self.received += 1
+    client.key_value_set(f'{self.name}/read/{jax.process_index()}', str(self.received),
+                         allow_overwrite=True)
     return payload
 
   def forget_read(self):
+    """Deletes the messages every other process has read (process 0)."""
     client = self._client()
-    for index in range(self._forgotten, self.sent):
+    read = min(self._read_count(client, p) for p in range(1, jax.process_count()))
+    for index in range(self._forgotten, read):
       client.key_value_delete(f'{self.name}/{index}')  # With the parts under it.
-    self._forgotten = self.sent
+    self._forgotten = max(self._forgotten, read)
+
+  def _read_count(self, client, process: int) -> int:
+    try:
+      return int(client.key_value_try_get(f'{self.name}/read/{process}'))
+    except Exception:  # pylint: disable=broad-except
+      return 0  # Nothing read yet: the key does not exist.

@@ -14,6 +14,7 @@ process behind.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -71,7 +72,7 @@ class Processes:
 
   def _failure(self, message: str) -> AssertionError:
     tails = '\n'.join(f'--- process {i} (exit {p.poll()}):\n' + ''.join(
-        self.output(i).splitlines(True)[-25:]) for i, p in enumerate(self.processes))
+        self.output(i).splitlines(True)[-60:]) for i, p in enumerate(self.processes))
     return AssertionError(f'{message}\n{tails}')
 
   def wait_for_line(self, prefix: str, index: int = 0):
@@ -94,6 +95,8 @@ class Processes:
       try:
         process.wait(timeout=max(1.0, self.deadline - time.time()))
       except subprocess.TimeoutExpired:
+        self.signal(signal.SIGUSR1)  # Where each one is stuck, if it prints stacks on it.
+        time.sleep(2)
         raise self._failure(f'still running after {self.timeout} s') from None
     codes = [p.returncode for p in self.processes]
     if expect_success and any(codes):

@@ -234,11 +234,12 @@ def test_decode_cli_continuous_with_own_budgets(ckpt, tmp_path):  # noqa: F811
     runner.run(make_config(ckpt, 'bad', prompts=str(bad)))
   with pytest.raises(ValueError, match='needs --config.batching=continuous'):
     runner.run(make_config(ckpt, 'bad_static', prompts=str(prompts), batching='static'))
-  for field, value, message in (('temperature', -1, 'temperature must be >= 0'),
-                                ('top_p', 0, r'top_p must be in \(0, 1\]'),
-                                ('top_k', 1.5, '"top_k" must be an integer'),
-                                ('temperature', '1', '"temperature" must be a number'),
-                                ('stop', [''], 'each "stop" entry must be a non-empty string')):
+  for field, value, message in (
+      ('temperature', -1, r'temperature must be in \[0, 100.0\]'),
+      ('top_p', 0, r'top_p must be in \(0, 1\]'), ('top_k', 1.5, '"top_k" must be an integer'),
+      ('top_k', 2 ** 31, r'top_k must be an integer in \[0, 2\*\*31\)'),
+      ('temperature', '1', '"temperature" must be a number'),
+      ('stop', [''], 'each "stop" entry must be a non-empty string')):
     bad.write_text(json.dumps({'id': 7, 'input_ids': [1, 5], field: value}) + '\n')
     with pytest.raises(ValueError, match=rf'line 1 \(id 7\): .*{message}'):
       runner.run(make_config(ckpt, 'bad', prompts=str(bad)))

@@ -295,7 +295,8 @@ BAD_INPUTS = {
     'image with a LLaMA target': (lambda c: {'target': c['draft']},
                                   r"line 1 \(id 'a'\): has an image but the target is a "
                                   'text-only LLaMA'),
-    'negative temperature': (lambda c: {'temperature': -0.5}, 'temperature must be >= 0'),
+    'negative temperature': (lambda c: {'temperature': -0.5},
+                             r'temperature must be in \[0, 100.0\]'),
     'top_p 0': (lambda c: {'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
     'top_p 1.5': (lambda c: {'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
     'gamma 0 with a draft': (lambda c: {'draft': c['draft'], 'num_draft_tokens': 0},

@@ -277,10 +277,12 @@ def test_smaller_draft_vocabulary_never_drafts_missing_ids():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(temperature=-0.1), 'temperature must be >= 0'),
+    (dict(temperature=-0.1), r'temperature must be in \[0, 100.0\]'),
     (dict(top_p=0.0), r'top_p must be in \(0, 1\]'),
     (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
-    (dict(top_k=-1), 'top_k must be an integer >= 0'),
+    (dict(top_k=-1), r'top_k must be an integer in \[0, 2\*\*31\)'),
+    (dict(top_k=2 ** 31), r'top_k must be an integer in \[0, 2\*\*31\)'),
+    (dict(temperature=1e39), r'temperature must be in \[0, 100.0\]'),
 ])
 def test_bad_sampling_settings_are_refused(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -136,7 +136,8 @@ def test_concurrent_streams_each_get_their_own_answer(client, ckpt):  # noqa: F8
 
 
 @pytest.mark.parametrize('kwargs, status, message', [
-    ({'temperature': -1}, 400, 'temperature must be >= 0'),
+    ({'temperature': -1}, 400, 'temperature must be in [0, 100.0]'),
+    ({'extra_body': {'top_k': 3_000_000_000}}, 400, 'top_k must be an integer in [0, 2**31)'),
     ({'top_p': 0}, 400, 'top_p must be in'),
     ({'n': 2}, 400, 'n must be 1'),
     ({'max_tokens': MAX_NEW_TOKENS + 1}, 400, 'max_tokens must be in'),
@@ -289,6 +290,14 @@ def test_two_processes_serve_what_one_process_decodes(ckpt, decoded):  # noqa: F
           model=MODEL, messages=_image_message(ckpt, p[0], p[1]), **p[2]), prompts))
     for (_, _, _, name), answer in zip(prompts, answers):
       assert answer.choices[0].message.content == decoded[name]['text']
+    # A stream dropped at its first event is cancelled on both processes alike; then the slots
+    # serve the next request.
+    body = {'model': MODEL, 'prompt': 'w30 w31', 'max_tokens': MAX_NEW_TOKENS, 'stream': True}
+    with httpx.stream('POST', f'{base}/v1/completions', json=body, timeout=60) as response:
+      assert next(response.iter_lines()).startswith('data: ')
+    again = client.chat.completions.create(model=MODEL, messages=_image_message(ckpt, 'w5 w6 w7'),
+                                           temperature=0)
+    assert again.choices[0].message.content == decoded['image']['text']
     job.signal(signal.SIGTERM, indices=[0])
     assert job.wait() == [0, 0]
   assert f'serving {MODEL!r} on' not in job.output(1)  # Process 1 serves nothing itself.

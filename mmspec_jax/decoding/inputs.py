@@ -47,7 +47,7 @@ class Request:
   id: str | int
   line: int  # 1-based line number in the input file
   token_ids: tuple[int, ...]  # the full prompt, image placeholders expanded
-  image: str | None  # resolved image path, or None for a text-only request
+  image: Any  # a resolved image path (or, from the server, a PIL image); None: text only
   seed: int | None = None  # the request's own sampling seed, if it gives one
   max_new_tokens: int | None = None  # the request's own budget (None: the run's)
   sampling: SamplingConfig | None = None  # the request's own settings (None: the run's)

@@ -19,6 +19,9 @@ import numpy as np
 # Temperatures below this decode greedily: dividing logits by ~1e-6 overflows float32 (inf - inf
 # is NaN in the softmax), and at such temperatures sampling is the argmax anyway.
 MIN_TEMPERATURE = 1e-5
+# Far past any useful setting (OpenAI's range ends at 2); logits divided by more underflow toward a
+# uniform distribution, and an infinite one gives NaN.
+MAX_TEMPERATURE = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +33,11 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}')
-    if not (isinstance(self.top_k, int) and self.top_k >= 0):
-      raise ValueError(f'top_k must be an integer >= 0 (0 = off), got {self.top_k!r}')
+    if not 0 <= self.temperature <= MAX_TEMPERATURE:
+      raise ValueError(f'temperature must be in [0, {MAX_TEMPERATURE}] (0 = greedy), got '
+                       f'{self.temperature}')
+    if not (isinstance(self.top_k, int) and 0 <= self.top_k < 2 ** 31):
+      raise ValueError(f'top_k must be an integer in [0, 2**31) (0 = off), got {self.top_k!r}')
     if not 0 < self.top_p <= 1:
       raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
 
@@ -107,7 +111,9 @@ def _filter_by_rank(x: jax.Array, rows: RowSampling) -> jax.Array:
   keep = jnp.arange(vocab) < top_k
   probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = keep & (mass_before < _per_row(rows.top_p, x.ndim))
+  # A row without top-p keeps its whole tail even where the float32 mass rounds to 1 early.
+  top_p = rows.top_p
+  keep = keep & ((mass_before < _per_row(top_p, x.ndim)) | _per_row(top_p >= 1, x.ndim))
   return _keep_ranked(x, order, keep)
 
 

@@ -2,8 +2,7 @@
 
 Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots, first
 come first served, in prefill calls of up to `prefill_width` rows (one row alone when one is
-admitted, so that a single refill does not pay for a full prefill's vision tower and prompts)
-padded to a length bucket; runs
+admitted, so that a single refill does not pay for a full prefill) padded to a length bucket; runs
 one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
 the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
 runs per token: one device round trip per chunk.
@@ -401,9 +400,10 @@ class Scheduler:
       if int(tokens[end - 1]) in ids:
         return end, int(tokens[end - 1])
       if has_string:
-        found = [s for s in strings if s in text_of(end)]
-        if found:
-          return end, found[0]
+        text = text_of(end)
+        found = [s for s in strings if s in text]
+        if found:  # The one that starts first: the text is cut there.
+          return end, min(found, key=text.index)
     return len(tokens), None
 
   def _retire(self, slot: int, new: list[int], now: float) -> Event:

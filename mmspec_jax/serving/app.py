@@ -22,6 +22,7 @@ from typing import Any
 
 import fastapi
 import jax
+import jinja2
 import pydantic
 from fastapi import responses
 
@@ -61,8 +62,15 @@ class Server:
         self.decoder, num_slots=config.batch_size, capacity=capacity,
         chunk_steps=config.chunk_steps, buckets=config.length_buckets,
         prefill_width=config.prefill_width)
-    lengths = [b for b in config.length_buckets if b < capacity] or [
-        inputs.bucket_length(capacity - 1, config.length_buckets)]
+    # Every bucket a prompt that fits a slot may be padded to (the last may pass the capacity).
+    lengths = sorted({b for b in config.length_buckets if b < capacity}
+                     | {inputs.bucket_length(capacity - 1, config.length_buckets)})
+    # The most positions a prompt and its new tokens may take: the slots', the target's and each
+    # draft's, less the drafts a last step may verify past the budget.
+    overshoot = max(gamma - 1, 0)
+    self.room = min([capacity, max_positions - overshoot] + [
+        text_config(c).max_position_embeddings - overshoot
+        for c in self.session.draft_configs.values()])
     messages = distributed.HostMessages('mmspec_serve') if jax.process_count() > 1 else None
     self.engine = ServingEngine(scheduler, max_waiting=config.max_waiting,
                                 compile_lengths=lengths, messages=messages)
@@ -73,9 +81,8 @@ class Server:
   # --- requests --------------------------------------------------------------------------------
   def _budget(self, asked: int | None, prompt_length: int) -> int:
     limit = self.config.max_new_tokens
-    if asked is None:
-      room = self.engine.scheduler.programs.capacity - prompt_length
-      return max(1, min(limit, room))
+    if asked is None:  # As much as fits (a prompt with no room left is refused by the checks).
+      return max(1, min(limit, self.room - prompt_length))
     if not 1 <= asked <= limit:
       raise APIError(400, f'max_tokens must be in [1, {limit}] (the server\'s max_new_tokens), '
                      f'got {asked}', param='max_tokens')
@@ -141,7 +148,7 @@ class Server:
     try:
       ids = self.session.processor.encode(chat_prompt(self.session.processor, messages),
                                           num_images=len(images))
-    except ValueError as e:
+    except (ValueError, TypeError, jinja2.TemplateError) as e:  # The chat template refused it.
       raise APIError(400, str(e), param='messages') from e
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else (
         body.max_tokens)
@@ -198,6 +205,13 @@ class Server:
       return f'data: {json.dumps(body, ensure_ascii=False)}\n\n'
 
     async def lines():
+      try:
+        async for line in sse():
+          yield line
+      finally:  # However the stream ends (a client gone before the first event too).
+        self.engine.cancel(eid)
+
+    async def sse():
       if chat:  # OpenAI's first chunk names the role.
         first = protocol.chat_chunk(request.id, self.model_name, created,
                                     {'role': 'assistant', 'content': ''})

@@ -7,9 +7,9 @@ the next chunk boundary. The thread compiles every program first (`ready` is set
 scheduler while anything waits or runs, and sleeps on the command queue otherwise.
 
 On several processes (hosts) process 0 runs this loop and sends each iteration's commands (the
-requests it admits, the cancellations) to the others before applying them (distributed.
-HostMessages); every other process runs `follow()`, applying the same commands in the same order
-and stepping when process 0 steps, so that every process runs the same programs on the same state.
+requests it admits, the cancellations) to the others before it steps (distributed.HostMessages);
+every other process runs `follow()`, applying the same commands in the same order and stepping
+when process 0 steps, so that every process runs the same programs on the same state.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class ServingEngine:
     stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
     self._streams[rid] = stream  # Before the command: the engine takes it when it applies that.
     self._commands.put(('submit', rid, request, max_new_tokens))
+    if self.error is not None or not self._thread.is_alive() and self.ready.is_set():
+      self._streams.pop(rid, None)  # The engine is gone: nothing would ever answer.
+      raise QueueFull('the decoding engine has stopped')
     return rid, stream.queue
 
   def cancel(self, rid: int):
@@ -149,17 +152,25 @@ class ServingEngine:
         if self.messages is not None and (commands or done or stepping):
           self.messages.send(pickle.dumps((commands, done)))
         if done:
+          if self.messages is not None:
+            logging.info('sent the last of %d messages', self.messages.sent)
+            # Process 0 holds the coordination service that carries the messages: it may not
+            # exit before every process has read the last one.
+            distributed.barrier('mmspec serving stopped')
           return
         if stepping:
+          chunks = self.scheduler.chunks
           for event in self.scheduler.step():
             self._deliver(event)
-          if self.messages is not None:
-            self.messages.forget_read()  # Every process has read what came before this step.
+          if self.messages is not None and self.scheduler.chunks != chunks:
+            self.messages.forget_read()  # What every process has read (once per chunk).
     except BaseException as e:  # Every waiting coroutine hears of it; /health turns 503.
       logging.exception('the decoding engine failed')
       self.error = e
-      for _, stream, _ in self._live.values():
+      for stream in [s for _, s, _ in self._live.values()] + list(self._streams.values()):
         _put(stream, e)
+      if self.messages is not None:
+        self.messages.send(pickle.dumps(([], 'failed')))
 
   def follow(self):
     """The loop of a process other than 0: process 0's commands, and its steps, until it stops."""
@@ -167,12 +178,18 @@ class ServingEngine:
     logging.info('serving programs compiled in %.1fs', seconds)
     while True:
       commands, done = pickle.loads(self.messages.receive())
+      if done == 'failed':
+        raise RuntimeError('the decoding engine of process 0 failed; see its log')
       for command in commands:
         self._apply(command)
       if done:
+        distributed.barrier('mmspec serving stopped')
         return
       if not self.scheduler.idle:
-        self.scheduler.step()
+        for event in self.scheduler.step():
+          if event.finished is not None:  # Nothing streams here: forget it.
+            rid, _, _ = self._live.pop(event.handle)
+            del self._handles[rid]
 
   def _take_commands(self, block: bool) -> list[tuple]:
     """The commands queued by the handlers (waiting a moment for one when `block`)."""

@@ -12,6 +12,8 @@ import urllib.parse
 from PIL import Image
 
 ALLOWED_FORMATS = ('PNG', 'JPEG', 'WEBP')
+# Larger images are refused before they are decoded (the model sees 336 x 336 pixels anyway).
+MAX_PIXELS = 4096 * 4096
 
 
 def load_image(url: str, allowed_local_media_path: str = '') -> Image.Image:
@@ -46,7 +48,9 @@ def load_image(url: str, allowed_local_media_path: str = '') -> Image.Image:
 
 def _decode(data: io.BytesIO, what: str) -> Image.Image:
   try:
-    image = Image.open(data)
+    image = Image.open(data)  # Reads the header only.
+    if image.width * image.height > MAX_PIXELS:
+      raise ValueError(f'{what}: {image.width} x {image.height} pixels, more than {MAX_PIXELS}')
     image.load()
   except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
     raise ValueError(f'cannot decode {what} as an image ({e})') from e
