@@ -8,7 +8,21 @@ setup(
     description='Speculative decoding for LLaVA-1.5 with small drafts, in JAX/Flax, for TPU and GPU',
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
-    packages=find_packages(include=['mmspec_jax', 'mmspec_jax.*']),
+    # configs/ ships inside the package (mmspec_jax.configs): every command finds its default
+    # config from any directory.
+    packages=find_packages(include=['mmspec_jax', 'mmspec_jax.*']) + ['mmspec_jax.configs'],
+    package_dir={'mmspec_jax.configs': 'configs'},
+    entry_points={'console_scripts': [
+        'mmspec-decode = mmspec_jax.commands.decode:command',
+        'mmspec-serve = mmspec_jax.commands.serve:command',
+        'mmspec-train = mmspec_jax.commands.train:command',
+        'mmspec-convert = mmspec_jax.convert.__main__:command',
+        'mmspec-plan = mmspec_jax.plan:command',
+        'mmspec-evaluate = mmspec_jax.evaluate:command',
+        'mmspec-bench = mmspec_jax.bench.__main__:command',
+        'mmspec-demo = mmspec_jax.demo:command',
+        'mmspec-target-answers = mmspec_jax.target_answers:command',
+    ]},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.6',
@@ -32,6 +46,7 @@ setup(
         'fastapi>=0.110',
         'uvicorn>=0.29',
         'prometheus_client>=0.20',
+        'huggingface_hub>=0.20',  # Hub ids (org/name) as target and draft, through the HF cache.
     ],
     extras_require={
         # The torch reference for parity tests. Pinned: an unpinned torch pulls a CUDA build.

@@ -5,7 +5,20 @@ from __future__ import annotations
 
 import os
 
-ROOT = os.environ.get('MMSPEC_ARTIFACTS', 'artifacts')
+
+
+def _default_root() -> str:
+  """MMSPEC_ARTIFACTS, else the repository's artifacts/ when the package runs from a checkout
+  (so every command finds the demo's files from any directory), else ./artifacts."""
+  if os.environ.get('MMSPEC_ARTIFACTS'):
+    return os.environ['MMSPEC_ARTIFACTS']
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isfile(os.path.join(checkout, 'setup.py')):
+    return os.path.join(checkout, 'artifacts')
+  return os.path.abspath('artifacts')
+
+
+ROOT = _default_root()
 
 
 HF_EXPORT_SUBDIR = 'export_hf'  # Under a run's workdir, next to `export`.
@@ -44,4 +57,7 @@ def results_dir(root: str | None = None) -> str:
 
 
 DEMO_TARGET_STAGE = 'target'
-DEMO_DRAFT_STAGE = 'draft_chat'
+DEMO_DRAFT_STAGE = 'draft_chat'  # The benchmarks' draft (their figures are this one's).
+# decode.py's and serve.py's draft when none is given: the best `make demo` trained first (the
+# distilled ones accept the most tokens in its evaluation), else the chat draft.
+DEMO_DECODE_DRAFT_STAGES = ('adapter_distill', 'draft_distill', DEMO_DRAFT_STAGE)

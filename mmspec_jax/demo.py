@@ -4,7 +4,7 @@
    text corpus; a BPE tokenizer), deterministically.
 2. Trains, with train.py's stages and configs/world.py: a small LLaVA target from scratch, a
    language-only draft (pretraining on text, then chat), and an adapter draft (stages 1 and 2);
-   then has the target answer a quarter of the training prompts (mmspec_jax/target_answers.py)
+   then has the target answer every 6th training record (ANSWER_STRIDE) (mmspec_jax/target_answers.py)
    and distills both drafts toward its distributions on its own answers.
 3. Decodes a handful of held-out images speculatively, printing question, answer and tau per row.
 4. Runs the paper's evaluation: tau and MBSU per task x gamma x draft (greedy), each draft
@@ -16,13 +16,13 @@ and the evaluation, and only decodes the examples again.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 
+from absl import app
 
-from mmspec_jax import artifacts
+from mmspec_jax import artifacts, cli
 
 STAGES = ('target', 'draft_pretrain', 'draft_chat', 'adapter_stage1', 'adapter_stage2')
 # Trained after the target has answered the training prompts, on its answers.
@@ -38,17 +38,12 @@ ANSWER_STRIDE = 6
 # `python -m mmspec_jax.evaluate` runs any grid.
 EVALUATION_GAMMAS = (1, 3, 5, 7)
 EVALUATION_SAMPLINGS = ('greedy',)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_PER_TASK = 2
 GAMMA = 3
 
 
 def _world_config(stage: str):
-  spec = importlib.util.spec_from_file_location('world_config',
-                                                os.path.join(REPO, 'configs', 'world.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(stage)
+  return cli.load_config(f'world:{stage}')
 
 
 def _banner(text: str):
@@ -179,5 +174,14 @@ def main():
   print(f'\nmake demo finished in {time.time() - start:.0f}s; artifacts in {artifacts.ROOT}/')
 
 
+def command():
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cli.configure_console()
+    main()
+  cli.run_command(run, usage=__doc__, default_config=None)
+
+
 if __name__ == '__main__':
-  main()
+  command()

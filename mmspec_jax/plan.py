@@ -2,7 +2,7 @@ r"""Will it fit, and how fast? Compiles full-size programs on abstract shapes an
 per-device memory and the cost of each decoding call.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      python -m mmspec_jax.plan --config=configs/plan.py --config.mesh.tensor=8
+      mmspec-plan --config.mesh.tensor=8   (or python -m mmspec_jax.plan ...)
 
 Lowers and compiles, without allocating a single weight, (1) the whole speculative decoding
 program (prefill with images, the while_loop of drafting and verification) for the target and
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 
 import flax.linen as nn
@@ -28,9 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from mmspec_jax import plan_costs, sharding
+from mmspec_jax import cli, plan_costs, sharding
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.session import eos_token_ids
@@ -222,18 +222,26 @@ def run(config) -> list[dict]:
   return reports
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Plan config (configs/plan.py).',
-                                          lock_config=True)
-_OUTPUT = flags.DEFINE_string('output', '', 'Optional JSON file for the reports.')
+def _define_flags():
+  flags.DEFINE_string('output', '', 'Optional JSON file for the reports.')
 
 
 def main(argv):
-  del argv
-  reports = run(_CONFIG.value)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.configure_console()
+  try:
+    reports = run(cli.config())
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if flags.FLAGS.output:
+    with open(flags.FLAGS.output, 'w') as f:
       json.dump(reports, f, indent=2)
 
 
+def command():
+  cli.run_command(main, usage=__doc__, default_config='plan', define_flags=_define_flags)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  command()

@@ -1,10 +1,11 @@
 r"""The data stage that asks the target: its own answers to a stage's training prompts, written in
 the LLaVA JSON format the builders read, for distilling a draft toward what the target says.
 
-  python -m mmspec_jax.target_answers --target=runs/target/export \
-      --json_files=train_all.json --image_folder=images --out=answers/train_all.json \
-      [--sampling=greedy|sample --seed=0 --max_new_tokens=128 --batch_size=16 --draft=DIR
-       --slot_capacity=N]
+  mmspec-target-answers --config.target=runs/target/export \
+      --config.json_files=train_all.json --config.image_folder=images \
+      --config.out=answers/train_all.json [--config.sampling=greedy|sample --config.seed=0
+      --config.max_new_tokens=128 --config.batch_size=16 --config.draft=DIR
+      --config.slot_capacity=N]   (every setting: configs/target_answers.py)
 
 Every human turn of every record is answered by the target, turn after turn: the prompt of turn
 t holds the record's image, its questions and the target's own answers to turns before t (the
@@ -12,11 +13,11 @@ conversation it would have had). The output keeps each record's id, image and qu
 replaces the assistant turns by the target's answers.
 
 It runs on decode.py's engine through one DecodeSession and one continuous-batching scheduler
-(decoding/scheduler.py), sharded over the mesh (and over several processes with --multihost, every
+(decoding/scheduler.py), sharded over the mesh (and over several processes with --config.multihost, every
 process running the same command and so making the same submissions; process 0 writes). Every
 record's first unanswered turn is submitted at the start; when a turn's answer arrives, the
 record's next turn (whose prompt holds that answer) is submitted at once, so it decodes beside the
-other records' turns instead of waiting for every record to finish the turn before. With --draft
+other records' turns instead of waiting for every record to finish the turn before. With config.draft
 the target's answers come from speculative decoding, which leaves them unchanged (greedy: the same
 tokens; sampled: the same distribution) and faster. Greedy answers are the target's argmax;
 sampled ones (temperature 1) use each turn's own key, fold_in(key(seed), hash(id, turn)), so an
@@ -27,7 +28,7 @@ yet, and an answer's length in tokens is not bounded by max_new_tokens (it is de
 stripped and encoded again inside the conversation). So while any record has a turn after its
 first unanswered one, the slots hold the target's max_position_embeddings, which no prompt that
 inputs.check_ids accepts can exceed; otherwise every prompt is known, and they hold the longest
-plus max_new_tokens. --slot_capacity sets a smaller one (the caches hold batch_size x capacity
+plus max_new_tokens. config.slot_capacity sets a smaller one (the caches hold batch_size x capacity
 positions); a later turn it cannot hold is then refused by record and turn.
 
 Progress: the answers that arrive in each chunk are appended to OUT.partial.jsonl at once, and a
@@ -38,7 +39,6 @@ removed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -46,10 +46,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import tqdm
+from absl import app
 
-from mmspec_jax import distributed
+from mmspec_jax import cli, distributed
 from mmspec_jax.data.conversation import (ConversationEncoder, conversation_turns,
                                           question_answer_pairs)
 from mmspec_jax.decoding import inputs
@@ -254,46 +254,40 @@ class TargetAnswers:
     return {**kept, 'conversations': conversations}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--target', required=True)
-  parser.add_argument('--json_files', required=True, help='comma-separated LLaVA JSON files')
-  parser.add_argument('--image_folder', default='')
-  parser.add_argument('--out', required=True, help='the LLaVA JSON file to write')
-  parser.add_argument('--draft', default='', help='a draft to decode speculatively with')
-  parser.add_argument('--gamma', type=int, default=5)
-  parser.add_argument('--sampling', default='greedy', choices=sorted(SAMPLINGS))
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--max_new_tokens', type=int, default=128)
-  parser.add_argument('--batch_size', type=int, default=16, help='decode slots')
-  parser.add_argument('--slot_capacity', type=int, default=0,
-                      help='prompt + new tokens a slot holds (0: what the prompts can need)')
-  parser.add_argument('--dtype', default='float32')
-  # Several processes, as train.py's and decode.py's --config.multihost / --config.distributed.*.
-  parser.add_argument('--multihost', action='store_true')
-  parser.add_argument('--coordinator_address', default='')
-  parser.add_argument('--num_processes', type=int, default=-1)
-  parser.add_argument('--process_id', type=int, default=-1)
-  args = parser.parse_args(argv)
-  settings = ml_collections.ConfigDict()
-  distributed.add_config(settings)
-  settings.multihost = args.multihost
-  settings.distributed.update(coordinator_address=args.coordinator_address,
-                              num_processes=args.num_processes, process_id=args.process_id)
-  distributed.initialize(settings)
-  out_dir = os.path.dirname(os.path.abspath(args.out))
+def run(config) -> dict[str, int]:
+  """Answers config.json_files into config.out (configs/target_answers.py); returns the counts."""
+  for name in ('target', 'json_files', 'out'):
+    if not config[name]:
+      raise ValueError(f'config.{name} is empty: pass --config.{name}=...')
+  distributed.initialize(config)
+  out_dir = os.path.dirname(os.path.abspath(config.out))
   if not os.path.isdir(out_dir):
-    raise SystemExit(f'the output directory {out_dir!r} does not exist')
-  session = DecodeSession(args.target, {'draft': args.draft} if args.draft else {},
-                          dtype=args.dtype)
-  counts = TargetAnswers(
-      session, draft='draft' if args.draft else None, gamma=args.gamma, sampling=args.sampling,
-      seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-      slot_capacity=args.slot_capacity,
-  ).run(args.json_files.split(','), args.image_folder, args.out)
-  print(f'{args.out}: {counts["answers"]} answers to {counts["records"]} records '
+    raise ValueError(f'the output directory {out_dir!r} does not exist')
+  session = DecodeSession(config.target, {'draft': config.draft} if config.draft else {},
+                          dtype=config.dtype)
+  return TargetAnswers(
+      session, draft='draft' if config.draft else None, gamma=config.gamma,
+      sampling=config.sampling, seed=config.seed, max_new_tokens=config.max_new_tokens,
+      batch_size=config.batch_size, slot_capacity=config.slot_capacity,
+  ).run(config.json_files.split(','), config.image_folder, config.out)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.configure_console()
+  config = cli.config()
+  try:
+    counts = run(config)
+  except (ValueError, OSError) as e:
+    sys.exit(f'error: {e}')
+  print(f'{config.out}: {counts["answers"]} answers to {counts["records"]} records '
         f'({counts["resumed"]} from a previous run)')
 
 
+def command():
+  cli.run_command(main, usage=__doc__, default_config='target_answers')
+
+
 if __name__ == '__main__':
-  main()
+  command()

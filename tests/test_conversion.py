@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,12 +47,32 @@ def test_converted_directory_round_trip(llama_dir, tmp_path):
     save_converted(str(tmp_path / 'out'), config, params)
 
 
-def test_cli_converts_to_bfloat16(llama_dir, tmp_path):
+def _hub_cache(tmp_path, repo_id: str, files_from: str) -> str:
+  """A Hugging Face hub cache holding `files_from`'s files as repo_id's snapshot (the layout
+  huggingface_hub writes: models--ORG--NAME/snapshots/REVISION and refs/main)."""
+  cache = tmp_path / 'hub'
+  repo = cache / ('models--' + repo_id.replace('/', '--'))
+  snapshot = repo / 'snapshots' / 'abc123'
+  shutil.copytree(files_from, snapshot)
+  (repo / 'refs').mkdir()
+  (repo / 'refs' / 'main').write_text('abc123')
+  return str(cache)
+
+
+def _console_script(name: str) -> str:
+  return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def test_cli_converts_a_hub_id_to_bfloat16_from_any_directory(llama_dir, tmp_path):
+  """mmspec-convert, run from another directory, finds a Hub id in the local cache offline."""
   hf_dir, reference = llama_dir
   out = tmp_path / 'bf16'
+  env = {**os.environ, 'HF_HUB_CACHE': _hub_cache(tmp_path, 'tiny-org/tiny-llama', hf_dir),
+         'HF_HUB_OFFLINE': '1'}
   result = subprocess.run(
-      [sys.executable, '-m', 'mmspec_jax.convert', f'--hf_dir={hf_dir}', f'--out_dir={out}',
-       '--dtype=bfloat16'], capture_output=True, text=True, timeout=300)
+      [_console_script('mmspec-convert'), '--config.hf_dir=tiny-org/tiny-llama',
+       f'--config.out_dir={out}', '--config.dtype=bfloat16'], capture_output=True, text=True,
+      timeout=300, cwd=tmp_path, env=env)
   assert result.returncode == 0, result.stderr
   assert 'converted' in result.stdout and '[1/' in result.stdout  # Progress is shown.
   assert os.path.isfile(out / 'mmspec_config.json') and os.path.isfile(out / 'config.json')
@@ -59,13 +80,21 @@ def test_cli_converts_to_bfloat16(llama_dir, tmp_path):
   assert config.param_dtype == 'bfloat16'
   assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree.leaves(params))
   assert np.abs(_logits(config, params) - reference).max() < 0.5  # bfloat16 rounding only.
+  # An id the cache lacks, offline: named, with the cache searched.
+  result = subprocess.run(
+      [_console_script('mmspec-convert'), '--config.hf_dir=tiny-org/missing',
+       f'--config.out_dir={tmp_path / "missing"}'], capture_output=True, text=True,
+      timeout=300, cwd=tmp_path, env=env)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert "'tiny-org/missing' is neither a directory nor in the Hugging Face cache" in result.stderr
+  assert env['HF_HUB_CACHE'] in result.stderr and 'HF_HUB_OFFLINE is set' in result.stderr
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'mistral'}))
   result = subprocess.run(
-      [sys.executable, '-m', 'mmspec_jax.convert', f'--hf_dir={tmp_path}',
-       f'--out_dir={tmp_path / "out"}'], capture_output=True, text=True, timeout=300)
+      [sys.executable, '-m', 'mmspec_jax.convert', f'--config.hf_dir={tmp_path}',
+       f'--config.out_dir={tmp_path / "out"}'], capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "unsupported model_type 'mistral'" in result.stderr
   assert 'Traceback' not in result.stderr

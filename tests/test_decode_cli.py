@@ -357,6 +357,40 @@ def test_cli(ckpt):
   assert not os.path.exists(ckpt['root'] / 'cli_bad.jsonl')
 
 
+def test_one_prompt_and_image_stream_from_any_directory(ckpt, speculative):
+  """mmspec-decode with --config.prompt and --config.image (relative to the working directory)
+  prints the answer the prompts file gives that request, then its statistics on one line; the
+  console shows no INFO lines of absl, orbax or jax."""
+  _, lines, _ = speculative
+  expected = next(line for line in lines if line['id'] == 'a')
+  command = [os.path.join(os.path.dirname(sys.executable), 'mmspec-decode'),
+             f'--config.target={ckpt["target"]}', f'--config.draft={ckpt["draft"]}',
+             f'--config.prompt={ROWS[0]["prompt"]}', f'--config.image={ROWS[0]["image"]}',
+             '--config.num_draft_tokens=3', f'--config.max_new_tokens={MAX_NEW_TOKENS}',
+             '--config.chunk_steps=2']
+  result = subprocess.run(command, cwd=ckpt['root'], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  answer, statistics = result.stdout.rstrip('\n').rsplit('\n', 1)
+  assert answer == expected['text']
+  assert statistics.startswith(f'[{len(expected["token_ids"])} tokens, ') and 'tau' in statistics
+  assert not [line for line in result.stderr.splitlines() if line[:1] in 'IW' and line[1:5].isdigit()]
+  # A prompts file and config.image together are refused by name.
+  result = subprocess.run(command[:1] + [f'--config.target={ckpt["target"]}',
+                                         f'--config.prompts={ckpt["prompts"]}',
+                                         '--config.output=out.jsonl', '--config.image=a.png'],
+                          cwd=ckpt['root'], capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and 'error: config.image goes with config.prompt' in result.stderr
+
+
+def test_help_lists_the_config_fields_from_any_directory(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'decode.py'), '--help'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert 'mmspec-decode --config.prompt=' in result.stdout  # The usage, then every field:
+  assert "  prompt = ''\n      One question instead of a file" in result.stdout
+  assert '  max_new_tokens = 128\n' in result.stdout
+
+
 def _two_processes(ckpt, name, prompts, *flags):
   """decode.py on 2 processes x 4 CPU devices, its 8 rows split over all 8: its output lines."""
   command = [sys.executable, 'decode.py', '--config=configs/decode.py',

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
+from mmspec_jax import cli
 from mmspec_jax import evaluate as evaluate_cli
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.evaluation import evaluate, report
@@ -199,7 +199,7 @@ def test_output_files(evaluated):
 
 
 def test_cli(models, tmp_path, monkeypatch, capsys):
-  """Flags reach evaluate() and the tables reach stdout; bad settings exit with `error: ...`."""
+  """Config fields reach evaluate() and the tables reach stdout; bad settings are named."""
   calls = []
 
   def fake_evaluate(*args, **kwargs):  # The real one is exercised above; this checks the wiring.
@@ -207,33 +207,30 @@ def test_cli(models, tmp_path, monkeypatch, capsys):
     with open(os.path.join(kwargs['out_dir'], report.MARKDOWN_FILE), 'w') as f:
       f.write('| the tables |\n')
 
-  argv = ['evaluate', f'--target={models["target"]}', '--draft=language:L', '--draft=adapter:A',
-          f'--data_dir={models["world"]}', '--tasks=sqa,conversation', '--gammas=1,4',
-          '--shape=2,1', '--shape=1,1@0.5', '--samplings=greedy', '--max_new_tokens=5',
-          '--batch_size=2', '--num_examples=3',
-          f'--out_dir={tmp_path}', '--seed=7']
-
-  def main(*extra):
-    try:
-      flags.FLAGS(argv + list(extra))
-      evaluate_cli.main(argv[:1])
-    finally:
-      flags.FLAGS.unparse_flags()
+  def config(**fields):
+    settings = dict(
+        target=models['target'], drafts='language:L,adapter:A', data_dir=models['world'],
+        tasks='sqa,conversation', gammas='1,4', shapes='2,1;1,1@0.5', samplings='greedy',
+        max_new_tokens=5, batch_size=2, num_examples=3, out_dir=str(tmp_path), seed=7)
+    settings.update(fields)
+    result = cli.load_config('evaluate')
+    result.update(settings)
+    return result
 
   monkeypatch.setattr(evaluate_cli, 'evaluate', fake_evaluate)
-  main()
+  evaluate_cli.run(config())
   assert calls == [((models['target'], ['language:L', 'adapter:A'], models['world']), dict(
       tasks=['sqa', 'conversation'], gammas=[1, 4], shapes=['2,1', '1,1@0.5'],
       samplings=['greedy'], max_new_tokens=5,
       batch_size=2, num_examples=3, out_dir=str(tmp_path), seed=7, dtype='float32'))]
   assert capsys.readouterr().out.startswith('| the tables |\n')
-  with pytest.raises(SystemExit, match=r"error: --gammas must be integers, got \['1', 'x'\]"):
-    main('--gammas=1,x')
-  with pytest.raises(SystemExit, match='error: --target is required'):
-    main('--target=')
+  with pytest.raises(ValueError, match=r"gammas must be comma-separated integers, got '1,x'"):
+    evaluate_cli.run(config(gammas='1,x'))
+  with pytest.raises(ValueError, match='config.target is empty'):
+    evaluate_cli.run(config(target=''))
   monkeypatch.setattr(evaluate_cli, 'evaluate', evaluate)
-  with pytest.raises(SystemExit, match='error: gammas must be distinct integers >= 1'):
-    main('--gammas=0')
+  with pytest.raises(ValueError, match='gammas must be distinct integers >= 1'):
+    evaluate_cli.run(config(gammas='0'))
 
 
 def test_trees_and_adaptive_lengths_beside_the_gammas(models, tmp_path):

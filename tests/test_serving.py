@@ -20,7 +20,7 @@ from mmspec_jax.decoding import runner
 from mmspec_jax.serving.app import Server
 from mmspec_jax.serving.defaults import serve_config
 from mmspec_jax.serving.local import free_port, httpx, serving, wait_healthy
-from mmspec_jax.serving.text import TextStream
+from mmspec_jax.decoding.text_stream import TextStream
 
 API_KEY = 'test-key'
 MODEL = 'tiny-llava'

@@ -1,6 +1,6 @@
 r"""`make bench`: decoding speed against the memory roofline, transformers and our own baseline.
 
-  python -m mmspec_jax.bench [--out_dir=artifacts/results/bench] [--sections=1,2,3,4,5,6,7]
+  mmspec-bench [--config.out_dir=artifacts/results/bench] [--config.sections=1,2,3,4,5,6,7]
 
 Sections (each writes its figures into bench.json as soon as it finishes):
   1  a random 1.1B LLaMA, batch 1: our autoregressive tokens/s, transformers `generate` on the same
@@ -21,16 +21,17 @@ training, about 10 minutes, not counted in any figure).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import tempfile
 import time
+import types
 
 import jax
+from absl import app
 
-from mmspec_jax import artifacts
+from mmspec_jax import artifacts, cli
 from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report,
                               serving_load, speculative, widen)
 from mmspec_jax.bench.timing import read_bandwidth
@@ -77,28 +78,26 @@ def ensure_demo_models():
   demo.train_models()
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m mmspec_jax.bench', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out_dir', default=os.path.join(artifacts.results_dir(), 'bench'))
-  parser.add_argument('--sections', default='1,2,3,4,5,6,7', help='comma-separated, among 1-7')
-  parser.add_argument('--repeats', type=int, default=3, help='timed runs per figure')
-  parser.add_argument('--work_dir', default=None,
-                      help='where the 1.1B checkpoint is written (default: a temporary dir)')
-  args = parser.parse_args(argv)
+def sections(config) -> list[int]:
+  """config.sections ('1,2,3') as a sorted list; bad values named."""
   try:
-    args.sections = sorted({int(s) for s in args.sections.split(',')})
+    chosen = sorted({int(s) for s in config.sections.split(',')})
   except ValueError:
-    parser.error(f'--sections: expected comma-separated numbers, got {args.sections!r}')
-  if not args.sections or not set(args.sections) <= set(SECTIONS):
-    parser.error(f'--sections: choose among {",".join(map(str, SECTIONS))}, got {args.sections}')
-  if args.repeats < 1:
-    parser.error(f'--repeats must be >= 1, got {args.repeats}')
-  return args
+    raise ValueError(f'sections: expected comma-separated numbers, got {config.sections!r}'
+                     ) from None
+  if not chosen or not set(chosen) <= set(SECTIONS):
+    raise ValueError(f'sections: choose among {",".join(map(str, SECTIONS))}, got '
+                     f'{config.sections!r}')
+  if config.repeats < 1:
+    raise ValueError(f'repeats must be >= 1, got {config.repeats}')
+  return chosen
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def run(config):
+  """Runs the sections config names (configs/bench.py); writes and prints the report."""
+  args = types.SimpleNamespace(
+      sections=sections(config), repeats=config.repeats, work_dir=config.work_dir or None,
+      out_dir=config.out_dir or os.path.join(artifacts.results_dir(), 'bench'))
   report.write({}, args.out_dir, final=False)  # A bad --out_dir fails before any work.
   if set(args.sections) & NEEDS_DEMO_MODELS:
     ensure_demo_models()
@@ -180,5 +179,19 @@ def _check_widened(comparison, pair, wide, wide_tokens):
        f'by at most {comparison["logits_max_abs_difference"]:.1e})')
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.configure_console()
+  try:
+    run(cli.config())
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+
+
+def command():
+  cli.run_command(main, usage=__doc__, default_config='bench')
+
+
 if __name__ == '__main__':
-  main()
+  command()

@@ -1,9 +1,11 @@
-r"""Converts a Hugging Face LLaVA or LLaMA directory into an orbax checkpoint this package loads.
+r"""Converts a Hugging Face LLaVA or LLaMA checkpoint into an orbax checkpoint this package loads.
 
-  python -m mmspec_jax.convert --hf_dir=llava-1.5-7b-hf --out_dir=llava-7b-jax [--dtype=bfloat16]
+  mmspec-convert --config.hf_dir=llava-1.5-7b-hf --config.out_dir=llava-7b-jax \
+      [--config.dtype=bfloat16]
 
-Writes OUT/mmspec_config.json, OUT/params/ (orbax) and the tokenizer/processor files. `decode.py`
-and `load_model` accept OUT or the HF directory itself.
+hf_dir may be a Hub id (org/name) in the local Hugging Face cache. Writes OUT/mmspec_config.json,
+OUT/params/ (orbax) and the tokenizer/processor files. decode.py and `load_model` accept OUT or
+the HF directory itself.
 """
 
 from __future__ import annotations
@@ -11,35 +13,46 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app
 
-from mmspec_jax.convert.hf_config import ConversionError
-from mmspec_jax.convert.loading import load_model, save_converted
-from mmspec_jax.models import parameter_count
-from mmspec_jax.models.config import SUPPORTED_DTYPES
+from mmspec_jax import cli
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory.', required=True)
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory (new or empty).', required=True)
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', list(SUPPORTED_DTYPES),
-                           'Parameter and compute dtype of the converted model.')
-_ALLOW_PICKLE = flags.DEFINE_bool(
-    'allow_pickle', False, 'Allow pickled pytorch_model*.bin weights (they can run code).')
+
+def run(config):
+  """Converts config.hf_dir into config.out_dir, printing progress."""
+  from mmspec_jax.convert.hub import resolve_model
+  from mmspec_jax.convert.loading import load_model, save_converted
+  from mmspec_jax.models import parameter_count
+  from mmspec_jax.models.config import SUPPORTED_DTYPES
+  for name in ('hf_dir', 'out_dir'):
+    if not config[name]:
+      raise ValueError(f'config.{name} is empty: pass --config.{name}=PATH')
+  if config.dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of {SUPPORTED_DTYPES}')
+  start = time.time()
+  hf_dir = resolve_model(config.hf_dir)
+  model_config, params = load_model(hf_dir, dtype=config.dtype, allow_pickle=config.allow_pickle,
+                                    progress=lambda line: print(line, flush=True))
+  print(f'converted {parameter_count(params):,} parameters in {time.time() - start:.1f}s; '
+        f'writing {config.out_dir}', flush=True)
+  save_converted(config.out_dir, model_config, params, source_dir=hf_dir)
+  print(f'done in {time.time() - start:.1f}s: {config.out_dir}')
 
 
 def main(argv):
-  del argv
-  start = time.time()
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.configure_console()
+  from mmspec_jax.convert.hf_config import ConversionError
   try:
-    config, params = load_model(_HF_DIR.value, dtype=_DTYPE.value,
-                                allow_pickle=_ALLOW_PICKLE.value,
-                                progress=lambda line: print(line, flush=True))
-    print(f'converted {parameter_count(params):,} parameters in {time.time() - start:.1f}s; '
-          f'writing {_OUT_DIR.value}', flush=True)
-    save_converted(_OUT_DIR.value, config, params, source_dir=_HF_DIR.value)
-  except ConversionError as e:
+    run(cli.config())
+  except (ConversionError, ValueError, OSError) as e:
     sys.exit(f'error: {e}')
-  print(f'done in {time.time() - start:.1f}s: {_OUT_DIR.value}')
+
+
+def command():
+  cli.run_command(main, usage=__doc__, default_config='convert')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command()

@@ -49,6 +49,10 @@ def decode_config() -> ml_collections.ConfigDict:
   # The run's PRNG seed. A request samples from fold_in(key(seed), hash of its id), or from
   # key(its own "seed") when its JSONL line gives one: never from its batch or position.
   config.seed = 0
+  # One question instead of a file: its answer is printed as it streams, then its statistics.
+  config.prompt = ''
+  # The image of config.prompt (a PNG/JPEG/WebP path); '' = a text-only prompt.
+  config.image = ''
   # Input JSONL path. Relative "image" paths are resolved against this file's directory.
   config.prompts = ''
   # Output JSONL path; the summary goes next to it (OUT.jsonl -> OUT.summary.json).

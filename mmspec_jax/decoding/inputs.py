@@ -249,21 +249,33 @@ def read_requests(path: str, processor: MultimodalProcessor, target: ModelConfig
       if request_id in first_line_of:
         raise ValueError(f'{where}: duplicate id (first on line {first_line_of[request_id]})')
       first_line_of[request_id] = line_number
-      if ('prompt' in row) == ('input_ids' in row):
-        raise ValueError(f'{where}: needs exactly one of "prompt" and "input_ids"')
-      image = row.get('image')
-      if image is not None:
-        image = check_image(image, where, path, target, processor)
-      ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
-      check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens, drafts)
-      requests.append(Request(
-          request_id, line_number, tuple(ids), image, check_seed(row, where),
-          check_max_new_tokens(row, where, max_new_tokens),
-          check_sampling(row, where, sampling),
-          check_stop(row, where, text_config(target).vocab_size)))
+      requests.append(parse_request(
+          row, where, path, line_number, processor, target, raw_prompt=raw_prompt,
+          max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, drafts=drafts,
+          sampling=sampling))
   if not requests:
     raise ValueError(f'{path}: no requests (the file is empty)')
   return requests
+
+
+def parse_request(row: dict[str, Any], where: str, path: str, line_number: int,
+                  processor: MultimodalProcessor, target: ModelConfig, *, raw_prompt: bool,
+                  max_new_tokens: int, num_draft_tokens: int = 0,
+                  drafts: Sequence[ModelConfig] = (),
+                  sampling: SamplingConfig | None = None) -> Request:
+  """One request from its fields (a JSONL line's object, `where` naming it in errors; a relative
+  "image" is resolved against `path`'s directory), checked as read_requests checks every line."""
+  if ('prompt' in row) == ('input_ids' in row):
+    raise ValueError(f'{where}: needs exactly one of "prompt" and "input_ids"')
+  image = row.get('image')
+  if image is not None:
+    image = check_image(image, where, path, target, processor)
+  ids = prompt_ids(row, where, image is not None, raw_prompt, processor)
+  check_ids(ids, where, image is not None, target, max_new_tokens, num_draft_tokens, drafts)
+  return Request(
+      row['id'], line_number, tuple(ids), image, check_seed(row, where),
+      check_max_new_tokens(row, where, max_new_tokens), check_sampling(row, where, sampling),
+      check_stop(row, where, text_config(target).vocab_size))
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:

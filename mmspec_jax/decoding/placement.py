@@ -6,6 +6,7 @@ running under `mesh_context` is what places them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -62,8 +63,17 @@ def load_for_decoding(path: str, config, dtype: str, mesh, rules=sharding.DEFAUL
   return decoding_params(config, params, layout, mesh, rules)
 
 
+@functools.lru_cache(maxsize=256)
+def _batch_sharding(shape, mesh, rules):
+  return sharding.logical_sharding((axes.BATCH,) + (None,) * (len(shape) - 1), shape, mesh, rules)
+
+
 def batch_sharding(shape, mesh, rules=sharding.DEFAULT_RULES):
   """Batch-major; replicated when the batch axes do not divide the rows."""
+  try:
+    return _batch_sharding(tuple(shape), mesh, rules)
+  except TypeError:  # Unhashable rules (lists): computed each time.
+    pass
   return sharding.logical_sharding((axes.BATCH,) + (None,) * (len(shape) - 1), shape, mesh, rules)
 
 
@@ -91,6 +101,8 @@ def _place(value, mesh, rules):
   (each process puts only the rows of its own devices)."""
   if value is None:
     return None
+  if jax.process_count() == 1:  # Every device is this process's: one plain transfer.
+    return jax.device_put(value, batch_sharding(tuple(np.shape(value)), mesh, rules))
   if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # Typed keys: place their data.
     placed = _place(jax.random.key_data(value), mesh, rules)
     return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(value))

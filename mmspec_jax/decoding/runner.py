@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +33,7 @@ from mmspec_jax import artifacts, distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.scheduler import output_text
+from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models.config import SUPPORTED_DTYPES
@@ -64,14 +66,18 @@ def use_demo_checkpoints(config):
     raise ValueError('config.target is empty and there are no demo checkpoints under '
                      f'{artifacts.ROOT!r}: pass --config.target=DIR, or run `make demo` first')
   config.target = artifacts.export_dir(artifacts.DEMO_TARGET_STAGE)
-  if not config.draft and artifacts.is_trained(artifacts.DEMO_DRAFT_STAGE):
-    config.draft = artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE)
+  trained = [s for s in artifacts.DEMO_DECODE_DRAFT_STAGES if artifacts.is_trained(s)]
+  if not config.draft and trained:
+    config.draft = artifacts.export_dir(trained[0])
   logging.warning('no target given: using the demo checkpoints %s and %s', config.target,
                   config.draft or '(no draft)')
 
 
 def check_settings(config):
   """Refuses settings that are wrong on their own, before any file is read."""
+  if config.image:
+    raise ValueError('config.image goes with config.prompt (one question about one image); in a '
+                     'prompts file each line gives its own "image"')
   for name in ('target', 'prompts', 'output'):
     if not config[name]:
       raise ValueError(f'config.{name} is empty: pass --config.{name}=PATH')
@@ -171,6 +177,43 @@ def speculation(config) -> tuple[str | None, int, DraftTree | None, float]:
     return None, 0, None, 0.0
   tree = draft_tree(config)
   return DRAFT, tree.depth if tree else config.num_draft_tokens, tree, config.confidence_threshold
+
+
+def run_prompt(config, write) -> tuple[statistics.RunStatistics, Any]:
+  """Decodes config.prompt (with config.image, if any) in one slot, handing its text to `write`
+  piece by piece as chunks finish; returns (its statistics, its Finished)."""
+  distributed.initialize(config)
+  use_demo_checkpoints(config)
+  check_decoding_settings(config)
+  sampling = sampling_config(config)
+  session = open_session(config)
+  draft, gamma, tree, threshold = speculation(config)
+  request = session.prompt_request(config.prompt, config.image or None,
+                                   max_new_tokens=config.max_new_tokens, num_draft_tokens=gamma,
+                                   raw_prompt=config.raw_prompt, sampling=sampling)
+  decoder = session.decoder(draft, num_draft_tokens=gamma, sampling=sampling,
+                            max_new_tokens=config.max_new_tokens, requests=[request],
+                            draft_tree=tree, confidence_threshold=threshold)
+  scheduler = session.scheduler(
+      decoder, num_slots=1, capacity=len(request.token_ids) + config.max_new_tokens,
+      chunk_steps=config.chunk_steps, buckets=config.length_buckets, prefill_width=1,
+      key=jax.random.key(config.seed))
+  compile_seconds = scheduler.compile([scheduler.bucket(request)])
+  text = TextStream(session.processor)
+  start = time.perf_counter()
+  for event in scheduler.run([(request, config.max_new_tokens)]):
+    write(text.add(event.new_tokens))
+    if event.finished is not None:
+      finished = event.finished
+      write(text.finish(finished.stopped_by))
+  timing = statistics.latency_figures([finished], start)
+  timing.update(decode_seconds=time.perf_counter() - start, compile_seconds=compile_seconds)
+  parameters = session.parameter_counts()
+  stats = statistics.summarize(
+      *statistics.finished_counts([finished]), num_draft_tokens=gamma, draft_tree=tree,
+      confidence_threshold=threshold, draft_parameters=parameters[draft] if draft else None,
+      target_parameters=parameters[None], **timing)
+  return stats, finished
 
 
 def run(config) -> statistics.RunStatistics:

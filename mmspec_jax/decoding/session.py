@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from mmspec_jax import distributed, sharding
+from mmspec_jax.convert.hub import resolve_model
 from mmspec_jax.convert.loading import read_config
 from mmspec_jax.decoding import inputs, placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
@@ -126,14 +127,15 @@ class DecodeSession:
                draft_rules: Sequence[tuple[str, Any]] = sharding.DRAFT_RULES,
                layout_config: Mapping[str, Any] | None = None):
     """Args:
-      target: the LLaVA (or LLaMA) target's directory, Hugging Face or converted.
-      drafts: {name: directory} of the drafts to decode with (LLaMA or adapter drafts).
+      target: the LLaVA (or LLaMA) target's directory, Hugging Face or converted, or a Hub id.
+      drafts: {name: directory or Hub id} of the drafts to decode with (LLaMA or adapter drafts).
       dtype: compute and parameter dtype of every model.
       mesh_shape: axis -> size (-1 fills); default every device on `data`.
       rules, draft_rules: logical axis rules of the target and of the drafts.
       layout_config: decode.py's config.layout (attention kernel, scan); default the backend's.
     """
-    drafts = dict(drafts or {})
+    target = resolve_model(target)  # A Hub id -> its cached snapshot.
+    drafts = {name: resolve_model(directory) for name, directory in (drafts or {}).items()}
     self.target_dir, self.draft_dirs, self.dtype = target, drafts, dtype
     self.rules, self.draft_rules = tuple(map(tuple, rules)), tuple(map(tuple, draft_rules))
     self.target_config = target_config(target, dtype)
@@ -232,6 +234,20 @@ class DecodeSession:
         drafts=tuple(self.draft_configs.values()), sampling=sampling)
     self.check_images(requests)
     return requests
+
+  def prompt_request(self, prompt: str, image: str | None, *, max_new_tokens: int,
+                     num_draft_tokens: int = 0, raw_prompt: bool = False,
+                     sampling: SamplingConfig | None = None) -> inputs.Request:
+    """One request from a prompt and an optional image path (relative to the working directory),
+    checked as a JSONL line is."""
+    row = {'id': 'prompt', 'prompt': prompt, **({'image': image} if image else {})}
+    request = inputs.parse_request(
+        row, 'the prompt', os.path.join(os.getcwd(), 'prompt'), 1, self.processor,
+        self.target_config, raw_prompt=raw_prompt, max_new_tokens=max_new_tokens,
+        num_draft_tokens=num_draft_tokens, drafts=tuple(self.draft_configs.values()),
+        sampling=sampling)
+    self.check_images([request])
+    return request
 
   def check_images(self, requests: Sequence[inputs.Request]):
     """The processor must produce what the vision tower was built for; checked on one image."""

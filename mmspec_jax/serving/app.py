@@ -29,12 +29,13 @@ from fastapi import responses
 from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, runner
 from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.models import LlavaConfig, text_config
 from mmspec_jax.serving import media, protocol
 from mmspec_jax.serving.engine import QueueFull, ServingEngine
 from mmspec_jax.serving.metrics import ServerMetrics, finish_reason
 from mmspec_jax.serving.protocol import APIError
-from mmspec_jax.serving.text import TextStream, chat_prompt
+from mmspec_jax.serving.text import chat_prompt
 
 SSE_HEADERS = {'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}
 

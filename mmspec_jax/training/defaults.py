@@ -11,6 +11,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Which stage: draft_pretrain | draft_chat | draft_distill | adapter_stage1 | adapter_stage2.
   config.stage = 'draft_pretrain'
+  # The preset the stage's config was made at: 'tiny' (CPU smoke scale) | 'paper' (the 115M
+  # draft on a TPU slice); informational, printed before the first step.
+  config.preset = 'tiny'
   # Objective: 'lm' (next-token), 'distill' (from the target's logits), 'adapter'.
   config.task = 'lm'
   # The trained model's config (models/config.py to_dict form), e.g. a preset's.
@@ -143,6 +146,7 @@ def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
     raise ValueError(f'stage {stage!r} has no {scale!r} scale')
   config = base_config()
   config.stage = stage
+  config.preset = scale
   config.task = spec.pop('task')
   config.data.kind = spec.pop('kind')
   settings = {**(_PAPER_RUNTIME if scale == 'paper' else {}), **spec.pop(scale)}

@@ -169,9 +169,10 @@ class Trainer:
       state, data_state = self.checkpointer.restore(start_step, self.abstract_state)
       iterator.set_state(data_state)
       _log(f'resumed from step {start_step} in {self.checkpointer.directory}')
-    _log(f'{config.stage}: {parameter_count(state.params):,} parameters, mesh '
-         f'{dict(self.mesh.shape)}, {config.num_train_steps} steps of {config.batch_size} x '
-         f'{config.data.seq_len} tokens')
+    _log(f'{config.stage} (preset {config.get("preset", "?")!r}): '
+         f'{parameter_count(state.params):,} parameters, mesh {dict(self.mesh.shape)}, '
+         f'{config.num_train_steps} steps of {config.batch_size} x {config.data.seq_len} = '
+         f'{config.batch_size * config.data.seq_len:,} tokens')
     step_fn = jax.jit(
         functools.partial(train_step, self.objective, self.optimizer, config.num_micro_batches),
         out_shardings=(self.state_shardings, None), donate_argnums=0)
