@@ -4,8 +4,8 @@ Read from the optimized HLO of the whole compiled decode program, at a shape whe
 dominate (a 64-token prompt bucket, 1024 new tokens): inside any loop body (the decode
 while_loop, the draft's scan, the layer scan, the attention's block loop) no instruction copies a
 cache-sized buffer, and the program's temporaries beyond the caches stay below the caches' size.
-Before the cache was written in place, every call copied it: the scanned layer stack took it as
-scan input and output, the unrolled one re-stacked each layer's slice.
+A cache that is not written in place is copied by every call (a scanned layer stack taking it as
+scan input and output, an unrolled one re-stacking each layer's slice): these tests catch that.
 """
 
 import dataclasses

@@ -1,9 +1,9 @@
 """Decoding with the paper's vocabulary layout, and sampling that is a row's own.
 
 The fixture (decoding_fixtures) is LLaVA-1.5 beside a 32000-id draft, shrunk: the draft has 256
-ids, the prompts carry <image> 256 and <pad> 257, the target has 264. Before the vocabulary rule in
-`Llama.embed`, the draft looked up 256 and 257 as NaN rows, every draft token was rejected and
-tau was exactly 1 on every row; these tests fail on that code.
+ids, the prompts carry <image> 256 and <pad> 257, the target has 264. Without the vocabulary rule
+in `Llama.embed` the draft would look up 256 and 257 as NaN rows, every draft token would be
+rejected and tau would be exactly 1 on every row; these tests fail on such code.
 """
 
 import dataclasses

@@ -1,6 +1,6 @@
 """Function-preserving widening of a LLaMA / LLaVA language model, for benchmarking.
 
-Why (issue 7): speculative decoding's speedup depends on the target's cost relative to the draft's.
+Why: speculative decoding's speedup depends on the target's cost relative to the draft's.
 The models trained offline are tiny, so their target is about as cheap as the draft and no speedup
 can show; training a realistically sized target is out of reach. Widening the trained target gives
 a model with the compute and memory traffic of a ~1B model whose logits are *identical* (to float

@@ -26,7 +26,8 @@ import jinja2
 import pydantic
 from fastapi import responses
 
-from mmspec_jax import distributed
+from mmspec_jax import artifacts, distributed
+from mmspec_jax.convert import hub
 from mmspec_jax.decoding import inputs, runner
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.text_stream import TextStream
@@ -36,6 +37,23 @@ from mmspec_jax.serving.engine import QueueFull, ServingEngine
 from mmspec_jax.serving.metrics import ServerMetrics, finish_reason
 from mmspec_jax.serving.protocol import APIError
 from mmspec_jax.serving.text import chat_prompt
+
+DEMO_MODEL_NAME = 'mmspec-demo'
+
+
+def served_model_name(config) -> str:
+  """config.served_model_name, else: a Hub id as it is, the demo pair as DEMO_MODEL_NAME, a
+  directory by its name."""
+  if config.served_model_name:
+    return config.served_model_name
+  if hub.is_hub_id(config.target):
+    return config.target
+  target = os.path.normpath(os.path.abspath(config.target))
+  if target == os.path.normpath(os.path.abspath(
+      artifacts.export_dir(artifacts.DEMO_TARGET_STAGE))):
+    return DEMO_MODEL_NAME
+  return os.path.basename(target)
+
 
 SSE_HEADERS = {'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}
 
@@ -47,8 +65,7 @@ class Server:
     runner.check_decoding_settings(config)
     self.config = config
     self.session = runner.open_session(config)
-    self.model_name = config.served_model_name or os.path.basename(
-        os.path.normpath(config.target))
+    self.model_name = served_model_name(config)
     self.sampling = runner.sampling_config(config)
     draft, gamma, tree, threshold = runner.speculation(config)
     target = self.session.target_config

@@ -16,7 +16,8 @@ def serve_config() -> ml_collections.ConfigDict:
   # Where to listen: localhost unless said otherwise.
   config.host = '127.0.0.1'
   config.port = 8000
-  # The model name clients send ("model"); '' = the target directory's name.
+  # The model name clients send ("model"); '' = a Hub id as given, "mmspec-demo" for the demo
+  # pair, else the target directory's name.
   config.served_model_name = ''
   # Requests that may wait for a slot beyond the running ones; more get 429.
   config.max_waiting = 256
