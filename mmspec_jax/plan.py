@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 
@@ -30,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mmspec_jax import cli, plan_costs, sharding
+from mmspec_jax import artifacts, cli, plan_costs, sharding
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.session import eos_token_ids
@@ -217,9 +218,43 @@ def run(config) -> list[dict]:
     verdict = 'fits' if report['fits'] else 'does NOT fit'
     print(f"  -> {verdict} in {config.memory_per_device_gib} GiB per device")
   if config.live_length:
+    tau, source = assumed_tau(config)
+    with config.unlocked():
+      config.tau = tau
     reports[0]['costs'] = plan_costs.report(config, mesh, rules, draft_rules, layout)
+    reports[0]['costs']['tau_source'] = source
+    print(f'\ntau {tau:.2f}: {source}')
     plan_costs.print_report(reports[0]['costs'])
   return reports
+
+
+# The paper's block efficiency on LLaVA-1.5-7B with its 115M draft: MBSU 2.37 at gamma 5 with
+# c = 115M / 7B (../shared/PAPER.md) is tau = 2.37 * (5c + 1), about 2.56.
+PAPER_TAU = 2.56
+
+
+def assumed_tau(config, results_path: str | None = None) -> tuple[float, str]:
+  """The tau the predicted speedup assumes, and where it comes from: config.tau when set (> 0);
+  else the mean greedy tau of `make demo`'s language-only draft at config.num_draft_tokens over
+  its tasks, when its evaluation results exist; else the paper's."""
+  if config.tau:
+    return float(config.tau), 'config.tau'
+  path = results_path or os.path.join(artifacts.results_dir(), 'results.json')
+  gamma = config.num_draft_tokens
+  try:
+    with open(path, encoding='utf-8') as f:
+      cells = json.load(f)['cells']
+    taus = [c['block_efficiency'] for c in cells
+            if c.get('draft') == 'language' and c.get('sampling') == 'greedy'
+            and c.get('gamma') == gamma and not c.get('shape')]
+  except (OSError, ValueError, KeyError, TypeError):
+    taus = []
+  if taus:
+    return sum(taus) / len(taus), (f"the mean greedy tau of make demo's language-only draft at "
+                                   f'gamma {gamma} over its {len(taus)} tasks ({path}; measured '
+                                   'on the offline world\'s small pair, not on LLaVA-1.5-7B)')
+  return PAPER_TAU, ("the paper's: MBSU 2.37 at gamma 5 on LLaVA-1.5-7B with its 115M draft, "
+                     f'tau about {PAPER_TAU} (no make demo results at {path})')
 
 
 def _define_flags():

@@ -32,8 +32,9 @@ if 'MMSPEC_TEST_COMPILATION_CACHE' not in os.environ:
 # test_training_restarts and test_world_training there) would run alone at the end while the
 # other worker idles. Measured totals per file, longest first; the rest keep their order.
 _LONGEST_FIRST = (
-    'test_training_restarts.py', 'test_decode_cli.py', 'test_training_loop.py',
-    'test_world_training.py', 'test_sharded_decoding.py', 'test_decoding_layout.py',
+    'test_training_restarts.py', 'test_decode_cli.py', 'test_continuous_batching.py',
+    'test_training_loop.py', 'test_world_training.py', 'test_sharded_decoding.py',
+    'test_serving.py', 'test_decoding_layout.py',
     'test_evaluate.py', 'test_plan.py', 'test_pallas_attention.py', 'test_training_step.py',
     'test_training_sharded.py', 'test_kv_cache.py', 'test_decoding_greedy.py',
     'test_decoding_sampling.py', 'test_decoding_trees.py', 'test_target_answers.py')

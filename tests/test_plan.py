@@ -106,3 +106,24 @@ def test_cost_report(plans):
     assert set(times) == {'TPU v5e', 'TPU v5p', 'H100 SXM', 'H200'}
     assert times['TPU v5e'] > times['H200'] > 0
   assert 0 < costs['speedup'] < costs['tau'] and 0 < costs['ideal_speedup'] < costs['tau']
+
+
+def test_assumed_tau_comes_from_the_demo_results_or_the_paper(tmp_path):
+  from mmspec_jax import cli
+  from mmspec_jax import plan as plan_module
+  config = cli.load_config('plan')
+  assert config.tau == 0 and config.num_draft_tokens == 5
+  cells = [{'draft': 'language', 'sampling': 'greedy', 'gamma': 5, 'shape': None,
+            'block_efficiency': tau} for tau in (2.0, 3.0)]
+  cells += [{'draft': 'language', 'sampling': 'greedy', 'gamma': 3, 'shape': None,
+             'block_efficiency': 9.0},
+            {'draft': 'adapter', 'sampling': 'greedy', 'gamma': 5, 'shape': None,
+             'block_efficiency': 9.0}]
+  results = tmp_path / 'results.json'
+  results.write_text(json.dumps({'cells': cells}))
+  tau, source = plan_module.assumed_tau(config, str(results))
+  assert tau == 2.5 and "make demo's language-only draft at gamma 5 over its 2 tasks" in source
+  tau, source = plan_module.assumed_tau(config, str(tmp_path / 'missing.json'))
+  assert tau == plan_module.PAPER_TAU and source.startswith("the paper's")
+  config.tau = 2.65
+  assert plan_module.assumed_tau(config, str(results)) == (2.65, 'config.tau')
