@@ -38,7 +38,7 @@ def get_config():
                                                 num_micro_batches=4))
   # Per-device memory to check against, e.g. 16 GiB for a TPU v5e chip.
   config.memory_per_device_gib = 16.0
-  # The cost report (mmspec_jax/plan_costs.py): one target step, one verification and one draft
+  # The cost report (mmspec_jax/plan/costs.py): one target step, one verification and one draft
   # step compiled apart, each row's target cache holding `live_length` valid positions (the
   # language-only draft's then holds live_length - num_image_tokens: no image slots). 1536 =
   # prompt + half the new tokens: the mean live length over the decode phase. 0 skips the report.

@@ -4,13 +4,13 @@ r"""The offline world's models and training stages: `--config=configs/world.py:S
   python train.py --config=configs/world.py:target --workdir=artifacts/runs/target
   python train.py --config=configs/world.py:draft_pretrain --workdir=artifacts/runs/draft_pretrain
   ... draft_chat, adapter_stage1, adapter_stage2 (in this order); then, on the target's own
-  answers (python -m mmspec_jax.target_answers, see make demo), draft_distill, adapter_distill
+  answers (python -m mmspec_jax.distillation.target_answers, see make demo), draft_distill, adapter_distill
 
 `make demo` runs all of it (and caches it under artifacts/). Paths follow
-mmspec_jax/artifacts.py; the world's tokenizer has 512 ids with `<image>` = 4.
+mmspec_jax/demo/artifacts.py; the world's tokenizer has 512 ids with `<image>` = 4.
 """
 
-from mmspec_jax import artifacts
+from mmspec_jax.demo import artifacts
 from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, LlavaConfig, VisionConfig, presets
 from mmspec_jax.training.defaults import stage_config
 
@@ -39,7 +39,7 @@ STAGES = {
     'target': (None, 'train_all.json', 1500, 1e-3),
     'draft_pretrain': (None, None, 400, 3e-3),
     'draft_chat': ('draft_pretrain', 'train_all.json', 300, 1e-3),
-    # Distilled on the target's own answers (mmspec_jax/target_answers.py) toward its
+    # Distilled on the target's own answers (mmspec_jax/distillation/target_answers.py) toward its
     # distributions: the language-only draft from its chat stage, the adapter draft from stage 2.
     'draft_distill': ('draft_chat', ANSWERS, 150, 3e-4),
     'adapter_distill': ('adapter_stage2', ANSWERS, 150, 2e-4),

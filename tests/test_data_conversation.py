@@ -53,7 +53,7 @@ def test_drop_removes_image_and_newline(tok):
 
 
 def test_keep_and_expand(tok):
-  from mmspec_jax.processing import MultimodalProcessor
+  from mmspec_jax.data.processing import MultimodalProcessor
   turns = llava_records()[1]['conversations']  # Placeholder at the end of the question.
   keep, keep_mask = encode_conversation(turns, tok, image_mode='keep')
   expand, expand_mask = encode_conversation(turns, tok, image_mode='expand', num_image_tokens=N)

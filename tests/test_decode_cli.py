@@ -21,7 +21,7 @@ from mmspec_jax.decoding import runner
 from mmspec_jax.decoding import session as session_module
 from mmspec_jax.decoding.engine import DecodeResult
 from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, init_params
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 12
@@ -425,7 +425,7 @@ def test_two_processes_decode_what_one_process_decodes_sampled(ckpt, sampled):
 
 
 def test_no_target_and_no_demo_checkpoints_is_explained(ckpt, monkeypatch, tmp_path):
-  from mmspec_jax import artifacts
+  from mmspec_jax.demo import artifacts
   monkeypatch.setattr(artifacts, 'ROOT', str(tmp_path / 'artifacts'))
   config = make_config(ckpt, 'no_target', target='')
   with pytest.raises(ValueError, match='run `make demo` first'):

@@ -1,4 +1,4 @@
-"""mmspec_jax.evaluate end to end on a tiny LLaVA target, a language draft and an exact copy.
+"""The evaluation (mmspec_jax.evaluation) end to end on a tiny LLaVA target, a language draft and an exact copy.
 
 The adapter draft here is the target's own projector and language model, so with greedy decoding
 every draft token is accepted: tau must be exactly gamma + 1 in every greedy cell. The language
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mmspec_jax import cli
-from mmspec_jax import evaluate as evaluate_cli
+from mmspec_jax.evaluation import __main__ as evaluate_cli
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.evaluation import evaluate, report
 from mmspec_jax.models import AdapterDraftConfig, text_config

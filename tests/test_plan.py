@@ -110,7 +110,7 @@ def test_cost_report(plans):
 
 def test_assumed_tau_comes_from_the_demo_results_or_the_paper(tmp_path):
   from mmspec_jax import cli
-  from mmspec_jax import plan as plan_module
+  from mmspec_jax.plan import memory as plan_module
   config = cli.load_config('plan')
   assert config.tau == 0 and config.num_draft_tokens == 5
   cells = [{'draft': 'language', 'sampling': 'greedy', 'gamma': 5, 'shape': None,

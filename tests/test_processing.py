@@ -1,4 +1,4 @@
-"""Tests for mmspec_jax.processing against transformers' LlavaProcessor, fully offline."""
+"""Tests for mmspec_jax.data.processing against transformers' LlavaProcessor, fully offline."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
-from mmspec_jax.processing import MultimodalProcessor, num_image_tokens_from_config, pad_batch
+from mmspec_jax.data.processing import LLAVA_CHAT_TEMPLATE
+from mmspec_jax.data.processing import MultimodalProcessor, num_image_tokens_from_config, pad_batch
 
 IMAGE_ID = 4
 SPECIALS = ['<unk>', '<s>', '</s>', '<pad>', '<image>']

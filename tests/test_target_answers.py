@@ -1,4 +1,4 @@
-"""The data stage that asks the target (mmspec_jax/target_answers.py): LLaVA JSON the builders read,
+"""The data stage that asks the target (mmspec_jax/distillation/target_answers.py): LLaVA JSON the builders read,
 every turn answered, a record's next turn decoded beside the others' as soon as its answer
 arrives, speculative answers equal to the target's own, resumable, seeded sampling."""
 
@@ -13,8 +13,8 @@ from mmspec_jax.data import builders
 from mmspec_jax.data.pipeline import make_iterator
 from mmspec_jax.decoding.scheduler import Scheduler
 from mmspec_jax.decoding.session import DecodeSession
-from mmspec_jax.processing import MultimodalProcessor
-from mmspec_jax.target_answers import TargetAnswers, read_records
+from mmspec_jax.data.processing import MultimodalProcessor
+from mmspec_jax.distillation.target_answers import TargetAnswers, read_records
 from mmspec_jax.testing import tiny_hf
 
 MAX_NEW_TOKENS = 6

@@ -1,10 +1,10 @@
-"""mmspec_jax.vocabulary on the paper's layout, shrunk: a draft with the 128-id base vocabulary,
+"""mmspec_jax.data.vocabulary on the paper's layout, shrunk: a draft with the 128-id base vocabulary,
 the full tokenizer's <image> (128) and <pad> (129) past it, a target text vocabulary of 136."""
 
 import pytest
 
 from mmspec_jax.testing import tiny_hf
-from mmspec_jax.vocabulary import (check_compatible_vocabularies, check_tokenizer_fits, num_ids,
+from mmspec_jax.data.vocabulary import (check_compatible_vocabularies, check_tokenizer_fits, num_ids,
                                    special_ids)
 
 DRAFT, TARGET = tiny_hf.BASE_VOCAB, tiny_hf.TEXT_VOCAB

@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def processor(world):
-  from mmspec_jax.processing import MultimodalProcessor
+  from mmspec_jax.data.processing import MultimodalProcessor
   return MultimodalProcessor.from_pretrained(os.path.join(world[0], 'tokenizer'))
 
 
@@ -136,7 +136,7 @@ def test_tokenizer_ids_and_round_trip(world, processor):
       == [0, 1, 2, 3, 4]
   assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
   assert len(tok) == manifest['vocab_size'] == 512
-  from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
+  from mmspec_jax.data.processing import LLAVA_CHAT_TEMPLATE
   assert processor.chat_template == LLAVA_CHAT_TEMPLATE
   texts = [t['value'] for task in TASKS for r in load(out, f'test_{task}.json')
            for t in r['conversations']]
@@ -225,7 +225,7 @@ def test_tokenizer_and_processor_errors(tmp_path):
     world_tokenizer.write_processor(tok, tmp_path / 'p', image_size=64, patch_size=7)
   world_tokenizer.write_processor(str(tmp_path / 'tok'), tmp_path / 'p', image_size=32,
                                   patch_size=8)
-  from mmspec_jax.processing import MultimodalProcessor
+  from mmspec_jax.data.processing import MultimodalProcessor
   assert MultimodalProcessor.from_pretrained(tmp_path / 'p').num_image_tokens == 16
 
 

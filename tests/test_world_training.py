@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mmspec_jax import artifacts
+from mmspec_jax.demo import artifacts
 from mmspec_jax.data.world import generate_world
 from mmspec_jax.training.loop import Trainer
 

@@ -31,7 +31,8 @@ import types
 import jax
 from absl import app
 
-from mmspec_jax import artifacts, cli
+from mmspec_jax import cli
+from mmspec_jax.demo import artifacts
 from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report,
                               serving_load, speculative, widen)
 from mmspec_jax.bench.timing import read_bandwidth
@@ -70,7 +71,7 @@ def machine(repeats: int, bandwidth: float) -> dict:
 
 def ensure_demo_models():
   """The demo's world and trained pair, trained now if missing (not timed by the benchmark)."""
-  from mmspec_jax import demo
+  from mmspec_jax.demo import pipeline as demo
   if all(artifacts.is_trained(stage) for stage in demo.STAGES):
     return
   _log('the demo models are not trained yet: training them first (make demo\'s training)')

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from mmspec_jax import artifacts
+from mmspec_jax.demo import artifacts
 from mmspec_jax.data import builders
 from mmspec_jax.data import pipeline
 
@@ -62,7 +62,7 @@ def main(argv=None):
   from transformers import AutoTokenizer
 
   from mmspec_jax.data.world import generate_world
-  from mmspec_jax.processing import MultimodalProcessor
+  from mmspec_jax.data.processing import MultimodalProcessor
   world = artifacts.world_dir()
   if not os.path.isfile(os.path.join(world, 'manifest.json')):
     generate_world(world, progress=print)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mmspec_jax import artifacts
+from mmspec_jax.demo import artifacts
 from mmspec_jax.decoding import statistics
 from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.serving import local, protocol

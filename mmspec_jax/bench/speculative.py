@@ -34,7 +34,7 @@ from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree, parse_shape, shape_label
 from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.models import KVCache, build, parameter_count, text_config
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 # The decoding layouts of this backend (models/layout.py), as the pair's session arranges its
 # params: the target laid out for verification serves the autoregressive baseline as it is.

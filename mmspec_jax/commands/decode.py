@@ -43,8 +43,10 @@ def main(argv):
   cli.configure_console()
   from mmspec_jax import distributed
   from mmspec_jax.decoding import runner, statistics
+  from mmspec_jax.demo import artifacts
   config = cli.config()
   try:
+    artifacts.use_demo_checkpoints(config)
     if config.prompt:
       def write(piece):
         if distributed.is_primary():

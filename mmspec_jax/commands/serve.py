@@ -32,12 +32,13 @@ def main(argv):
   import uvicorn
 
   from mmspec_jax import distributed
-  from mmspec_jax.decoding import runner
+  from mmspec_jax.demo import artifacts
   from mmspec_jax.serving.app import Server
   config = cli.config()
   try:
     distributed.initialize(config)
-    runner.use_demo_checkpoints(config)
+    if artifacts.use_demo_checkpoints(config) and not config.served_model_name:
+      config.served_model_name = artifacts.DEMO_MODEL_NAME
     server = Server(config)
   except (ValueError, OSError) as e:  # Bad settings or paths: the message says it.
     sys.exit(f'error: {e}')

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mmspec_jax.data import local_files
-from mmspec_jax.processing import load_image
+from mmspec_jax.data.processing import load_image
 
 # Records without an image store this 1x1 black PNG and has_image=False: a fixed-shape feature
 # keeps every record decodable the same way, and has_image (not the pixels) says to ignore it.

@@ -34,7 +34,7 @@ from PIL import Image
 from mmspec_jax.decoding import engine
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import LlavaConfig, ModelConfig, text_config
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 # Prompts longer than every bucket are padded to a multiple of this, so they too share shapes.
 LONG_PROMPT_MULTIPLE = 64

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
-from mmspec_jax import artifacts, distributed
+from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.scheduler import output_text
@@ -37,7 +37,7 @@ from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models.config import SUPPORTED_DTYPES
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 DRAFT = 'draft'  # The session's name for decode.py's one draft.
 BATCHING = ('continuous', 'static')
@@ -56,21 +56,6 @@ def sampling_config(config) -> SamplingConfig:
 def draft_tree(config) -> DraftTree | None:
   """config.draft_tree parsed ('2,2,1' -> DraftTree((2, 2, 1))); None for a chain."""
   return DraftTree.parse(config.draft_tree) if config.draft_tree else None
-
-
-def use_demo_checkpoints(config):
-  """No target given: decode with the checkpoints `make demo` trained, if there are any."""
-  if config.target:
-    return
-  if not artifacts.is_trained(artifacts.DEMO_TARGET_STAGE):
-    raise ValueError('config.target is empty and there are no demo checkpoints under '
-                     f'{artifacts.ROOT!r}: pass --config.target=DIR, or run `make demo` first')
-  config.target = artifacts.export_dir(artifacts.DEMO_TARGET_STAGE)
-  trained = [s for s in artifacts.DEMO_DECODE_DRAFT_STAGES if artifacts.is_trained(s)]
-  if not config.draft and trained:
-    config.draft = artifacts.export_dir(trained[0])
-  logging.warning('no target given: using the demo checkpoints %s and %s', config.target,
-                  config.draft or '(no draft)')
 
 
 def check_settings(config):
@@ -183,7 +168,6 @@ def run_prompt(config, write) -> tuple[statistics.RunStatistics, Any]:
   """Decodes config.prompt (with config.image, if any) in one slot, handing its text to `write`
   piece by piece as chunks finish; returns (its statistics, its Finished)."""
   distributed.initialize(config)
-  use_demo_checkpoints(config)
   check_decoding_settings(config)
   sampling = sampling_config(config)
   session = open_session(config)
@@ -220,7 +204,6 @@ def run(config) -> statistics.RunStatistics:
   """Decodes config.prompts into config.output and config.output's summary; see module doc."""
   # --- validation: nothing loaded, compiled or written yet ------------------------------------
   distributed.initialize(config)
-  use_demo_checkpoints(config)
   check_settings(config)
   sampling = sampling_config(config)
   session = open_session(config)

@@ -44,8 +44,8 @@ from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
                                parameter_count, text_config)
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
-from mmspec_jax.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
-from mmspec_jax.vocabulary import check_compatible_vocabularies
+from mmspec_jax.data.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
+from mmspec_jax.data.vocabulary import check_compatible_vocabularies
 
 DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
 

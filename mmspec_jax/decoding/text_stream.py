@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mmspec_jax.decoding.scheduler import output_text
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 
 class TextStream:

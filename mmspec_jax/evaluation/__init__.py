@@ -5,7 +5,7 @@ MBSU = tau / (c * gamma + 1) per task x draft x gamma x sampling, and the target
   run.py     `evaluate`: one compile per decoder, every task through it, the cells
   report.py  results.json, results.md, tau_vs_gamma.png
 
-The command line is `python -m mmspec_jax.evaluate`.
+The command line is `python -m mmspec_jax.evaluation`.
 """
 
 from mmspec_jax.evaluation.run import evaluate

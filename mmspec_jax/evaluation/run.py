@@ -36,7 +36,7 @@ from mmspec_jax.decoding.session import DRAFT_KINDS, DecodeSession
 from mmspec_jax.decoding.tree import parse_shape, shape_label
 from mmspec_jax.evaluation import report, tasks as task_data
 from mmspec_jax.models.config import SUPPORTED_DTYPES
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 DEFAULT_TASKS = ('captioning', 'sqa', 'conversation')
 DEFAULT_GAMMAS = (1, 2, 3, 4, 5, 6, 7)

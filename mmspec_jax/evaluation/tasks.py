@@ -24,7 +24,7 @@ from mmspec_jax.data.conversation import (IMAGE_PLACEHOLDER, conversation_turns,
                                           question_answer_pairs)
 from mmspec_jax.decoding import inputs
 from mmspec_jax.models import ModelConfig
-from mmspec_jax.processing import MultimodalProcessor
+from mmspec_jax.data.processing import MultimodalProcessor
 
 IMAGES_SUBDIR = 'images'
 

@@ -26,7 +26,7 @@ import jinja2
 import pydantic
 from fastapi import responses
 
-from mmspec_jax import artifacts, distributed
+from mmspec_jax import distributed
 from mmspec_jax.convert import hub
 from mmspec_jax.decoding import inputs, runner
 from mmspec_jax.decoding.sampling import SamplingConfig
@@ -38,21 +38,13 @@ from mmspec_jax.serving.metrics import ServerMetrics, finish_reason
 from mmspec_jax.serving.protocol import APIError
 from mmspec_jax.serving.text import chat_prompt
 
-DEMO_MODEL_NAME = 'mmspec-demo'
-
-
 def served_model_name(config) -> str:
-  """config.served_model_name, else: a Hub id as it is, the demo pair as DEMO_MODEL_NAME, a
-  directory by its name."""
+  """config.served_model_name, else a Hub id as it is, else the target directory's name."""
   if config.served_model_name:
     return config.served_model_name
   if hub.is_hub_id(config.target):
     return config.target
-  target = os.path.normpath(os.path.abspath(config.target))
-  if target == os.path.normpath(os.path.abspath(
-      artifacts.export_dir(artifacts.DEMO_TARGET_STAGE))):
-    return DEMO_MODEL_NAME
-  return os.path.basename(target)
+  return os.path.basename(os.path.normpath(os.path.abspath(config.target)))
 
 
 SSE_HEADERS = {'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}

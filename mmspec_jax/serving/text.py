@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE, MultimodalProcessor
+from mmspec_jax.data.processing import LLAVA_CHAT_TEMPLATE, MultimodalProcessor
 
 
 def chat_prompt(processor: MultimodalProcessor, messages: Sequence[dict[str, Any]]) -> str:

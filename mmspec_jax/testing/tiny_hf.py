@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
+from mmspec_jax.data.processing import LLAVA_CHAT_TEMPLATE
 
 # The paper pair's vocabulary layout, shrunk (LLaMA 32000 / <image> 32000 / <pad> 32001 / 32064):
 BASE_VOCAB = 128  # The base tokenizer's ids, and a draft's whole vocabulary.

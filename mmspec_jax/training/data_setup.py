@@ -10,7 +10,7 @@ from mmspec_jax.data import builders
 from mmspec_jax.data.pipeline import make_iterator
 from mmspec_jax.models import LlavaConfig, text_config
 from mmspec_jax.models.config import from_dict
-from mmspec_jax.vocabulary import check_compatible_vocabularies, check_tokenizer_fits
+from mmspec_jax.data.vocabulary import check_compatible_vocabularies, check_tokenizer_fits
 
 
 class DataSetup:
@@ -44,7 +44,7 @@ class DataSetup:
       if not isinstance(image_model, LlavaConfig):
         raise ValueError('multimodal data needs a LLaVA model for its image tokens and image '
                          'preprocessing: set config.target (or train a LLaVA with task llava)')
-      from mmspec_jax.processing import MultimodalProcessor
+      from mmspec_jax.data.processing import MultimodalProcessor
       self.preprocess_images = MultimodalProcessor.from_pretrained(
           config.target or self.tokenizer_dir).preprocess_images
     self.name = self._prepare()

@@ -6,6 +6,10 @@ import ml_collections
 
 from mmspec_jax import distributed, sharding
 
+# Under a run's workdir: the model for decode.py, and the same as a Hugging Face directory.
+EXPORT_SUBDIR = 'export'
+HF_EXPORT_SUBDIR = 'export_hf'
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()

@@ -26,13 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax import artifacts, distributed, sharding
+from mmspec_jax import distributed, sharding
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.data.pipeline import merge_states
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abstract_params,
                                build, initialize, parameter_count)
 from mmspec_jax.models.config import from_dict, with_dtype
 from mmspec_jax.training import data_setup
+from mmspec_jax.training.defaults import EXPORT_SUBDIR, HF_EXPORT_SUBDIR
 from mmspec_jax.training.checkpointing import (Checkpointer, check_workdir_config,
                                                write_workdir_config)
 from mmspec_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -237,14 +238,14 @@ class Trainer:
     params = distributed.fetch(state.params)  # Every process takes part in the gather.
     if not distributed.is_primary():
       return
-    out = os.path.join(self.workdir, 'export')
+    out = os.path.join(self.workdir, EXPORT_SUBDIR)
     if os.path.exists(out):
       shutil.rmtree(out)
     save_converted(out, self.model_config, params, source_dir=self.data.tokenizer_dir)
     message = f'exported {out} (for decode.py and the next stage\'s init_from)'
     if not isinstance(self.model_config, AdapterDraftConfig):  # No HF class holds an adapter.
       from mmspec_jax.convert.export import export_to_hf
-      hf_dir = os.path.join(self.workdir, artifacts.HF_EXPORT_SUBDIR)
+      hf_dir = os.path.join(self.workdir, HF_EXPORT_SUBDIR)
       export_to_hf(params, self.model_config, hf_dir, tokenizer_dir=self.data.tokenizer_dir)
       message += f' and {hf_dir} (Hugging Face)'
     _log(message)

@@ -24,7 +24,7 @@ _MIN_VOCAB = 64  # Specials plus the world's ~60 characters: below this BPE has 
 def _llava_chat_template() -> str:
   # Imported on use: mmspec_jax.testing.tiny_hf imports torch, which only tokenizer building
   # (not the rest of the world generator, nor training) should pay for.
-  from mmspec_jax.processing import LLAVA_CHAT_TEMPLATE
+  from mmspec_jax.data.processing import LLAVA_CHAT_TEMPLATE
   return LLAVA_CHAT_TEMPLATE
 
 

@@ -11,7 +11,7 @@ draft presets, (2) continuous batching's persistent state of `slots.num_slots` s
 step, on the mesh of the devices present (real TPU/GPU
 devices, or fake CPU ones), then prints per-device parameter, KV cache and temporary bytes from the
 compiled programs' memory analysis and whether they fit `memory_per_device_gib`; then (4) the
-cost report of `mmspec_jax/plan_costs.py`: bytes, flops and temporaries of one target step, one
+cost report of `mmspec_jax/plan/costs.py`: bytes, flops and temporaries of one target step, one
 verification and one draft step at `live_length`, against the ideal bytes, with the step times and
 speculative speedup they predict. Models run in the decoding layout of `config.layout`.
 """
@@ -31,7 +31,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from mmspec_jax import artifacts, cli, plan_costs, sharding
+from mmspec_jax import cli, sharding
+from mmspec_jax.demo import artifacts
+from mmspec_jax.plan import costs as plan_costs
 from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.session import eos_token_ids

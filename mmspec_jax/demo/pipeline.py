@@ -4,7 +4,7 @@
    text corpus; a BPE tokenizer), deterministically.
 2. Trains, with train.py's stages and configs/world.py: a small LLaVA target from scratch, a
    language-only draft (pretraining on text, then chat), and an adapter draft (stages 1 and 2);
-   then has the target answer every 6th training record (ANSWER_STRIDE) (mmspec_jax/target_answers.py)
+   then has the target answer every 6th training record (ANSWER_STRIDE) (mmspec_jax/distillation/target_answers.py)
    and distills both drafts toward its distributions on its own answers.
 3. Decodes a handful of held-out images speculatively, printing question, answer and tau per row.
 4. Runs the paper's evaluation: tau and MBSU per task x gamma x draft (greedy), each draft
@@ -22,7 +22,8 @@ import time
 
 from absl import app
 
-from mmspec_jax import artifacts, cli
+from mmspec_jax import cli
+from mmspec_jax.demo import artifacts
 
 STAGES = ('target', 'draft_pretrain', 'draft_chat', 'adapter_stage1', 'adapter_stage2')
 # Trained after the target has answered the training prompts, on its answers.
@@ -35,7 +36,7 @@ DRAFTS = {'language': 'draft_chat', 'adapter': 'adapter_stage2',
 ANSWER_STRIDE = 6
 # Greedy only, four gammas: each (draft, gamma, sampling) compiles its own program (~8 s here),
 # and four drafts at seven gammas and two samplings would cost the demo 4 minutes of compiling.
-# `python -m mmspec_jax.evaluate` runs any grid.
+# `python -m mmspec_jax.evaluation` runs any grid.
 EVALUATION_GAMMAS = (1, 3, 5, 7)
 EVALUATION_SAMPLINGS = ('greedy',)
 EXAMPLES_PER_TASK = 2
@@ -76,7 +77,7 @@ def train_models(stages=STAGES):
 def ask_target(world: str):
   """The target's own answers to every ANSWER_STRIDE-th training record (greedy), resumable."""
   from mmspec_jax.decoding.session import DecodeSession
-  from mmspec_jax.target_answers import TargetAnswers
+  from mmspec_jax.distillation.target_answers import TargetAnswers
   out = artifacts.target_answers_path()
   if os.path.isfile(out):
     print(f'target answers: reusing {out}')

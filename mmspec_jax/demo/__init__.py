@@ -1,0 +1,1 @@
+"""`make demo` (pipeline.py) and where it keeps what it makes (artifacts.py)."""

@@ -1,0 +1,5 @@
+"""`python -m mmspec_jax.plan` = `mmspec-plan` (memory.py)."""
+
+from mmspec_jax.plan.memory import command
+
+command()
