@@ -181,6 +181,21 @@ def run_command(main: Callable[[list[str]], None], *, usage: str, default_config
   app.run(main)
 
 
+def main_running(run: Callable, errors: tuple[type[BaseException], ...] = (ValueError, OSError)):
+  """A command's main (for run_command) that takes no positional arguments, quiets the console
+  and calls run(config); `errors` (bad input) end it with `error: ...` and no traceback."""
+  def main(argv):
+    from absl import app
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    configure_console()
+    try:
+      run(config())
+    except errors as e:
+      sys.exit(f'error: {e}')
+  return main
+
+
 def config():
   """The parsed `--config` (in a command's main)."""
   from absl import flags

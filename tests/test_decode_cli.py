@@ -429,4 +429,6 @@ def test_no_target_and_no_demo_checkpoints_is_explained(ckpt, monkeypatch, tmp_p
   monkeypatch.setattr(artifacts, 'ROOT', str(tmp_path / 'artifacts'))
   config = make_config(ckpt, 'no_target', target='')
   with pytest.raises(ValueError, match='run `make demo` first'):
-    runner.run(config)
+    artifacts.use_demo_checkpoints(config)  # What the decode and serve commands do first.
+  with pytest.raises(ValueError, match='config.target is empty'):
+    runner.run(config)  # The runner itself takes no default.

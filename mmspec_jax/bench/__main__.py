@@ -29,7 +29,6 @@ import time
 import types
 
 import jax
-from absl import app
 
 from mmspec_jax import cli
 from mmspec_jax.demo import artifacts
@@ -180,18 +179,8 @@ def _check_widened(comparison, pair, wide, wide_tokens):
        f'by at most {comparison["logits_max_abs_difference"]:.1e})')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.configure_console()
-  try:
-    run(cli.config())
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-
-
 def command():
-  cli.run_command(main, usage=__doc__, default_config='bench')
+  cli.run_command(cli.main_running(run, (ValueError,)), usage=__doc__, default_config='bench')
 
 
 if __name__ == '__main__':

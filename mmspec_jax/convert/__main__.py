@@ -10,10 +10,7 @@ the HF directory itself.
 
 from __future__ import annotations
 
-import sys
 import time
-
-from absl import app
 
 from mmspec_jax import cli
 
@@ -39,19 +36,10 @@ def run(config):
   print(f'done in {time.time() - start:.1f}s: {config.out_dir}')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.configure_console()
-  from mmspec_jax.convert.hf_config import ConversionError
-  try:
-    run(cli.config())
-  except (ConversionError, ValueError, OSError) as e:
-    sys.exit(f'error: {e}')
-
-
 def command():
-  cli.run_command(main, usage=__doc__, default_config='convert')
+  from mmspec_jax.convert.hf_config import ConversionError
+  cli.run_command(cli.main_running(run, (ConversionError, ValueError, OSError)), usage=__doc__,
+                  default_config='convert')
 
 
 if __name__ == '__main__':

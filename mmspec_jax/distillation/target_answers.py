@@ -47,7 +47,6 @@ from typing import Any
 
 import jax
 import tqdm
-from absl import app
 
 from mmspec_jax import cli, distributed
 from mmspec_jax.data.conversation import (ConversationEncoder, conversation_turns,
@@ -265,28 +264,18 @@ def run(config) -> dict[str, int]:
     raise ValueError(f'the output directory {out_dir!r} does not exist')
   session = DecodeSession(config.target, {'draft': config.draft} if config.draft else {},
                           dtype=config.dtype)
-  return TargetAnswers(
+  counts = TargetAnswers(
       session, draft='draft' if config.draft else None, gamma=config.gamma,
       sampling=config.sampling, seed=config.seed, max_new_tokens=config.max_new_tokens,
       batch_size=config.batch_size, slot_capacity=config.slot_capacity,
   ).run(config.json_files.split(','), config.image_folder, config.out)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.configure_console()
-  config = cli.config()
-  try:
-    counts = run(config)
-  except (ValueError, OSError) as e:
-    sys.exit(f'error: {e}')
   print(f'{config.out}: {counts["answers"]} answers to {counts["records"]} records '
         f'({counts["resumed"]} from a previous run)')
+  return counts
 
 
 def command():
-  cli.run_command(main, usage=__doc__, default_config='target_answers')
+  cli.run_command(cli.main_running(run), usage=__doc__, default_config='target_answers')
 
 
 if __name__ == '__main__':

@@ -14,9 +14,6 @@ and the markdown tables to stdout. Bad input stops the run before anything is de
 from __future__ import annotations
 
 import os
-import sys
-
-from absl import app
 
 from mmspec_jax import cli
 from mmspec_jax.evaluation import evaluate
@@ -49,18 +46,8 @@ def run(config):
   print(f'wrote {config.out_dir}/')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.configure_console()
-  try:
-    run(cli.config())
-  except (ValueError, OSError) as e:  # Bad input or paths: the message says it; no traceback.
-    sys.exit(f'error: {e}')
-
-
 def command():
-  cli.run_command(main, usage=__doc__, default_config='evaluate')
+  cli.run_command(cli.main_running(run), usage=__doc__, default_config='evaluate')
 
 
 if __name__ == '__main__':
