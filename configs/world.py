@@ -57,6 +57,7 @@ def get_config(stage: str = 'target'):
     config.stage, config.distill_weight, config.distill_kind = stage, 0.9, 'tvd'
   else:
     config = stage_config(stage, 'tiny')
+  config.preset = f'world:{stage}'  # The demo world's own sizes, not the tiny preset's.
   world = artifacts.world_dir()
   config.tokenizer = f'{world}/tokenizer'
   config.num_train_steps = steps

@@ -18,8 +18,11 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-# TensorFlow (the TFDS builders) logs from C++ at import unless told otherwise.
+# TensorFlow (it only reads and decodes the TFDS records) logs from C++ at import unless told
+# otherwise; its oneDNN notice ignores the level and goes only with oneDNN's ops, which reading
+# records does not need.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 _PACKAGE_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,6 +99,8 @@ def configure_console():
   verbosity = flags.FLAGS['verbosity'].value if 'verbosity' in flags.FLAGS else 0
   if verbosity >= 1:
     return
+  # transformers' advice (install OpenCV, ...) is not the user's business here.
+  os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):
     handler.addFilter(_OursOrWarnings())

@@ -118,6 +118,7 @@ class Scheduler:
     self._active: dict[int, _Active] = {}  # slot -> the request in it
     self._cancelled: set[int] = set()
     self._pixels: dict[int, np.ndarray] = {}  # handle -> its image preprocessed ahead of entry
+    self._staged = None  # (handle, _prefill_inputs of it alone): the head request, ready to enter
     self._state = None
     self._compiled_prefill: dict[int, Any] = {}
     self._compiled_chunk = None
@@ -286,39 +287,55 @@ class Scheduler:
     return events
 
   def _prepare_waiting(self):
-    """Preprocesses the images of the requests that enter next (the head of the queue: first
-    come first served), so that admitting them waits on no image work."""
-    if not self.decoder.with_images:
-      return
-    for handle, request, _, _ in itertools.islice(self._waiting, self.programs.num_slots):
-      if request.image is not None and handle not in self._pixels:
-        self._pixels[handle] = self.session.processor.preprocess_images([request.image])[0]
+    """Work for the requests that enter next (the head of the queue: first come first served),
+    done while a chunk runs so that admitting them waits on none of it: their images
+    preprocessed, and the head request's inputs built and placed as a one-row prefill (the common
+    admission: one slot freed by a chunk that ended at a finish)."""
+    if self.decoder.with_images:
+      for handle, request, _, _ in itertools.islice(self._waiting, self.programs.num_slots):
+        if request.image is not None and handle not in self._pixels:
+          self._pixels[handle] = self.session.processor.preprocess_images([request.image])[0]
+    if self.refill and self._waiting and (self._staged is None
+                                           or self._staged[0] != self._waiting[0][0]):
+      head = self._waiting[0]
+      self._staged = (head[0], self._prefill_inputs([head], 1))
 
-  def _prefill(self, group, slots):
+  def _prefill_inputs(self, group, width: int):
+    """(bucket length, the placed prefill arguments but the slots) of `group`'s requests padded
+    to `width` rows."""
     session = self.session
-    width = min(w for w in self.prefill_widths if w >= len(group))
     requests = [request for _, request, _, _ in group]
     padded = requests + [requests[0]] * (width - len(requests))
     length = max(self.bucket(r) for r in requests)
     batch = inputs.Batch(0, tuple(padded), len(requests), length)
-    pixels = [self._pixels.pop(handle, None) for handle, _, _, _ in group]
+    pixels = [self._pixels.get(handle) for handle, _, _, _ in group]
     pixels = None if any(p is None and r.image is not None for p, r in zip(pixels, requests)) else (
         pixels + [pixels[0]] * (width - len(group)))
     tokens, lengths, images = session.batch_arrays(batch, self.decoder.with_images, pixels)
-    num_slots = self.programs.num_slots
-    slot_rows = np.array(slots + [num_slots] * (width - len(slots)), np.int32)  # Past: dropped.
     budgets = np.array([b for _, _, b, _ in group] + [1] * (width - len(group)), np.int32)
     keys = inputs.request_keys(padded, self.run_key)
-    program = self._prefill_program(length, width)
-    self.prefills += 1
-    placed = placement.place_inputs(tokens, lengths, images, session.mesh, session.rules)
     row_sampling = None
     if self.decoder.per_request_sampling:
       row_sampling = jax.tree.map(self._placed, RowSampling.of(
           [r.sampling or self.decoder.sampling for r in padded]))
-    self._state = program(*self._params(), self.state, self._placed(slot_rows), *placed,
-                          placement.place_keys(keys, session.mesh, session.rules),
-                          self._placed(budgets), row_sampling)
+    placed = placement.place_inputs(tokens, lengths, images, session.mesh, session.rules)
+    return length, (*placed, placement.place_keys(keys, session.mesh, session.rules),
+                    self._placed(budgets), row_sampling)
+
+  def _prefill(self, group, slots):
+    width = min(w for w in self.prefill_widths if w >= len(group))
+    staged, self._staged = self._staged, None
+    if len(group) == 1 and staged is not None and staged[0] == group[0][0]:
+      length, arguments = staged[1]
+    else:
+      length, arguments = self._prefill_inputs(group, width)
+    for handle, _, _, _ in group:
+      self._pixels.pop(handle, None)
+    num_slots = self.programs.num_slots
+    slot_rows = np.array(slots + [num_slots] * (width - len(slots)), np.int32)  # Past: dropped.
+    program = self._prefill_program(length, width)
+    self.prefills += 1
+    self._state = program(*self._params(), self.state, self._placed(slot_rows), *arguments)
     for (handle, request, _, submitted), slot in zip(group, slots):
       self._active[slot] = _Active(handle, request, slot, submitted)
 
