@@ -382,6 +382,18 @@ def test_one_prompt_and_image_stream_from_any_directory(ckpt, speculative):
   assert result.returncode != 0 and 'error: config.image goes with config.prompt' in result.stderr
 
 
+def test_the_examples_are_valid_requests(ckpt):
+  """examples/prompts.jsonl (the quick start's file) passes every check a prompts file gets: its
+  images load, its per-request settings are in range."""
+  session = session_module.DecodeSession(ckpt['target'])
+  requests = session.read_requests(os.path.join(REPO, 'examples', 'prompts.jsonl'),
+                                   max_new_tokens=64, num_draft_tokens=3)
+  assert [r.id for r in requests] == ['describe', 'count', 'see', 'sampled', 'text-only']
+  assert all(os.path.isfile(r.image) for r in requests[:4]) and requests[4].image is None
+  assert requests[2].max_new_tokens == 48 and requests[3].seed == 1
+  assert requests[3].sampling.temperature == 0.7
+
+
 def test_help_lists_the_config_fields_from_any_directory(tmp_path):
   result = subprocess.run([sys.executable, os.path.join(REPO, 'decode.py'), '--help'],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
