@@ -7,7 +7,8 @@ package (`configs/` installs as `mmspec_jax.configs`): `--config=draft_pretrain:
 `--config=configs/draft_pretrain.py:tiny` and an absolute path all work from any directory.
 
 The console is quiet by default: INFO lines from outside this package (absl, orbax, jax,
-tensorflow) are hidden, ours stay; `--verbosity=1` shows everything.
+tensorflow; every library logs through the root logger's absl handler, which filters them) are
+hidden, ours and every warning stay; `--verbosity=1` shows everything.
 """
 
 from __future__ import annotations
@@ -105,8 +106,6 @@ def configure_console():
   if not any(isinstance(f, _OursOrWarnings) for f in handler.filters):
     handler.addFilter(_OursOrWarnings())
     handler.setFormatter(_PlainFormatter())
-  for name in ('jax', 'orbax', 'tensorflow', 'absl', 'grain', 'etils', 'httpx', 'httpx2'):
-    logging.getLogger(name).addFilter(_OursOrWarnings())
 
 
 def field_help(config, modules: Sequence[str], files: Sequence[str] = ()) -> str:

@@ -73,8 +73,7 @@ def batch_sharding(shape, mesh, rules=sharding.DEFAULT_RULES):
   try:
     return _batch_sharding(tuple(shape), mesh, rules)
   except TypeError:  # Unhashable rules (lists): computed each time.
-    pass
-  return sharding.logical_sharding((axes.BATCH,) + (None,) * (len(shape) - 1), shape, mesh, rules)
+    return _batch_sharding.__wrapped__(tuple(shape), mesh, rules)
 
 
 def rows_struct(shape, dtype, mesh, rules=sharding.DEFAULT_RULES):

@@ -164,6 +164,16 @@ def speculation(config) -> tuple[str | None, int, DraftTree | None, float]:
   return DRAFT, tree.depth if tree else config.num_draft_tokens, tree, config.confidence_threshold
 
 
+def _summarize(config, session: DecodeSession, counts, timing: dict) -> statistics.RunStatistics:
+  """The run's statistics from its counts (statistics.row_counts' order) and timing figures."""
+  draft, gamma, tree, threshold = speculation(config)
+  parameters = session.parameter_counts()
+  return statistics.summarize(
+      *counts, num_draft_tokens=gamma, draft_tree=tree, confidence_threshold=threshold,
+      draft_parameters=parameters[draft] if draft else None, target_parameters=parameters[None],
+      **timing)
+
+
 def run_prompt(config, write) -> tuple[statistics.RunStatistics, Any]:
   """Decodes config.prompt (with config.image, if any) in one slot, handing its text to `write`
   piece by piece as chunks finish; returns (its statistics, its Finished)."""
@@ -192,12 +202,7 @@ def run_prompt(config, write) -> tuple[statistics.RunStatistics, Any]:
       write(text.finish(finished.stopped_by))
   timing = statistics.latency_figures([finished], start)
   timing.update(decode_seconds=time.perf_counter() - start, compile_seconds=compile_seconds)
-  parameters = session.parameter_counts()
-  stats = statistics.summarize(
-      *statistics.finished_counts([finished]), num_draft_tokens=gamma, draft_tree=tree,
-      confidence_threshold=threshold, draft_parameters=parameters[draft] if draft else None,
-      target_parameters=parameters[None], **timing)
-  return stats, finished
+  return _summarize(config, session, statistics.finished_counts([finished]), timing), finished
 
 
 def run(config) -> statistics.RunStatistics:
@@ -228,11 +233,7 @@ def run(config) -> statistics.RunStatistics:
   decode = _decode_continuous if config.batching == 'continuous' else _decode_static
   with progress, writer(config.output) as out:
     counts, timing = decode(config, session, decoder, requests, out, progress)
-    parameters = session.parameter_counts()
-    stats = statistics.summarize(
-        *counts, num_draft_tokens=gamma, draft_tree=tree, confidence_threshold=threshold,
-        draft_parameters=parameters[draft] if draft else None, target_parameters=parameters[None],
-        **timing)
+    stats = _summarize(config, session, counts, timing)
     # Inside the output's block: the summary and the output appear together or not at all.
     with writer(summary_path(config.output)) as f:
       json.dump(stats.as_dict(), f, indent=2)

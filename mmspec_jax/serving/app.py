@@ -38,6 +38,7 @@ from mmspec_jax.serving.metrics import ServerMetrics, finish_reason
 from mmspec_jax.serving.protocol import APIError
 from mmspec_jax.serving.text import chat_prompt
 
+
 def served_model_name(config) -> str:
   """config.served_model_name, else a Hub id as it is, else the target directory's name."""
   if config.served_model_name:
