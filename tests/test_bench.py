@@ -96,16 +96,28 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
                   'transformers': '0', 'read_bandwidth_gb_s': 10.0, 'repeats': 3},
       'autoregressive': {
           'model': {'parameters': 1.1e9}, 'prompt_length': 64, 'new_tokens': 128, 'threads': 2,
-          'bytes_per_token': 4.4e9, 'roofline_tokens_per_second': 2.0,
-          'ours': {'tokens_per_second': _rate(1.8), 'compile_seconds': 3.0},
-          'transformers': {'tokens_per_second': _rate(1.5), 'warmup_seconds': 1.0},
-          'fraction_of_roofline': 0.9, 'speedup_over_transformers': 1.2,
-          'same_tokens_as_transformers': 128},
-      'speculative': {'demo': {'target_parameters': 1e6, 'autoregressive': {
-          'tokens_per_second': _rate(100)}, 'speculative': [{
+          'read_bandwidth': {'bytes_per_second': 9e9, 'kernel': 'float32 sum', 'probes': {
+              'float32 sum': _rate(8e9), 'bfloat16 3-row matmul': _rate(7e9)}},
+          'precisions': {dtype: {
+              'bytes_per_token': 4.4e9 / scale, 'roofline_tokens_per_second': 2.0 * scale,
+              'ours': {'tokens_per_second': _rate(1.8 * scale), 'compile_seconds': 3.0},
+              'transformers': {'tokens_per_second': _rate(1.5), 'warmup_seconds': 1.0},
+              'same_tokens_as_transformers': 128} for dtype, scale in (('float32', 1),
+                                                                        ('bfloat16', 2))},
+          'fastest_precision': 'bfloat16', 'transformers_fastest_precision': 'float32',
+          'auto_precision': 'bfloat16', 'fraction_of_roofline': 0.9,
+          'speedup_over_transformers': 1.2},
+      'speculative': {'widened target, bfloat16': {
+          'dtype': 'bfloat16', 'target_parameters': 1e6, 'autoregressive': {
+              'tokens_per_second': _rate(100)},
+          'best_autoregressive': {'decoder': 'ours, bfloat16', 'tokens_per_second': 100,
+                                  'candidates': {'ours, bfloat16': 100,
+                                                 'transformers, float32': 60}},
+          'speculative': [{
               'gamma': 3, 'tau': 2.5, 'cost_ratio': 0.1, 'tokens_per_second': _rate(150),
               'predicted_speedup': 2.0, 'predicted_steady_state_speedup': 2.2,
               'measured_speedup': 1.5, 'measured_over_predicted': 0.75,
+              'speedup_over_best_autoregressive': 1.5,
               'tokens_identical_to_autoregressive': True}]}},
       'assisted': {'image': {'transformers_assisted_default': {'error': 'ValueError: boom'}}},
       'cache_capacity': {
@@ -128,8 +140,14 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
           '0.0100 | 90 / 8; 90 / 8 | True |') in text
   assert ('continuous over static tokens/s 2.10x (goal >= 1.8: met); slot utilization 86% '
           '(goal >= 90%: not met; this workload\'s ideal 87%)') in text
-  assert 'fraction of roofline: 0.90 (goal >= 0.9: met)' in text
-  assert 'speedup over transformers: 1.20 (goal >= 1.6: not met)' in text
+  assert 'fraction of roofline (ours, bfloat16): 0.90 (goal >= 0.9: met)' in text
+  assert ('speedup over transformers (each in its fastest precision: ours bfloat16, '
+          'transformers float32): 1.20 (goal >= 1.6: not met)') in text
+  assert '| bfloat16 | mmspec-jax (jitted while_loop) | 3.6 [3.2-4.0] | 90% | 3.0 | 128/128 |' in text
+  assert "`dtype='auto'` picks bfloat16 on this host" in text
+  assert ('widened target, bfloat16, best speculative (gamma 3, tau 2.50) over the best '
+          'autoregressive: 1.50 (goal >= 2.5: not met)') in text
+  assert 'the best: ours, bfloat16' in text
   assert '0.75 (goal >= 0.9: not met)' in text
   assert 'error: `ValueError: boom`' in text
   assert 'over the smaller: 1.25x (goal <= 1.2: not met)' in text

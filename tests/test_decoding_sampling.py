@@ -29,7 +29,10 @@ from mmspec_jax.decoding.sampling import (RowSampling, SamplingConfig, pad_vocab
                                           sample, sample_from, sample_rows)
 from mmspec_jax.decoding.statistics import expected_block_efficiency
 from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding.placement import decoding_params
 from mmspec_jax.models import LlamaConfig, build, init_params
+from mmspec_jax.models.config import with_dtype
+from mmspec_jax.models.layout import decoding_default
 
 NUM_SAMPLES = 24_000
 VOCAB = 8
@@ -65,12 +68,14 @@ def exact(models):
   return functools.lru_cache(maxsize=None)(functools.partial(exact_joint, models[0]))
 
 
-def exact_joint(target_params, sampling):
-  """float64[V, V, V]: P(t0, t1, t2) under the target, by enumerating every (t0, t1)."""
+def exact_joint(target_params, sampling, model=None):
+  """float64[V, V, V]: P(t0, t1, t2) under the target (`model`, default CONFIG's), by
+  enumerating every (t0, t1)."""
   t0, t1 = np.meshgrid(np.arange(VOCAB), np.arange(VOCAB), indexing='ij')
   sequences = np.concatenate([np.tile(PROMPT, (VOCAB * VOCAB, 1)), t0.reshape(-1, 1),
                               t1.reshape(-1, 1)], axis=1).astype(np.int32)
-  logits = build(CONFIG).apply({'params': target_params}, sequences)  # [V*V, T, V]
+  model = model or build(CONFIG)
+  logits = model.apply({'params': target_params}, sequences)  # [V*V, T, V]
   probs = np.asarray(probabilities(logits[:, -3:], sampling), np.float64)
   first = probs[0, 0]  # P(t0): the same prefix for every sequence.
   second = probs[::VOCAB, 1]  # P(t1 | t0), rows indexed by t0.
@@ -369,3 +374,28 @@ def test_per_request_sampling_engine_follows_the_target(models, exact):
   p_value = chi_square_p_value(counts, exact(sampling))
   print(f'per-request top_p: p = {p_value:.3f}')
   assert p_value > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize('branching', [None, (3, 2)], ids=['chain', 'tree'])
+def test_sampled_bfloat16_tokens_follow_the_bfloat16_target(models, branching):
+  """In bfloat16 on this backend's decoding layouts (on CPU: output-major kernels, matmuls
+  padded to three rows), a chain and a tree sample the bfloat16 target's distribution."""
+  layouts = {verifies: decoding_default(verifies=verifies, dtype='bfloat16')
+             for verifies in (True, False)}
+  config, draft_config = (with_dtype(c, 'bfloat16') for c in (CONFIG, DRAFT_CONFIG))
+  cast = lambda params: jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  target = decoding_params(config, cast(models[0]), layouts[True])
+  draft = decoding_params(draft_config, cast(models[1]), layouts[False])
+  sampling = SAMPLINGS['temperature']
+  tree = DraftTree(branching) if branching else None
+  decoder = engine.SpeculativeDecoder(
+      build(config, layouts[True]), build(draft_config, layouts[False]),
+      tree.depth if tree else GAMMA, sampling, max_new_tokens=3, eos_token_ids=(-1,),
+      draft_tree=tree)
+  counts, result = sampled_joint(target, draft, sampling, decoder)
+  p_value = chi_square_p_value(counts, exact_joint(target, sampling,
+                                                   build(config, layouts[True])))
+  print(f'bfloat16 {branching}: p = {p_value:.3f}')
+  assert p_value > P_VALUE_FLOOR
+  accepted = np.asarray(result.accepted_by_position)
+  assert 0.1 < accepted[:, 0].mean() < 0.9

@@ -124,6 +124,10 @@ def test_tree_shape():
   attention = tree.draft_attention(2)  # Depth 2's six nodes, at window slots 2 .. 7.
   np.testing.assert_array_equal(attention.slots, np.arange(2, 8))
   assert attention.mask.shape == (6, 8) and attention.mask[0].nonzero()[0].tolist() == [0, 2]
+  # Node 3's path past the draft's length (which counts the root): node 1, then itself.
+  assert attention.path.tolist()[0] == [0, 2, 2]
+  verification = tree.verification_attention()  # Node 14: the root, nodes 2 and 8, itself.
+  assert verification.path.tolist()[14] == [0, 2, 8, 14] and verification.path.shape == (15, 4)
   assert DraftTree.parse('2,3,1') == tree == DraftTree.parse('2x3x1') and str(tree) == '2x3x1'
   assert DraftTree.chain(2).is_chain and not tree.is_chain
 

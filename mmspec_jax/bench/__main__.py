@@ -35,6 +35,7 @@ from mmspec_jax.demo import artifacts
 from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, report,
                               serving_load, speculative, widen)
 from mmspec_jax.bench.timing import read_bandwidth
+from mmspec_jax.convert.export import export_to_hf
 from mmspec_jax.convert.loading import load_model
 from mmspec_jax.models import parameter_count
 
@@ -46,6 +47,8 @@ TASKS = ('captioning', 'sqa', 'conversation')
 # within 32 verified tokens (README, Trees), a small one, and a chain of 7 stopping below draft
 # confidence 0.3.
 SHAPES = ('5,1,1,1,1,1', '3,1,1', '1,1,1,1,1,1,1@0.3')
+PRECISIONS = ('float32', 'bfloat16')  # Section 3 runs in each.
+WIDE_PROMPTS, WIDE_NEW_TOKENS = 3, 32  # The widened target's runs (batch 1, greedy).
 
 
 def _log(line: str):
@@ -108,35 +111,23 @@ def run(config):
       results['autoregressive'] = autoregressive.run_section(work_dir, repeats=args.repeats,
                                                              log=_log)
     # The bandwidth the roofline used: measured between section 1's runs.
-    bandwidth = results['autoregressive']['read_bandwidth']['median']
+    bandwidth = results['autoregressive']['read_bandwidth']['bytes_per_second']
   else:
-    bandwidth, _ = read_bandwidth()
+    bandwidth = read_bandwidth()['bytes_per_second']
   results = {'machine': machine(args.repeats, bandwidth), **results}
   _log(f'read bandwidth {bandwidth / 1e9:.1f} GB/s')
   threads = results['machine']['cores']
   report.write(results, args.out_dir, final=False)
 
   if set(args.sections) & NEEDS_PAIR:
-    pair = speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
-                                 artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE),
-                                 artifacts.world_dir(), TASKS, num_examples=22,
-                                 max_new_tokens=64)
+    pair = _load_pair('float32')
   if 2 in args.sections:
     results['batch_scaling'] = speculative.batch_scaling(
         pair, (1, 4, 16, 64), gamma=3, num_prompts=64, max_new_tokens=64,
         repeats=args.repeats, log=_log)
     report.write(results, args.out_dir, final=False)
   if 3 in args.sections:
-    comparisons = {'demo target': speculative.compare(
-        pair, (3, 5), num_prompts=16, max_new_tokens=64, repeats=args.repeats, log=_log,
-        label='[3/4] demo target', shapes=SHAPES)[0]}
-    wide = _widened_target(pair)
-    comparisons['widened target'], wide_tokens = speculative.compare(
-        wide, (3, 5), num_prompts=3, max_new_tokens=32, repeats=args.repeats, log=_log,
-        label='[3/4] widened target', shapes=SHAPES, verify_sizes=(2, 4, 8, 16, 32))
-    _check_widened(comparisons['widened target'], pair, wide, wide_tokens)
-    results['speculative'] = comparisons
-    del wide
+    results['speculative'] = _speculative_section(pair, args, threads)
     report.write(results, args.out_dir, final=False)
   if 4 in args.sections:
     results['assisted'] = assisted.run_section(
@@ -159,19 +150,83 @@ def run(config):
   _log(f'bench finished in {results["seconds"]:.0f}s; results in {args.out_dir}/')
 
 
-def _widened_target(pair: speculative.Pair) -> speculative.Pair:
-  """The pair with its target widened to ~1B parameters (from the stacked checkpoint layout)."""
+def _speculative_section(pair: speculative.Pair, args, threads: int) -> dict:
+  """Section 3 in float32 and bfloat16: the demo pair and its target widened to ~1B, each
+  autoregressive and speculative, and transformers' autoregressive decoding of the widened
+  target in both precisions; every speculative run on the widened target against the best
+  autoregressive decoding of it, whoever's and whichever precision."""
+  wide_config, wide_params = _widened_model()
+  comparisons = {}
+  for dtype in PRECISIONS:
+    if dtype != pair.session.dtype:
+      pair = _load_pair(dtype)
+    comparisons[f'demo target, {dtype}'] = speculative.compare(
+        pair, (3, 5), num_prompts=16, max_new_tokens=64, repeats=args.repeats, log=_log,
+        label=f'[3/4] demo target, {dtype}', shapes=SHAPES)[0]
+    wide = pair.with_target(wide_config, wide_params)
+    comparison, wide_tokens = speculative.compare(
+        wide, (3, 5), num_prompts=WIDE_PROMPTS, max_new_tokens=WIDE_NEW_TOKENS,
+        repeats=args.repeats, log=_log, label=f'[3/4] widened target, {dtype}', shapes=SHAPES,
+        verify_sizes=(2, 4, 8, 16, 32))
+    if dtype == 'float32':  # Widening preserves the function; bfloat16 rounds sums anew.
+      _check_widened(comparison, pair, wide, wide_tokens)
+    comparisons[f'widened target, {dtype}'] = comparison
+    del wide
+  with tempfile.TemporaryDirectory(dir=args.work_dir) as hf_dir:
+    export_to_hf(wide_params, wide_config, hf_dir)
+    del wide_params
+    theirs = {dtype: assisted.transformers_target(
+        pair, hf_dir, dtype, num_prompts=WIDE_PROMPTS, max_new_tokens=WIDE_NEW_TOKENS,
+        repeats=args.repeats, threads=threads, log=_log) for dtype in PRECISIONS}
+  _against_best_autoregressive(comparisons, theirs)
+  return comparisons
+
+
+def _against_best_autoregressive(comparisons: dict, theirs: dict):
+  """Adds the widened target's best autoregressive decoding (ours or transformers', either
+  precision) and each speculative run's speedup over it."""
+  candidates = {f'transformers, {dtype}': run['tokens_per_second']['median']
+                for dtype, run in theirs.items() if 'tokens_per_second' in run}
+  wide = {label: c for label, c in comparisons.items() if label.startswith('widened')}
+  for label, comparison in wide.items():
+    candidates[f'ours, {comparison["dtype"]}'] = comparison['autoregressive'][
+        'tokens_per_second']['median']
+  best = max(candidates, key=candidates.get)
+  for comparison in wide.values():
+    comparison['transformers_autoregressive'] = theirs
+    comparison['best_autoregressive'] = {'decoder': best, 'tokens_per_second': candidates[best],
+                                         'candidates': candidates}
+    for row in comparison['speculative']:
+      row['speedup_over_best_autoregressive'] = (
+          row['tokens_per_second']['median'] / candidates[best])
+  rows = [(label, row) for label, c in wide.items() for row in c['speculative']]
+  label, row = max(rows, key=lambda lr: lr[1]['speedup_over_best_autoregressive'])
+  _log(f'[3/4] widened target: best autoregressive {candidates[best]:.2f} tokens/s ({best}); '
+       f'best speculative {row["speedup_over_best_autoregressive"]:.2f}x that ({label}, '
+       f'{row["shape"] or "gamma " + str(row["gamma"])})')
+
+
+def _load_pair(dtype: str) -> speculative.Pair:
+  return speculative.load_pair(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE),
+                               artifacts.export_dir(artifacts.DEMO_DRAFT_STAGE),
+                               artifacts.world_dir(), TASKS, num_examples=22,
+                               max_new_tokens=64, dtype=dtype)
+
+
+def _widened_model():
+  """The demo target widened to ~1B parameters: canonical (config, float32 params)."""
   config, params = load_model(artifacts.export_dir(artifacts.DEMO_TARGET_STAGE), dtype='float32')
   config, params = widen.widen_to_parameters(config, params, 1e9, jax.random.key(0))
   _log(f'[3/4] target widened to {parameter_count(params) / 1e9:.2f}B parameters '
        f'(hidden {config.text.hidden_size}, {config.text.num_heads} heads, MLP '
        f'{config.text.intermediate_size}, {config.text.num_layers} layers)')
-  return pair.with_target(config, params)
+  return config, params
 
 
 def _check_widened(comparison, pair, wide, wide_tokens):
   """The widened target must decode exactly as the original: same greedy tokens, same logits."""
-  original = speculative.decode(pair, 0, 1, len(wide_tokens), 32, repeats=1)['tokens']
+  original = speculative.decode(pair, 0, 1, len(wide_tokens), WIDE_NEW_TOKENS,
+                                repeats=1)['tokens']
   identical = all(a.tolist() == b.tolist() for a, b in zip(original, wide_tokens))
   comparison['outputs_identical_to_original'] = identical
   comparison['logits_max_abs_difference'] = speculative.logits_difference(pair, wide)

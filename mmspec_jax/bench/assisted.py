@@ -63,6 +63,25 @@ def _hf_decode(model, rows, max_new_tokens: int, repeats: int, eos, **kwargs) ->
           'tokens': [o.numpy() for o in outputs]}
 
 
+def transformers_target(pair: speculative.Pair, target_hf: str, dtype: str, *, num_prompts: int,
+                        max_new_tokens: int, repeats: int, threads: int, log) -> dict[str, Any]:
+  """transformers' greedy `generate` of the target exported to `target_hf`, in `dtype`, on the
+  pair's first prompts (batch 1): tokens/s, timing and warm-up seconds (or the error)."""
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  torch_dtype = getattr(torch, dtype)
+  model = transformers.AutoModelForImageTextToText.from_pretrained(
+      target_hf, dtype=torch_dtype).eval()
+  rows = [{name: value.to(torch_dtype) if value.is_floating_point() else value
+           for name, value in row.items()} for row in _hf_inputs(pair, num_prompts)]
+  run = _hf_decode(model, rows, max_new_tokens, repeats, pair.session.eos_token_ids)
+  run.pop('tokens', None)
+  rate = run.get('tokens_per_second', {}).get('median')
+  log(f'[3/4] transformers, {dtype}: ' + (f'{rate:.2f} tokens/s' if rate else run['error']))
+  return run
+
+
 def run_section(pair: speculative.Pair, target_hf: str, draft_hf: str, *, num_prompts: int,
                 max_new_tokens: int, gamma: int, repeats: int, threads: int,
                 log) -> dict[str, Any]:

@@ -14,7 +14,7 @@ MARKDOWN_FILE = 'bench.md'
 BATCH_PLOT = 'batch_scaling.png'
 SPEEDUP_PLOT = 'speedup.png'
 GOALS = {'fraction_of_roofline': 0.9, 'speedup_over_transformers': 1.6,
-         'measured_over_predicted': 0.9}
+         'measured_over_predicted': 0.9, 'speedup_over_best_autoregressive': 2.5}
 
 
 def _rate(rate: dict[str, float]) -> str:
@@ -30,36 +30,43 @@ def _goal(value: float, goal: float) -> str:
 def _machine(machine: dict[str, Any]) -> list[str]:
   return [f'Machine: {machine["cpu"]}, {machine["cores"]} cores, {machine["memory_gib"]:.0f} GiB; '
           f'jax {machine["jax"]}, torch {machine["torch"]}, transformers '
-          f'{machine["transformers"]}. Read bandwidth measured in this run (a jitted sum over '
-          f'1 GiB): {machine["read_bandwidth_gb_s"]:.1f} GB/s. Runs compared with each other '
-          'are timed round-robin. Figures are medians of '
+          f'{machine["transformers"]}. Read bandwidth measured in this run (the fastest run of '
+          f'several read kernels): {machine["read_bandwidth_gb_s"]:.1f} GB/s. Runs compared with '
+          'each other are timed round-robin. Figures are medians of '
           f'{machine["repeats"]} runs after warm-up, [slowest-fastest]; compile time apart.', '']
 
 
 def _autoregressive(section: dict[str, Any]) -> list[str]:
   model = section['model']
-  lines = [f'### 1. Autoregressive decoding, {model["parameters"] / 1e9:.2f}B LLaMA (float32, '
-           f'batch 1, {section["prompt_length"]}-token prompt, {section["new_tokens"]} new '
-           'tokens)', '',
-           '| | tokens/s | of roofline | compile / warm-up s |', '|---|---|---|---|',
-           f'| memory roofline ({section["bytes_per_token"] / 1e9:.2f} GB read per token'
-           + (' at {median:.1f} [{low:.1f}-{high:.1f}] GB/s'.format(
-               **{k: v / 1e9 for k, v in section['read_bandwidth'].items()})
-              if 'read_bandwidth' in section else '')
-           + f') | {section["roofline_tokens_per_second"]:.2f} | 100% | |']
-  for name, label, extra in (('ours', 'mmspec-jax (jitted while_loop)', 'compile_seconds'),
-                             ('transformers', 'transformers `generate` (torch, '
-                              f'{section["threads"]} threads)', 'warmup_seconds')):
-    run = section[name]
-    lines.append(f'| {label} | {_rate(run["tokens_per_second"])} | '
-                 f'{run["tokens_per_second"]["median"] / section["roofline_tokens_per_second"]:.0%}'
-                 f' | {run[extra]:.1f} |')
-  lines += ['', f'- fraction of roofline: '
+  bandwidth = section['read_bandwidth']
+  lines = [f'### 1. Autoregressive decoding, {model["parameters"] / 1e9:.2f}B LLaMA (batch 1, '
+           f'{section["prompt_length"]}-token prompt, {section["new_tokens"]} new tokens)', '',
+           f'Read bandwidth {bandwidth["bytes_per_second"] / 1e9:.1f} GB/s: the fastest run of '
+           + ', '.join(f'{name} ({rate["median"] / 1e9:.1f} median, {rate["high"] / 1e9:.1f} '
+                       'best)' for name, rate in bandwidth['probes'].items())
+           + ', GB/s.', '',
+           '| precision | | tokens/s | of roofline | compile / warm-up s | greedy tokens equal to '
+           "transformers' |", '|---|---|---|---|---|---|']
+  for dtype, run in section['precisions'].items():
+    roofline = run['roofline_tokens_per_second']
+    lines.append(f'| {dtype} | memory roofline ({run["bytes_per_token"] / 1e9:.2f} GB read per '
+                 f'token) | {roofline:.2f} | 100% | | |')
+    for name, label, extra in (('ours', 'mmspec-jax (jitted while_loop)', 'compile_seconds'),
+                               ('transformers', 'transformers `generate` (torch, '
+                                f'{section["threads"]} threads)', 'warmup_seconds')):
+      rate = run[name]['tokens_per_second']
+      lines.append(f'| {dtype} | {label} | {_rate(rate)} | {rate["median"] / roofline:.0%} | '
+                   f'{run[name][extra]:.1f} | '
+                   + (f'{run["same_tokens_as_transformers"]}/{section["new_tokens"]}'
+                      if name == 'ours' else '') + ' |')
+  lines += ['', f'- fraction of roofline (ours, {section["fastest_precision"]}): '
             f'{_goal(section["fraction_of_roofline"], GOALS["fraction_of_roofline"])}',
-            f'- speedup over transformers: '
+            f'- speedup over transformers (each in its fastest precision: ours '
+            f'{section["fastest_precision"]}, transformers '
+            f'{section["transformers_fastest_precision"]}): '
             f'{_goal(section["speedup_over_transformers"], GOALS["speedup_over_transformers"])}',
-            f'- greedy tokens equal to transformers\': {section["same_tokens_as_transformers"]}/'
-            f'{section["new_tokens"]}', '']
+            f'- `dtype=\'auto\'` picks {section["auto_precision"]} on this host; the fastest '
+            f'measured here: {section["fastest_precision"]}', '']
   return lines
 
 
@@ -109,10 +116,32 @@ def _speculative(comparisons: dict[str, dict[str, Any]]) -> list[str]:
   for label, comparison in comparisons.items():
     ratios = comparison.get('verification_cost_ratio')
     if ratios:
-      lines += ['', f'{label}: one target call on n tokens costs, against one on 1 token: '
+      lines += ['', f'{label}: v(n), one target call on n tokens against one on 1 token: '
                 + ', '.join(f'n = {n}: {ratio:.2f}x' for n, ratio in ratios.items())
                 + ' (memory-bound, as on an accelerator at batch 1, it would stay near 1x).']
+  lines += _against_best(comparisons)
   return lines + ['']
+
+
+def _against_best(comparisons: dict[str, dict[str, Any]]) -> list[str]:
+  """The widened target's best autoregressive decoding and each precision's best speculative
+  run against it."""
+  wide = {label: c for label, c in comparisons.items() if 'best_autoregressive' in c}
+  if not wide:
+    return []
+  best = next(iter(wide.values()))['best_autoregressive']
+  lines = ['', 'Autoregressive decoding of the widened target, tokens/s: ' + ', '.join(
+      f'{name} {rate:.2f}' for name, rate in best['candidates'].items())
+      + f'; the best: {best["decoder"]}.']
+  for label, comparison in wide.items():
+    row = max(comparison['speculative'], key=lambda r: r['speedup_over_best_autoregressive'])
+    what = row.get('shape') or f'gamma {row["gamma"]}'
+    goal = 'speedup_over_best_autoregressive'
+    lines.append(f'- {label}, best speculative ({what}, tau {row["tau"]:.2f}) over the best '
+                 f'autoregressive: {_goal(row[goal], GOALS[goal])}; tokens identical to its '
+                 'autoregressive output: '
+                 f'{"yes" if row["tokens_identical_to_autoregressive"] else "NO"}')
+  return lines
 
 
 def _assisted(section: dict[str, Any]) -> list[str]:

@@ -28,18 +28,13 @@ import numpy as np
 
 from mmspec_jax.bench.timing import Timed, call_timer, interleaved
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.decoding import inputs, placement, statistics
+from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree, parse_shape, shape_label
 from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.models import KVCache, build, parameter_count, text_config
 from mmspec_jax.data.processing import MultimodalProcessor
-
-# The decoding layouts of this backend (models/layout.py), as the pair's session arranges its
-# params: the target laid out for verification serves the autoregressive baseline as it is.
-TARGET_LAYOUT = placement.decoding_layout(verifies=True)
-DRAFT_LAYOUT = placement.decoding_layout()
 
 GREEDY = SamplingConfig(temperature=0.0)
 LENGTH_BUCKETS = (64, 128, 256, 512)
@@ -72,12 +67,13 @@ class Pair:
 
 
 def load_pair(target_dir: str, draft_dir: str, data_dir: str, tasks: Sequence[str],
-              num_examples: int, max_new_tokens: int) -> Pair:
-  """The pair and `num_examples` prompts of each task, interleaved (so any prefix mixes tasks)."""
+              num_examples: int, max_new_tokens: int, dtype: str = 'float32') -> Pair:
+  """The pair in `dtype` and `num_examples` prompts of each task, interleaved (so any prefix
+  mixes tasks)."""
   processor = MultimodalProcessor.from_pretrained(target_dir)
-  target = load_model(target_dir, dtype='float32')
+  target = load_model(target_dir, dtype=dtype)
   session = DecodeSession.from_params(processor, target,
-                                      {DRAFT: load_model(draft_dir, dtype='float32')})
+                                      {DRAFT: load_model(draft_dir, dtype=dtype)}, dtype=dtype)
   per_task = [task_data.read_task(data_dir, task, processor, target[0],
                                   num_examples=num_examples, max_new_tokens=max_new_tokens)
               for task in tasks]
@@ -187,10 +183,12 @@ def call_costs(pair: Pair, context: int, target_sizes: Sequence[int],
       return call_timer(extend, params, (warm, jnp.float32(0)))
     return [call_timer(prefill, params, jnp.float32(0))] + [step(k) for k in step_sizes]
   with_images = images if image_token is not None and image_token in tokens else None
-  target_calls = calls(pair.target_config, TARGET_LAYOUT, pair.target_params, tokens,
+  # The session's layouts, as it arranged the params: the target laid out for verification
+  # serves the autoregressive baseline as it is.
+  target_calls = calls(pair.target_config, pair.session.target_layout, pair.target_params, tokens,
                        int(lengths[0]), with_images, target_sizes)
-  draft_calls = calls(pair.draft_config, DRAFT_LAYOUT, pair.draft_params, text, text.shape[1],
-                      None, draft_sizes)
+  draft_calls = calls(pair.draft_config, pair.session.draft_layout, pair.draft_params, text,
+                      text.shape[1], None, draft_sizes)
   names = ('target_prefill', *[f'target_{n}' for n in target_sizes],
            'draft_prefill', *[f'draft_{w}' for w in draft_sizes])
   timed = target_calls + draft_calls
@@ -202,9 +200,8 @@ def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   """Max |logit difference| between two pairs' targets over full forwards of the first prompts."""
   batch = inputs.make_batches(pair.requests[:num_prompts], num_prompts, (pair.length,))[0]
   tokens, _, images = pair.batch_arrays(batch)
-  logits = [jax.jit(build(p.target_config, TARGET_LAYOUT).apply)({'params': p.target_params},
-                                                                 tokens, images)
-            for p in (pair, other)]  # [B, T, V] each
+  logits = [jax.jit(build(p.target_config, p.session.target_layout).apply)(
+      {'params': p.target_params}, tokens, images) for p in (pair, other)]  # [B, T, V] each
   return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 
 
@@ -287,7 +284,8 @@ def compare(pair: Pair, gammas: Sequence[int], num_prompts: int, max_new_tokens:
     what = f'tree {result["shape"]}' if result['shape'] else f'gamma {result["gamma"]}'
     log(f'{label}: {what}: tau {result["tau"]:.2f}, measured {measured:.2f}x, '
         f'predicted {predicted["end_to_end"]:.2f}x ({measured / predicted["end_to_end"]:.0%})')
-  summary = {'target_parameters': parameter_count(pair.target_params),
+  summary = {'dtype': pair.session.dtype,
+             'target_parameters': parameter_count(pair.target_params),
              'draft_parameters': parameter_count(pair.draft_params),
              'autoregressive': autoregressive, 'speculative': rows, 'call_seconds': costs,
              'verification_cost_ratio': verification}

@@ -8,6 +8,7 @@ noise. Compilation (or, for torch, the first warm-up call) is timed once, separa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -107,22 +108,51 @@ def interleaved(timed, repeats: int):
       run.time_once()
 
 
-def bandwidth_probe(num_bytes: int = 1 << 30) -> Timed:
-  """One pass of a jitted sum over a float32 array of `num_bytes` (large enough to defeat the
-  caches) on the executor the decoder runs on: num_bytes / seconds is the read bandwidth."""
-  array = jnp.ones((num_bytes // 4,), jnp.float32)  # [N]
-  reduce = jax.jit(jnp.sum)
-  run = lambda: reduce(array).block_until_ready()
-  run()
-  run()
-  return Timed(run)
+PROBE_WIDTH = 4096  # Columns of the probes' matrices.
 
 
-def read_bandwidth(num_bytes: int = 1 << 30, *, repeats: int = 7) -> tuple[float, Timing]:
-  """(median bytes/s, timing of one pass) of `bandwidth_probe`."""
-  probe = bandwidth_probe(num_bytes)
-  interleaved([probe], repeats)
-  return num_bytes / probe.timing().median, probe.timing()
+def bandwidth_probes(num_bytes: int = 1 << 29) -> dict[str, Timed]:
+  """Kernels that each read `num_bytes` (far past the caches) once per run, on the executor the
+  decoder runs on: a jitted sum over float32, a float32 matrix-vector product and a bfloat16
+  matrix product over three rows with float32 accumulation (the decoding layouts' forms, weights
+  [out, in]). Which one streams fastest depends on the host; `read_bandwidth` takes the best."""
+  from mmspec_jax.models.layers import matmul  # pylint: disable=import-outside-toplevel
+  rows = lambda itemsize: num_bytes // itemsize // PROBE_WIDTH
+  flat = jnp.ones((num_bytes // 4,), jnp.float32)  # [N]
+  single = jnp.ones((rows(4), PROBE_WIDTH), jnp.float32)  # [out, in]
+  half = jnp.ones((rows(2), PROBE_WIDTH), jnp.bfloat16)  # [out, in]
+  x32 = jnp.ones((1, PROBE_WIDTH), jnp.float32)
+  x16 = jnp.ones((3, PROBE_WIDTH), jnp.bfloat16)
+  kernels = {
+      'float32 sum': (jax.jit(jnp.sum), flat),
+      'float32 matrix-vector': (jax.jit(lambda w: matmul(x32, w, output_major=True)), single),
+      'bfloat16 3-row matmul': (jax.jit(lambda w: matmul(x16, w, output_major=True)), half),
+  }
+  probes = {}
+  for name, (kernel, array) in kernels.items():
+    run = functools.partial(lambda kernel, array: kernel(array).block_until_ready(), kernel,
+                            array)
+    run()
+    run()
+    probes[name] = Timed(run)
+  return probes
+
+
+def best_bandwidth(probes: dict[str, Timed], num_bytes: int) -> dict[str, Any]:
+  """The read bandwidth: bytes/s of the fastest run of any probe (a decode step reads its
+  weights no faster than the best of these kernels reads as many bytes), with each probe's
+  median and best for the record."""
+  rates = {name: probe.timing().rate(num_bytes) for name, probe in probes.items()}
+  best = max(rates, key=lambda name: rates[name]['high'])
+  return {'bytes_per_second': rates[best]['high'], 'kernel': best, 'probes': rates,
+          'probe_bytes': num_bytes}
+
+
+def read_bandwidth(num_bytes: int = 1 << 29, *, repeats: int = 7) -> dict[str, Any]:
+  """`best_bandwidth` of `bandwidth_probes`, each timed `repeats` times round-robin."""
+  probes = bandwidth_probes(num_bytes)
+  interleaved(list(probes.values()), repeats)
+  return best_bandwidth(probes, num_bytes)
 
 
 def parameter_bytes(params) -> int:

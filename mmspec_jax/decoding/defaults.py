@@ -59,7 +59,9 @@ def decode_config() -> ml_collections.ConfigDict:
   config.output = ''
   # True: "prompt" is the full model input (only tokenized); False: wrapped in the chat template.
   config.raw_prompt = False
-  # Compute and parameter dtype of both models: 'float32' | 'bfloat16' | 'float16'.
+  # Compute and parameter dtype of both models: 'float32' | 'bfloat16' | 'float16' | 'auto' (the
+  # faster of bfloat16 and float32 on this host: bfloat16 on accelerators, a probe on CPU that
+  # says what it picked; models/precision.py).
   config.dtype = 'float32'
   # Prompts are right-padded to the smallest bucket that fits, so a run compiles a few shapes;
   # longer prompts use their length rounded up to a multiple of 64.
@@ -71,14 +73,16 @@ def decode_config() -> ml_collections.ConfigDict:
   # How both models' language layers run (mmspec_jax/models/layout.py). layers: 'scanned' (one
   # stacked array per weight, nn.scan) | 'unrolled' (one array per layer) | '' = the backend's
   # default (scanned on TPU, unrolled elsewhere). output_major_kernels: True | False | '' = the
-  # default (on CPU: True for the draft and for a target decoding alone, False for a target that
-  # verifies drafts). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
+  # default (on CPU: True in bfloat16; in float32 True for the draft and for a target decoding
+  # alone, False for a target that verifies drafts). min_matmul_rows: matmuls over fewer rows are
+  # padded to this many; 0 = the default (3 for bfloat16 on CPU, whose kernels for 1-2 rows cost
+  # ~10x more, else 1). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
   # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
   # same API's XLA implementation) | 'pallas' (JAX's TPU paged-attention kernel, heads-first cache;
   # meant for bfloat16 on TPU, interpreted elsewhere).
   config.layout = ml_collections.ConfigDict(dict(
-      layers='', fused_projections=True, output_major_kernels='', attention='blockwise',
-      attention_block_size=256))
+      layers='', fused_projections=True, output_major_kernels='', min_matmul_rows=0,
+      attention='blockwise', attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
   # Several processes (multi-host TPU slices, GPU clusters): config.multihost and
   # config.distributed (mmspec_jax/distributed.py); every process runs the same command.

@@ -36,7 +36,7 @@ from mmspec_jax.decoding.scheduler import output_text
 from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.models.config import SUPPORTED_DTYPES
+from mmspec_jax.models import precision
 from mmspec_jax.data.processing import MultimodalProcessor
 
 DRAFT = 'draft'  # The session's name for decode.py's one draft.
@@ -96,8 +96,9 @@ def check_decoding_settings(config):
   if config.slot_capacity < 0:
     raise ValueError(f'slot_capacity must be >= 0 (0: what the requests need), got '
                      f'{config.slot_capacity}')
-  if config.dtype not in SUPPORTED_DTYPES:
-    raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of {SUPPORTED_DTYPES}')
+  if config.dtype not in precision.DTYPE_CHOICES:
+    raise ValueError(f'unsupported dtype {config.dtype!r}; expected one of '
+                     f'{precision.DTYPE_CHOICES}')
   inputs.check_buckets(config.length_buckets)
 
 

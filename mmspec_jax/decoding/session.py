@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmspec_jax import distributed, sharding
@@ -43,6 +44,7 @@ from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
                                parameter_count, text_config)
+from mmspec_jax.models import precision
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
 from mmspec_jax.data.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
 from mmspec_jax.data.vocabulary import check_compatible_vocabularies
@@ -58,6 +60,15 @@ def target_config(target: str, dtype: str) -> ModelConfig:
   if not isinstance(config, (LlavaConfig, LlamaConfig)):
     raise ValueError(f'target {target!r} must be a LLaVA or LLaMA model, not an adapter draft')
   return config
+
+
+def _in_dtype(config: ModelConfig, params: Any, dtype: str) -> tuple[ModelConfig, Any]:
+  """A model in memory computing in `dtype`, its floating-point params cast to it."""
+  config = with_dtype(config, dtype)
+  if params is not None:
+    params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  return config, params
 
 
 def draft_config(draft: str, target: ModelConfig, dtype: str) -> ModelConfig:
@@ -134,6 +145,7 @@ class DecodeSession:
       rules, draft_rules: logical axis rules of the target and of the drafts.
       layout_config: decode.py's config.layout (attention kernel, scan); default the backend's.
     """
+    dtype = precision.resolve(dtype)
     target = resolve_model(target)  # A Hub id -> its cached snapshot.
     drafts = {name: resolve_model(directory) for name, directory in (drafts or {}).items()}
     self.target_dir, self.draft_dirs, self.dtype = target, drafts, dtype
@@ -158,18 +170,20 @@ class DecodeSession:
     processor (a model with no tokenizer, decoding given token ids), prompts are padded with
     the model's pad id, and requests may carry no image."""
     session = cls.__new__(cls)
-    session.target_dir, session.dtype = None, dtype
+    session.target_dir, session.dtype = None, precision.resolve(dtype)
     session.draft_dirs = {name: None for name in drafts or {}}
     session.rules, session.draft_rules = sharding.DEFAULT_RULES, sharding.DRAFT_RULES
+    target = _in_dtype(*target, session.dtype)
+    drafts = {name: _in_dtype(*model, session.dtype) for name, model in (drafts or {}).items()}
     session.target_config, session.processor = target[0], processor
-    session.draft_configs = {name: config for name, (config, _) in (drafts or {}).items()}
+    session.draft_configs = {name: config for name, (config, _) in drafts.items()}
     session._finish(layout_config, None, mesh)
     session.target_params = placement.decoding_params(
         target[0], target[1], session.target_layout, session.mesh, session.rules)
     session.draft_params = {
         name: None if params is None else placement.decoding_params(
             config, params, session.draft_layout, session.mesh, session.draft_rules)
-        for name, (config, params) in (drafts or {}).items()}
+        for name, (config, params) in drafts.items()}
     return session
 
   def _finish(self, layout_config, mesh_shape, mesh=None):
@@ -179,9 +193,9 @@ class DecodeSession:
     if isinstance(self.target_config, LlavaConfig):
       vision = self.target_config.vision
       self.image_shape = (vision.image_size, vision.image_size, vision.num_channels)
-    self.target_layout = placement.decoding_layout(layout_config,
-                                                   verifies=bool(self.draft_configs))
-    self.draft_layout = placement.decoding_layout(layout_config)
+    self.target_layout = placement.decoding_layout(
+        layout_config, verifies=bool(self.draft_configs), dtype=self.dtype)
+    self.draft_layout = placement.decoding_layout(layout_config, dtype=self.dtype)
     self.mesh = mesh or sharding.make_mesh(dict(mesh_shape or {'data': -1}))
     self._image_size_checked = False
     self._decoders: dict[Decoder, SpeculativeDecoder] = {}

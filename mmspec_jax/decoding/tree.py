@@ -134,10 +134,20 @@ class DraftTree:
     return (self.level_starts[depth] + local[:, None] * width
             + jnp.arange(width, dtype=jnp.int32)[None, :])
 
+  def paths(self, nodes: np.ndarray, first_depth: int) -> np.ndarray:
+    """int32[len(nodes), D + 1 - first_depth]: row i lists node i's ancestors of depth
+    first_depth and deeper, then itself (flattened indices), padded with itself."""
+    width = self.depth + 1 - first_depth
+    rows = [np.nonzero(self.ancestors[node])[0][first_depth:] for node in nodes]
+    return np.asarray([np.pad(row, (0, width - len(row)), mode='edge') for row in rows],
+                      np.int32)
+
   def verification_attention(self) -> TreeAttention:
     """The target's call over [root, every node]: written at length + i, positions by depth."""
-    return TreeAttention(slots=jnp.arange(self.num_nodes + 1, dtype=jnp.int32),
-                         positions=jnp.asarray(self.depths), mask=jnp.asarray(self.ancestors))
+    nodes = np.arange(self.num_nodes + 1)
+    return TreeAttention(slots=jnp.asarray(nodes, jnp.int32),
+                         positions=jnp.asarray(self.depths), mask=jnp.asarray(self.ancestors),
+                         path=jnp.asarray(self.paths(nodes, 0)))
 
   def draft_attention(self, depth: int) -> TreeAttention:
     """The draft's call over depth `depth`'s nodes (1 <= depth < D): each sees the prefix (the
@@ -146,4 +156,5 @@ class DraftTree:
     mask = self.ancestors[start:end, 1:end]  # Window slot s holds node s + 1.
     return TreeAttention(slots=jnp.arange(start - 1, end - 1, dtype=jnp.int32),
                          positions=jnp.full((end - start,), depth - 1, jnp.int32),
-                         mask=jnp.asarray(mask))
+                         mask=jnp.asarray(mask),
+                         path=jnp.asarray(self.paths(np.arange(start, end), 1) - 1))

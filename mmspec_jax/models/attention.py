@@ -5,10 +5,13 @@ Axis legend: B batch, T new tokens, N query heads, K kv heads, G query heads per
 
 A call appends T tokens at each row's length. Their keys and values are first written into the
 cache (an in-place scatter: nothing else reads the incoming buffer), then their queries attend to
-(a) the row's cached slots [0, lengths[b]), visited block by block only up to the longest row, and
-(b) the new tokens causally, from their own arrays; the parts are combined by their softmax
-statistics (online softmax). The cache is only appended to and its live part read, never copied.
-Prefill is the case lengths == 0: attention within the prompt, in blocks when it is long.
+the cache block by block, only up to the longest row: new token t of row b to slots
+[0, lengths[b] + t]. Blocks are combined by their softmax statistics (online softmax). In the
+blockwise form a short call (a step, a verification) reads every key from the cache, each token's
+last RECENT_SLOTS + 1 positions as a block of its own, so a token's attention is the same
+arithmetic in a one-token step and in a verification of a chain or a tree (`_blockwise`). The
+cache is only appended to and its live part read, never copied. Prefill is the case
+lengths == 0.
 
 Tree attention (`TreeAttention`): a call's tokens are nodes of a tree of candidates. They are
 written at given slots past each row's length, and each attends to the row's committed prefix
@@ -41,11 +44,14 @@ class TreeAttention:
   slots: int32[T], where token t is written, past the row's length; positions: int32[T], its
   position past the row's length (its depth in the target's call over [root, nodes]; depth - 1
   in the draft's calls, whose length already counts the root); mask: bool[T, W], the window
-  slots it sees.
+  slots it sees; path: int32[T, P], the window slot of the token at each position past the
+  row's length on token t's path (its ancestors, then itself at positions[t]; P - 1 >= every
+  position, entries past the token's own position unused).
   """
   slots: jax.Array
   positions: jax.Array
   mask: jax.Array
+  path: jax.Array
 
   @property
   def window(self) -> int:
@@ -58,17 +64,20 @@ def _grouped(query: jax.Array, num_kv_heads: int) -> jax.Array:
   return query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
 
-def _scores(grouped, keys):
-  """float32[B, K, G, T, C] from grouped queries [B, T, K, G, H] and keys [B, C, K, H], scaled
-  by 1/sqrt(H) in float32 (as layers.dot_product_attention)."""
-  scores = jnp.einsum('btkgh,bckh->bkgtc', grouped, keys, preferred_element_type=jnp.float32)
+def _scores(grouped, keys, per_query: bool = False):
+  """float32[B, K, G, T, C] from grouped queries [B, T, K, G, H] and keys [B, C, K, H] (each
+  query its own, [B, T, C, K, H], when `per_query`), scaled by 1/sqrt(H) in float32 (as
+  layers.dot_product_attention)."""
+  spec = 'btkgh,btckh->bkgtc' if per_query else 'btkgh,bckh->bkgtc'
+  scores = jnp.einsum(spec, grouped, keys, preferred_element_type=jnp.float32)
   return scores * (keys.shape[-1] ** -0.5)
 
 
-def _weighted(probs, values):
-  """float32[B, K, G, T, H] from probabilities float32[B, K, G, T, C] and values [B, C, K, H]."""
-  return jnp.einsum('bkgtc,bckh->bkgth', probs.astype(values.dtype), values,
-                    preferred_element_type=jnp.float32)
+def _weighted(probs, values, per_query: bool = False):
+  """float32[B, K, G, T, H] from probabilities float32[B, K, G, T, C] and values [B, C, K, H]
+  (or [B, T, C, K, H] when `per_query`)."""
+  spec = 'bkgtc,btckh->bkgth' if per_query else 'bkgtc,bckh->bkgth'
+  return jnp.einsum(spec, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
 
 
 def _empty_state(batch, num_kv_heads, group, length, head_dim):
@@ -78,21 +87,21 @@ def _empty_state(batch, num_kv_heads, group, length, head_dim):
           jnp.zeros((batch, num_kv_heads, group, length, head_dim), jnp.float32))
 
 
-def _visit(state, grouped, block_keys, block_values, live):
-  """One online-softmax update over a block of C keys.
+def _visit(state, grouped, block_keys, block_values, live, per_query: bool = False):
+  """One online-softmax update over a block of C keys (`_scores`' forms).
 
   state: (running max, total, accumulated): float32 [B, K, G, T], [B, K, G, T], [B, K, G, T, H];
   live: bool, broadcastable to [B, T, C]: which keys each query sees.
   """
   running_max, total, accumulated = state
   live = live[:, None, None]  # [B | 1, 1, 1, T | 1, C]
-  scores = jnp.where(live, _scores(grouped, block_keys), _MASKED)
+  scores = jnp.where(live, _scores(grouped, block_keys, per_query), _MASKED)
   new_max = jnp.maximum(running_max, scores.max(axis=-1))
   rescale = jnp.exp(running_max - new_max)
   # Masked keys weigh 0 even while a query has seen nothing else (its max then is _MASKED too).
   probs = jnp.where(live, jnp.exp(scores - new_max[..., None]), 0.0)
   return (new_max, total * rescale + probs.sum(axis=-1),
-          accumulated * rescale[..., None] + _weighted(probs, block_values))
+          accumulated * rescale[..., None] + _weighted(probs, block_values, per_query))
 
 
 def _block_start(index, block: int, length: int):
@@ -104,53 +113,116 @@ def _block_start(index, block: int, length: int):
   return start, slots, slots >= index * block
 
 
-def _blockwise(query, keys, values, cache: LayerCache, block_size: int, tree_mask=None,
-               read_dtype=None):
-  """Pure-JAX flash-style attention: the new tokens causally, in blocks when there are many of
-  them (prefill), then the cache's blocks up to the batch's longest live row: float32[B, T, N, H].
-  The cache may already hold the new tokens; only its slots below `lengths` are read.
-  tree_mask: bool[T, W] for tree attention, where keys and values [B, W, K, H] are the window.
+# A short call's token at position p reads the slots before p - RECENT_SLOTS from the cache's
+# blocks, and its last RECENT_SLOTS + 1 positions [p - RECENT_SLOTS, p] as a block of its own.
+# That split depends on p alone, and the recent block is gathered per token along its path, so a
+# tree node (depth <= RECENT_SLOTS) is computed bit for bit as the one-token step at its position
+# would: its recent block holds its ancestors where the step reads the committed tokens.
+RECENT_SLOTS = 16
+# Longer calls without a tree (prefills) attend among themselves from their own keys and values,
+# in blocks, then to the cached slots below the row's length (`_long_call`).
+SHORT_CALL_MAX_TOKENS = 32
+
+
+def _rounding(read_dtype):
+  if read_dtype is None:
+    return lambda x: x
+  return lambda x: x.astype(read_dtype).astype(x.dtype)
+
+
+def _visit_cache(state, grouped, cache: LayerCache, block_size: int, seen, rounded):
+  """The online softmax over the cache's blocks up to the longest row's `seen`: a query sees the
+  slots below seen int32[B, T | 1] (its row's, its own)."""
+  capacity = cache.max_length
+  block = min(block_size, capacity)
+  num_blocks = (jnp.maximum(jnp.max(seen), 0) + block - 1) // block  # Live blocks, longest row.
+
+  def visit(index, state):
+    start, slots, own = _block_start(index, block, capacity)
+    block_keys, block_values = map(rounded, cache.block(start, block))  # [B, C, K, H]
+    live = own[None, None, :] & (slots[None, None, :] < seen[:, :, None])  # [B, T | 1, C]
+    return _visit(state, grouped, block_keys, block_values, live)
+
+  return jax.lax.fori_loop(0, num_blocks, visit, state)
+
+
+def _finish(state, batch: int, length: int, num_heads: int, head_dim: int):
+  """The attention output [B, T, N, H] of the first `length` queries from the softmax state."""
+  _, total, accumulated = state
+  out = accumulated / total[..., None]  # [B, K, G, T', H]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(batch, -1, num_heads, head_dim)
+  return out[:, :length]
+
+
+def _blockwise(query, keys, values, cache: LayerCache, block_size: int,
+               tree: TreeAttention | None = None, read_dtype=None, min_rows: int = 1):
+  """Pure-JAX flash-style attention of this call's tokens (keys and values [B, T, K, H], already
+  written into the cache) over the cache block by block, up to the batch's longest row:
+  float32[B, T, N, H].
+
+  The token at position p of row b (p = lengths[b] + t, or + tree.positions[t]) sees positions
+  [0, p]: below the row's length its cached slots, past it its tree path (`tree.path`) or,
+  without a tree, the call's earlier tokens. A short call (`SHORT_CALL_MAX_TOKENS`) or a tree
+  reads every key from the cache, in blocks fixed by p (`RECENT_SLOTS`), so a token's attention
+  is the same arithmetic in a one-token step, a verification of a chain and of a tree: greedy
+  speculative output equals autoregressive output bit for bit, in bfloat16 too.
   read_dtype: keys and values rounded to it as they are read (the paged kernel's bfloat16).
+  min_rows: a short call's queries per kv head are padded to at least this many rows
+  (`Layout.min_matmul_rows`: XLA:CPU's kernels for one or two rows round differently).
   """
-  if read_dtype is not None:
-    rounded = lambda x: x.astype(read_dtype).astype(x.dtype)
-    keys, values = rounded(keys), rounded(values)
-  else:
-    rounded = lambda x: x
+  rounded = _rounding(read_dtype)
+  batch, length, num_heads, head_dim = query.shape
+  num_kv_heads = keys.shape[2]
+  group = num_heads // num_kv_heads
+  if tree is None and length > SHORT_CALL_MAX_TOKENS:
+    return _long_call(query, rounded(keys), rounded(values), cache, block_size, rounded)
+  padded = max(length, -(-min_rows // group))
+  grouped = _grouped(jnp.pad(query, ((0, 0), (0, padded - length), (0, 0), (0, 0))),
+                     num_kv_heads)  # [B, T', K, G, H]
+  state = _empty_state(batch, num_kv_heads, group, padded, head_dim)
+  offsets = jnp.arange(length) if tree is None else jnp.asarray(tree.positions)
+  offsets = jnp.pad(offsets, (0, padded - length), mode='edge')  # [T']: padding repeats the last
+  positions = cache.lengths[:, None] + offsets[None, :]  # [B, T']
+  # A tree deeper than RECENT_SLOTS widens its recent block (exact, not bit for bit).
+  recent = RECENT_SLOTS if tree is None else max(RECENT_SLOTS, tree.path.shape[1] - 1)
+  state = _visit_cache(state, grouped, cache, block_size, positions - recent, rounded)
+
+  recent_positions = positions[:, :, None] - recent + jnp.arange(recent + 1)  # [B, T', R + 1]
+  slots = jnp.maximum(recent_positions, 0)
+  if tree is not None:  # Past the row's length, the path's window slots.
+    path = jnp.pad(jnp.asarray(tree.path), ((0, padded - length), (0, 0)), mode='edge')
+    past = recent_positions - cache.lengths[:, None, None]  # [B, T', R + 1]
+    on_path = path[jnp.arange(padded)[None, :, None], jnp.clip(past, 0, path.shape[1] - 1)]
+    slots = jnp.where(past >= 0, cache.lengths[:, None, None] + on_path, slots)
+  recent_keys, recent_values = map(rounded, cache.gather(slots.reshape(batch, -1)))
+  per_token = lambda x: x.reshape(batch, padded, recent + 1, *x.shape[2:])  # [B, T', R+1, K, H]
+  state = _visit(state, grouped, per_token(recent_keys), per_token(recent_values),
+                 recent_positions >= 0, per_query=True)
+  return _finish(state, batch, length, num_heads, head_dim)
+
+
+def _long_call(query, keys, values, cache: LayerCache, block_size: int, rounded):
+  """A long call (a prefill): the new tokens causally among themselves from their own keys and
+  values, in blocks (so a 2k-token prefill never builds [T, T] scores), then the cache's slots
+  below each row's length."""
   batch, length, num_heads, head_dim = query.shape
   num_kv_heads = keys.shape[2]
   grouped = _grouped(query, num_kv_heads)  # [B, T, K, G, H]
-  group = num_heads // num_kv_heads
-  state = _empty_state(batch, num_kv_heads, group, length, head_dim)
-
-  # The new tokens among themselves, causally: a verification's few at once, a prompt in blocks
-  # (so a 2k-token prefill never builds [T, T] scores).
+  state = _empty_state(batch, num_kv_heads, num_heads // num_kv_heads, length, head_dim)
   queries = jnp.arange(length)  # [T]
-  if tree_mask is not None:
-    state = _visit(state, grouped, keys, values, jnp.asarray(tree_mask)[None])
-  elif length <= block_size:
+
+  def visit_new(index, state):
+    start, slots, own = _block_start(index, block_size, length)
+    live = own[None, :] & (slots[None, :] <= queries[:, None])  # [T, C]
+    return _visit(state, grouped, jax.lax.dynamic_slice_in_dim(keys, start, block_size, 1),
+                  jax.lax.dynamic_slice_in_dim(values, start, block_size, 1), live[None])
+
+  if length <= block_size:
     state = _visit(state, grouped, keys, values, (queries[None, :] <= queries[:, None])[None])
   else:
-    def visit_new(index, state):
-      start, slots, own = _block_start(index, block_size, length)
-      live = own[None, :] & (slots[None, :] <= queries[:, None])  # [T, C]
-      return _visit(state, grouped, jax.lax.dynamic_slice_in_dim(keys, start, block_size, 1),
-                    jax.lax.dynamic_slice_in_dim(values, start, block_size, 1), live[None])
     state = jax.lax.fori_loop(0, -(-length // block_size), visit_new, state)
-
-  capacity = cache.max_length
-  block = min(block_size, capacity)
-  num_blocks = (jnp.max(cache.lengths) + block - 1) // block  # Live blocks of the longest row.
-
-  def visit_cached(index, state):
-    start, slots, own = _block_start(index, block, capacity)
-    block_keys, block_values = map(rounded, cache.block(start, block))  # [B, C, K, H]
-    live = own[None, :] & (slots[None, :] < cache.lengths[:, None])  # [B, C]
-    return _visit(state, grouped, block_keys, block_values, live[:, None, :])
-
-  _, total, accumulated = jax.lax.fori_loop(0, num_blocks, visit_cached, state)
-  out = accumulated / total[..., None]  # [B, K, G, T, H]
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+  state = _visit_cache(state, grouped, cache, block_size, cache.lengths[:, None], rounded)
+  return _finish(state, batch, length, num_heads, head_dim)
 
 
 def _tree_window(query, keys, values, tree_mask):
@@ -254,21 +326,23 @@ def cached_attention(query: jax.Array, keys: jax.Array, values: jax.Array, cache
   # the write after the reads, XLA could not order the two and would copy the whole cache first.
   if tree is not None:
     written = cache.write(keys, values, cache.lengths[:, None] + jnp.asarray(tree.slots)[None])
-    window_keys, window_values = written.window(tree.window)  # [B, W, K, H]
     if layout.attention in ('blockwise', 'pallas'):
       # The paged kernel returns no softmax residual to combine a tree's part with: blockwise,
       # reading keys and values as bfloat16 as the kernel does, so that a tree is verified with
       # the numerics of the layout's other calls.
-      out = _blockwise(query, window_keys, window_values, written, layout.attention_block_size,
-                       tree.mask, jnp.bfloat16 if layout.attention == 'pallas' else None)
+      out = _blockwise(query, keys, values, written, layout.attention_block_size, tree,
+                       jnp.bfloat16 if layout.attention == 'pallas' else None,
+                       layout.min_matmul_rows)
     else:
+      window_keys, window_values = written.window(tree.window)  # [B, W, K, H]
       out = _fused_kernel(query, window_keys, window_values, written, layout.attention, tree.mask)
     return out.astype(query.dtype), written
   written = cache.write(keys, values, cache.lengths[:, None] + jnp.arange(query.shape[1])[None, :])
   if layout.attention == 'pallas' and query.shape[1] <= PAGED_MAX_QUERIES:
     out = _paged_kernel(query, written, layout.attention_block_size)
   elif layout.attention in ('blockwise', 'pallas'):
-    out = _blockwise(query, keys, values, written, layout.attention_block_size)
+    out = _blockwise(query, keys, values, written, layout.attention_block_size,
+                     min_rows=layout.min_matmul_rows)
   else:
     out = _fused_kernel(query, keys, values, written, layout.attention)
   return out.astype(query.dtype), written

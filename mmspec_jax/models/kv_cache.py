@@ -120,9 +120,12 @@ class LayerCache:
   def window(self, size: int):
     """Keys and values [B, W, K, H] of each row's slots [lengths[b], lengths[b] + W): the slots
     a tree-attention call wrote past the row's committed prefix."""
-    rows = jnp.arange(self.lengths.shape[0])[:, None]  # [B, 1]
-    slots = self.lengths[:, None] + jnp.arange(size)[None, :]  # [B, W]
-    if self.heads_first:  # The adjacent index arrays give [K, B, W, H].
+    return self.gather(self.lengths[:, None] + jnp.arange(size)[None, :])
+
+  def gather(self, slots: jax.Array):
+    """Keys and values [B, M, K, H] of each row's slots int32[B, M]."""
+    rows = jnp.arange(slots.shape[0])[:, None]  # [B, 1]
+    if self.heads_first:  # The adjacent index arrays give [K, B, M, H].
       take = lambda buffer: buffer[:, self.layer, rows, slots].transpose(1, 2, 0, 3)
     else:
       take = lambda buffer: buffer[self.layer, rows, slots]

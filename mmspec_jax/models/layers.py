@@ -53,6 +53,11 @@ class Dense(nn.Module):
   # then reads one contiguous row of weights, which XLA:CPU streams faster for a single row of x.
   output_major: bool = False
 
+  # A matmul over fewer rows (of x flattened to [M, in]) is padded with zero rows up to this many:
+  # XLA:CPU's bfloat16 kernels cost ~10x more for one or two rows than for three
+  # (models/layout.py, `Layout.min_matmul_rows`). Each row's result does not depend on the others.
+  min_rows: int = 1
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     contracted = x.shape[-self.num_contracted:]
@@ -65,28 +70,50 @@ class Dense(nn.Module):
     init = nn.initializers.variance_scaling(self.init_scale ** 2, 'fan_in', 'normal',
                                             in_axis=inputs, out_axis=outputs)
     kernel = self.param('kernel', partitioned(init, names), shape, self.param_dtype)
-    if self.output_major:
-      # As one [out, in] matrix: with several output axes left apart, XLA:CPU transposes the
-      # whole kernel to input-major on every call.
-      flat = jax.lax.dot_general(
-          x.reshape(*x.shape[:-num_in], math.prod(contracted)).astype(self.dtype),
-          kernel.reshape(math.prod(self.features), math.prod(contracted)).astype(self.dtype),
-          (((x.ndim - num_in,), (1,)), ((), ())), preferred_element_type=self.output_dtype)
-      y = flat.reshape(*x.shape[:-num_in], *self.features)
-    else:
-      y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=num_in,
-                        preferred_element_type=self.output_dtype)
+    y = self._matmul(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros_init(),
                                             self.names[-len(self.features):]),
                         self.features, self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     return y
+
+  def _matmul(self, x, kernel):
+    """x [*lead, *in] times the kernel: [*lead, *features] in `output_dtype` (default `dtype`).
+
+    Products accumulate in float32 when the model computes in a narrower type (bfloat16 products
+    are exact in float32; only the result is rounded, once)."""
+    num_in = self.num_contracted
+    lead, contracted = x.shape[:-num_in], x.shape[-num_in:]
+    rows = x.reshape(math.prod(lead), math.prod(contracted)).astype(self.dtype)  # [M, in]
+    if self.output_major:  # kernel [*features, *in]: as one [out, in] matrix (XLA:CPU would
+      # otherwise transpose a kernel with several output axes to input-major on every call).
+      matrix, output_major = kernel.reshape(math.prod(self.features), -1), True
+    else:
+      matrix, output_major = kernel.reshape(-1, math.prod(self.features)), False
+    out = matmul(rows, matrix, output_major=output_major, min_rows=self.min_rows,
+                 dtype=self.output_dtype or self.dtype)
+    return out.reshape(*lead, *self.features)
+
+
+def matmul(rows: jax.Array, matrix: jax.Array, *, output_major: bool, min_rows: int = 1,
+           dtype=None) -> jax.Array:
+  """rows [M, in] times a matrix [in, out] (or [out, in] when `output_major`) -> [M, out] in
+  `dtype` (default the rows'), accumulated in float32 when that is narrower (bfloat16 products
+  are exact in float32: the result is rounded once). Fewer than `min_rows` rows are padded with
+  zero rows for the multiplication (`Dense.min_rows`)."""
+  dtype = jnp.dtype(dtype or rows.dtype)
+  num_rows = rows.shape[0]
+  if num_rows < min_rows:
+    rows = jnp.pad(rows, ((0, min_rows - num_rows), (0, 0)))
+  out = jax.lax.dot_general(rows, matrix, (((1,), (1 if output_major else 0,)), ((), ())),
+                            preferred_element_type=jnp.promote_types(dtype, jnp.float32))
+  return out[:num_rows].astype(dtype)
 
 
 def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1,
           use_bias=False, init_scale: float = 1.0, dtype, param_dtype, name: str,
-          output_dtype=None, output_major: bool = False) -> Dense:
+          output_dtype=None, output_major: bool = False, min_rows: int = 1) -> Dense:
   """A Dense whose kernel (and bias) carry logical axis names.
 
   `names` names every kernel axis: the contracted input axes first, then the output axes;
@@ -96,7 +123,8 @@ def dense(features: int | Sequence[int], names: Sequence[str | None], *, axis=-1
   num_contracted = len(axis) if isinstance(axis, Sequence) else 1
   return Dense(features=features, names=tuple(names), num_contracted=num_contracted,
                use_bias=use_bias, init_scale=init_scale, dtype=dtype, param_dtype=param_dtype,
-               output_dtype=output_dtype, output_major=output_major, name=name)
+               output_dtype=output_dtype, output_major=output_major, min_rows=min_rows,
+               name=name)
 
 
 class RMSNorm(nn.Module):

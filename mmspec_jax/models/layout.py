@@ -44,6 +44,12 @@ class Layout:
   # verification) stream slower (11 GB/s against 15-17): so for the draft and autoregressive
   # decoding, not for a target that verifies drafts.
   output_major_kernels: bool = False
+  # Matmuls over fewer rows are padded with zero rows up to this many. Measured on a 2-core Xeon
+  # with AVX-512 BF16 and AMX (8 chained [M, 4480] x [4480, 4480], bfloat16 output-major kernels,
+  # float32 accumulation): 152 ms at M = 1, 15 ms at M = 2 and 12.6-14.3 ms for M = 3..32; and
+  # rows 1 and 2 take other kernels than 3 and more, whose results differ in the last bits. At 3
+  # a one-token step runs the kernel and the arithmetic of a verification.
+  min_matmul_rows: int = 1
   attention: str = 'blockwise'
   # KV slots per block of the blockwise attention (a row's last block may be partly filled), and
   # per compute block of the 'pallas' kernel (a multiple of PAGE_SIZE; the cache's capacity is
@@ -56,6 +62,8 @@ class Layout:
     if self.attention not in ATTENTION_KERNELS:
       raise ValueError(f'unknown layout.attention {self.attention!r}; expected one of '
                        f'{ATTENTION_KERNELS}')
+    if self.min_matmul_rows < 1:
+      raise ValueError(f'layout.min_matmul_rows must be >= 1, got {self.min_matmul_rows}')
     if self.attention_block_size < 1:
       raise ValueError(f'layout.attention_block_size must be >= 1, got '
                        f'{self.attention_block_size}')
@@ -86,13 +94,25 @@ class Layout:
 CANONICAL = Layout()
 
 
-def decoding_default(backend: str | None = None, *, verifies: bool = False) -> Layout:
-  """The layout decoding uses unless told otherwise: scanned on TPU, unrolled elsewhere; fused;
-  on CPU, output-major kernels for a model that only ever runs one token per row at a time (a
-  draft, a target decoding alone) and input-major ones for a target that `verifies` drafts."""
+# XLA:CPU's fast matmul for bfloat16: output-major kernels, float32 accumulation, at least this
+# many rows (`Layout.min_matmul_rows`).
+CPU_BFLOAT16_MIN_ROWS = 3
+
+
+def decoding_default(backend: str | None = None, *, verifies: bool = False,
+                     dtype: str = 'float32') -> Layout:
+  """The layout decoding uses unless told otherwise: scanned on TPU, unrolled elsewhere; fused.
+
+  On CPU in float32, output-major kernels for a model that only ever runs one token per row at a
+  time (a draft, a target decoding alone) and input-major ones for a target that `verifies`
+  drafts (float32 streams several rows faster input-major). In bfloat16, output-major kernels for
+  every model and matmuls padded to `CPU_BFLOAT16_MIN_ROWS` rows: that form costs about the same
+  for 3 to 32 rows, less than one float32 row (docs/design.md, bfloat16 on CPU)."""
   backend = backend or jax.default_backend()
+  low_precision = dtype == 'bfloat16' and backend == 'cpu'
   return Layout(layers='scanned' if backend == 'tpu' else 'unrolled', fused_projections=True,
-                output_major_kernels=backend == 'cpu' and not verifies)
+                output_major_kernels=backend == 'cpu' and (low_precision or not verifies),
+                min_matmul_rows=CPU_BFLOAT16_MIN_ROWS if low_precision else 1)
 
 
 def layer_name(index: int) -> str:

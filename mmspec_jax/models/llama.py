@@ -21,13 +21,19 @@ from mmspec_jax.models.config import LlamaConfig, resolve_dtype
 from mmspec_jax.models.attention import TreeAttention, cached_attention
 from mmspec_jax.models.kv_cache import KVCache, LayerCache
 from mmspec_jax.models.layout import CANONICAL, Layout, layer_name
-from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention,
+from mmspec_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention, matmul,
                                       partitioned, residual_init_scale, rope_inverse_frequencies)
 
 
 def in_vocabulary(tokens: jax.Array, vocab_size: int) -> jax.Array:
   """bool[...]: which ids a model with `vocab_size` ids has (the others are never looked up)."""
   return (tokens >= 0) & (tokens < vocab_size)
+
+
+def dense_settings(config: LlamaConfig, layout: Layout) -> dict:
+  """The dtypes and the layout's matmul form, for every Dense of the language model."""
+  return dict(dtype=resolve_dtype(config.dtype), param_dtype=resolve_dtype(config.param_dtype),
+              output_major=layout.output_major_kernels, min_rows=layout.min_matmul_rows)
 
 
 class Attention(nn.Module):
@@ -37,8 +43,7 @@ class Attention(nn.Module):
   def _project(self, x):
     """[B, T, D] -> query [B, T, N, H], key and value [B, T, K, H]."""
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
-                  output_major=self.layout.output_major_kernels)
+    kwargs = dense_settings(cfg, self.layout)
     if self.layout.fused_projections:
       group = cfg.num_heads // cfg.num_kv_heads
       qkv = dense((cfg.num_kv_heads, group + 2, cfg.head_dim),
@@ -65,8 +70,7 @@ class Attention(nn.Module):
     cache or None).
     """
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
-                  output_major=self.layout.output_major_kernels)
+    kwargs = dense_settings(cfg, self.layout)
     query, key, value = self._project(x)
     inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     query = apply_rope(query, positions, inv_freq)
@@ -88,8 +92,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
     cfg = self.config
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype),
-                  output_major=self.layout.output_major_kernels)
+    kwargs = dense_settings(cfg, self.layout)
     if self.layout.fused_projections and self.layout.output_major_kernels:
       # Kernel [F, 2, D]: flattened to one [F * 2, D] matrix its sharded F axis stays major
       # ([2, F, D] would interleave the shards, and GSPMD would gather the whole kernel).
@@ -148,8 +151,7 @@ class Llama(nn.Module):
     self.norm = RMSNorm(cfg.rms_norm_eps, name='norm', **kwargs)
     if not cfg.tie_word_embeddings:
       self.lm_head = dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), name='lm_head',
-                           output_dtype=jnp.float32,
-                           output_major=self.layout.output_major_kernels, **kwargs)
+                           output_dtype=jnp.float32, **dense_settings(cfg, self.layout))
     if self.layout.scanned:
       # One scanned layer stack: parameters get a leading [L] axis named `layers`, and XLA
       # compiles the layer body once however deep the model. The cache view rides in the carry.
@@ -182,8 +184,11 @@ class Llama(nn.Module):
     if not self.config.tie_word_embeddings:
       return self.lm_head(hidden)
     dtype = resolve_dtype(self.config.dtype)
-    return jnp.dot(hidden.astype(dtype), self.embed_tokens.embedding.T.astype(dtype),
-                   preferred_element_type=jnp.float32)
+    table = self.embed_tokens.embedding.astype(dtype)  # [V, D]: output-major already.
+    rows = hidden.reshape(-1, hidden.shape[-1]).astype(dtype)
+    logits = matmul(rows, table, output_major=True, min_rows=self.layout.min_matmul_rows,
+                    dtype=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], table.shape[0])
 
   def run_layers(self, x: jax.Array, cache: KVCache | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
