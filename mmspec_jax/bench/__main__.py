@@ -37,7 +37,7 @@ from mmspec_jax.bench import (assisted, autoregressive, capacity, continuous, re
 from mmspec_jax.bench.timing import read_bandwidth
 from mmspec_jax.convert.export import export_to_hf
 from mmspec_jax.convert.loading import load_model
-from mmspec_jax.models import parameter_count
+from mmspec_jax.models import parameter_count, precision
 
 SECTIONS = (1, 2, 3, 4, 5, 6, 7)
 NEEDS_DEMO_MODELS = {2, 3, 4, 6, 7}
@@ -201,9 +201,14 @@ def _against_best_autoregressive(comparisons: dict, theirs: dict):
           row['tokens_per_second']['median'] / candidates[best])
   rows = [(label, row) for label, c in wide.items() for row in c['speculative']]
   label, row = max(rows, key=lambda lr: lr[1]['speedup_over_best_autoregressive'])
+  auto = precision.auto_dtype(verifies=True)
+  for comparison in wide.values():
+    comparison['fastest_speculative_precision'] = wide[label]['dtype']
+    comparison['auto_precision'] = auto
   _log(f'[3/4] widened target: best autoregressive {candidates[best]:.2f} tokens/s ({best}); '
        f'best speculative {row["speedup_over_best_autoregressive"]:.2f}x that ({label}, '
-       f'{row["shape"] or "gamma " + str(row["gamma"])})')
+       f'{row["shape"] or "gamma " + str(row["gamma"])}); dtype=\'auto\' picks {auto} for a '
+       'speculative session')
 
 
 def _load_pair(dtype: str) -> speculative.Pair:

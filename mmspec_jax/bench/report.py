@@ -129,10 +129,13 @@ def _against_best(comparisons: dict[str, dict[str, Any]]) -> list[str]:
   wide = {label: c for label, c in comparisons.items() if 'best_autoregressive' in c}
   if not wide:
     return []
-  best = next(iter(wide.values()))['best_autoregressive']
+  first = next(iter(wide.values()))
+  best = first['best_autoregressive']
   lines = ['', 'Autoregressive decoding of the widened target, tokens/s: ' + ', '.join(
       f'{name} {rate:.2f}' for name, rate in best['candidates'].items())
-      + f'; the best: {best["decoder"]}.']
+      + f'; the best: {best["decoder"]}. The fastest speculative decoding runs in '
+      f'{first.get("fastest_speculative_precision")}; `dtype=\'auto\'` picks '
+      f'{first.get("auto_precision")} for a speculative session on this host.']
   for label, comparison in wide.items():
     row = max(comparison['speculative'], key=lambda r: r['speedup_over_best_autoregressive'])
     what = row.get('shape') or f'gamma {row["gamma"]}'

@@ -140,12 +140,13 @@ class DecodeSession:
     """Args:
       target: the LLaVA (or LLaMA) target's directory, Hugging Face or converted, or a Hub id.
       drafts: {name: directory or Hub id} of the drafts to decode with (LLaMA or adapter drafts).
-      dtype: compute and parameter dtype of every model.
+      dtype: compute and parameter dtype of every model; 'auto': the faster on this host for
+        the session's calls (models/precision.py).
       mesh_shape: axis -> size (-1 fills); default every device on `data`.
       rules, draft_rules: logical axis rules of the target and of the drafts.
       layout_config: decode.py's config.layout (attention kernel, scan); default the backend's.
     """
-    dtype = precision.resolve(dtype)
+    dtype = precision.resolve(dtype, verifies=bool(drafts))
     target = resolve_model(target)  # A Hub id -> its cached snapshot.
     drafts = {name: resolve_model(directory) for name, directory in (drafts or {}).items()}
     self.target_dir, self.draft_dirs, self.dtype = target, drafts, dtype
@@ -170,7 +171,7 @@ class DecodeSession:
     processor (a model with no tokenizer, decoding given token ids), prompts are padded with
     the model's pad id, and requests may carry no image."""
     session = cls.__new__(cls)
-    session.target_dir, session.dtype = None, precision.resolve(dtype)
+    session.target_dir, session.dtype = None, precision.resolve(dtype, verifies=bool(drafts))
     session.draft_dirs = {name: None for name in drafts or {}}
     session.rules, session.draft_rules = sharding.DEFAULT_RULES, sharding.DRAFT_RULES
     target = _in_dtype(*target, session.dtype)

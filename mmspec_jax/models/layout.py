@@ -44,11 +44,12 @@ class Layout:
   # verification) stream slower (11 GB/s against 15-17): so for the draft and autoregressive
   # decoding, not for a target that verifies drafts.
   output_major_kernels: bool = False
-  # Matmuls over fewer rows are padded with zero rows up to this many. Measured on a 2-core Xeon
-  # with AVX-512 BF16 and AMX (8 chained [M, 4480] x [4480, 4480], bfloat16 output-major kernels,
-  # float32 accumulation): 152 ms at M = 1, 15 ms at M = 2 and 12.6-14.3 ms for M = 3..32; and
-  # rows 1 and 2 take other kernels than 3 and more, whose results differ in the last bits. At 3
-  # a one-token step runs the kernel and the arithmetic of a verification.
+  # Matmuls over fewer rows are padded with zero rows up to this many. 8 chained [M, 4480] x
+  # [4480, 4480], bfloat16 output-major kernels, float32 accumulation: on a 2-core Xeon with
+  # AVX-512 BF16 and AMX 152 ms at M = 1, 15 ms at M = 2 and 12.6-14.3 ms for M = 3..32; on a
+  # 2-core AMD EPYC with AVX-512 BF16 (no AMX) 226 ms at M = 1, 19-22 ms for M = 2..6, 29 at 16.
+  # One row takes another kernel, whose results differ in the last bits (on the Xeon so do two
+  # rows). At 3 a one-token step runs the kernel and the arithmetic of a verification.
   min_matmul_rows: int = 1
   attention: str = 'blockwise'
   # KV slots per block of the blockwise attention (a row's last block may be partly filled), and
@@ -107,7 +108,7 @@ def decoding_default(backend: str | None = None, *, verifies: bool = False,
   time (a draft, a target decoding alone) and input-major ones for a target that `verifies`
   drafts (float32 streams several rows faster input-major). In bfloat16, output-major kernels for
   every model and matmuls padded to `CPU_BFLOAT16_MIN_ROWS` rows: that form costs about the same
-  for 3 to 32 rows, less than one float32 row (docs/design.md, bfloat16 on CPU)."""
+  for 3 to 16 rows, about one float32 row or less (docs/design.md, bfloat16 on CPU)."""
   backend = backend or jax.default_backend()
   low_precision = dtype == 'bfloat16' and backend == 'cpu'
   return Layout(layers='scanned' if backend == 'tpu' else 'unrolled', fused_projections=True,

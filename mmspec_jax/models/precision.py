@@ -1,11 +1,15 @@
 """`dtype='auto'`: the decoding precision this host runs fastest.
 
-On TPUs and GPUs that is bfloat16. On CPU it depends on the matmul units: on a Xeon with AVX-512
-BF16 and AMX, bfloat16 weights stored output-major and multiplied with float32 accumulation over at
-least 3 rows cost less than one float32 row (models/layout.py, `Layout.min_matmul_rows`); on a
-CPU without them bfloat16 is several times slower than float32. Rather than read CPU flags, a
-probe times one decode step's kind of work in both forms: a chain of matrix-vector products over
-weights too large for the caches, as a batch-1 step reads them.
+On TPUs and GPUs that is bfloat16. On CPU it depends on the matmul units and on the calls a
+session makes. XLA:CPU multiplies bfloat16 weights stored output-major with float32 accumulation
+over 3 to 32 rows for about the price of one row (models/layout.py, `Layout.min_matmul_rows`):
+on an Intel Xeon with AMX that costs less than one float32 row; on an AMD EPYC with AVX-512 BF16
+but no AMX about as much as one float32 row for a square 4480-wide matrix and more for wider ones,
+yet still much less than a float32 verification of several rows. So a decoder that only steps one
+token at a time may run faster in float32 while a speculative one, whose target verifies several
+tokens per call, runs faster in bfloat16. Rather than read CPU flags, a probe times the session's
+kind of call in each precision's decoding layout: a chain of matrix products over weights too
+large for the caches, one row (a step) or `VERIFY_ROWS` rows (a verification).
 """
 
 from __future__ import annotations
@@ -20,27 +24,31 @@ import numpy as np
 
 from mmspec_jax.models.config import SUPPORTED_DTYPES
 from mmspec_jax.models.layers import matmul
-from mmspec_jax.models.layout import CPU_BFLOAT16_MIN_ROWS
+from mmspec_jax.models.layout import decoding_default
 
 AUTO = 'auto'
 DTYPE_CHOICES = SUPPORTED_DTYPES + (AUTO,)
+VERIFY_ROWS = 6  # A chain of 5 draft tokens and the root: decode.py's default.
 
 
-def probe_seconds(dtype: str, *, width: int = 2048, depth: int = 8, repeats: int = 5) -> float:
-  """Best-of-`repeats` seconds of `depth` chained one-row products with [width, width] weights
-  (64 MB in float32 at the default), in the decoding layout's form for `dtype` on this backend."""
-  low = dtype != 'float32'
-  weights = [jnp.asarray(np.random.default_rng(i).standard_normal((width, width)) / width ** 0.5,
-                         dtype) for i in range(depth)]  # [out, in] each: output-major.
-  min_rows = CPU_BFLOAT16_MIN_ROWS if low else 1
+def probe_seconds(dtype: str, rows: int, *, verifies: bool = False, width: int = 4096,
+                  depth: int = 4, repeats: int = 5) -> float:
+  """Best-of-`repeats` seconds of `depth` chained products of `rows` rows with [width, width]
+  weights (64 MB each in float32 at the default), in the CPU decoding layout's form for `dtype`
+  (a target that `verifies` drafts, or not)."""
+  layout = decoding_default('cpu', verifies=verifies, dtype=dtype)
+  shape = (width, width)  # [out, in] when output-major, else [in, out]: square either way.
+  weights = [jnp.asarray(np.random.default_rng(i).standard_normal(shape) / width ** 0.5, dtype)
+             for i in range(depth)]
 
   @jax.jit
   def chain(x, weights):
     for w in weights:
-      x = matmul(x, w, output_major=True, min_rows=min_rows)
+      x = matmul(x, w, output_major=layout.output_major_kernels,
+                 min_rows=layout.min_matmul_rows)
     return x
 
-  x = jnp.ones((1, width), dtype)
+  x = jnp.ones((rows, width), dtype)
   chain(x, weights).block_until_ready()
   best = float('inf')
   for _ in range(repeats):
@@ -51,23 +59,28 @@ def probe_seconds(dtype: str, *, width: int = 2048, depth: int = 8, repeats: int
 
 
 @functools.lru_cache(maxsize=None)
-def auto_dtype(backend: str | None = None) -> str:
+def auto_dtype(backend: str | None = None, *, verifies: bool = False) -> str:
   """'bfloat16' on accelerators; on CPU whichever of bfloat16 and float32 the probe finds faster
-  (once per process). Logs what it picked and why."""
+  for one-token steps or, when the target `verifies` drafts, for verifications (once per
+  process and kind). Logs what it picked and why."""
   backend = backend or jax.default_backend()
   if backend != 'cpu':
     logging.info("dtype='auto': bfloat16 on %s", backend)
     return 'bfloat16'
-  seconds = {dtype: probe_seconds(dtype) for dtype in ('float32', 'bfloat16')}
+  rows = VERIFY_ROWS if verifies else 1
+  seconds = {dtype: probe_seconds(dtype, rows, verifies=verifies)
+             for dtype in ('float32', 'bfloat16')}
   chosen = min(seconds, key=seconds.get)
-  logging.info("dtype='auto' picked %s on this CPU: a one-row matmul chain took %.1f ms in "
-                  'bfloat16, %.1f ms in float32', chosen, seconds['bfloat16'] * 1e3,
-                  seconds['float32'] * 1e3)
+  logging.info("dtype='auto' picked %s on this CPU: a chain of %d-row matmuls (%s) took %.1f ms "
+               'in bfloat16, %.1f ms in float32', chosen, rows,
+               'verifications' if verifies else 'one-token steps', seconds['bfloat16'] * 1e3,
+               seconds['float32'] * 1e3)
   return chosen
 
 
-def resolve(dtype: str) -> str:
-  """A config's dtype, with 'auto' replaced by `auto_dtype()`; anything unknown refused by name."""
+def resolve(dtype: str, *, verifies: bool = False) -> str:
+  """A config's dtype, with 'auto' replaced by `auto_dtype()` for a session whose target
+  `verifies` drafts or not; anything unknown refused by name."""
   if dtype not in DTYPE_CHOICES:
     raise ValueError(f'unsupported dtype {dtype!r}; expected one of {DTYPE_CHOICES}')
-  return auto_dtype() if dtype == AUTO else dtype
+  return auto_dtype(verifies=verifies) if dtype == AUTO else dtype
