@@ -8,6 +8,8 @@ result independent of the others, and attention computes a token alike in every 
 matches its own float32. (Sampled bfloat16 decoding: test_decoding_sampling.py.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +18,12 @@ import torch
 
 import decoding_fixtures as fx
 from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.placement import decoding_params
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.models import Layout, build, precision
+from mmspec_jax.models import KVCache, Layout, build, precision
 from mmspec_jax.models.layers import matmul
 from mmspec_jax.models.layout import CPU_BFLOAT16_MIN_ROWS, decoding_default
 from mmspec_jax.testing import tiny_hf as hf_builders
@@ -37,6 +40,16 @@ def test_cpu_bfloat16_layout_takes_the_fast_form():
   assert decoding_default('gpu', dtype='bfloat16').min_matmul_rows == 1
   with pytest.raises(ValueError, match='min_matmul_rows must be >= 1, got 0'):
     Layout(min_matmul_rows=0)
+  # XLA:CPU has no bfloat16 scatter: a bfloat16 cache would be converted whole around each write.
+  assert low.cache_dtype == 'float32' and decoding_default('cpu', verifies=True).cache_dtype == ''
+  assert decoding_default('tpu', dtype='bfloat16').cache_dtype == ''
+  config = dataclasses.replace(fx.TARGET.text, dtype='bfloat16', param_dtype='bfloat16')
+  assert KVCache.init(config, 2, 16, layout=low).keys.dtype == jnp.float32
+  with pytest.raises(ValueError, match="unknown layout.cache_dtype 'int8'"):
+    Layout(cache_dtype='int8')
+  configured = placement.decoding_layout({'fused_projections': True, 'cache_dtype': ''},
+                                         'cpu', dtype='bfloat16')
+  assert configured == decoding_default('cpu', dtype='bfloat16')  # '' and a missing field alike.
 
 
 def test_padded_rows_leave_each_row_unchanged():

@@ -76,13 +76,14 @@ def decode_config() -> ml_collections.ConfigDict:
   # default (on CPU: True in bfloat16; in float32 True for the draft and for a target decoding
   # alone, False for a target that verifies drafts). min_matmul_rows: matmuls over fewer rows are
   # padded to this many; 0 = the default (3 for bfloat16 on CPU, whose kernels for 1-2 rows cost
-  # ~10x more, else 1). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
+  # ~10x more, else 1). cache_dtype: the KV cache's dtype; '' = the default (float32 for bfloat16
+  # on CPU, which has no bfloat16 scatter; else the compute dtype). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
   # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
   # same API's XLA implementation) | 'pallas' (JAX's TPU paged-attention kernel, heads-first cache;
   # meant for bfloat16 on TPU, interpreted elsewhere).
   config.layout = ml_collections.ConfigDict(dict(
       layers='', fused_projections=True, output_major_kernels='', min_matmul_rows=0,
-      attention='blockwise', attention_block_size=256))
+      cache_dtype='', attention='blockwise', attention_block_size=256))
   config.logical_axis_rules = sharding.DEFAULT_RULES
   # Several processes (multi-host TPU slices, GPU clusters): config.multihost and
   # config.distributed (mmspec_jax/distributed.py); every process runs the same command.

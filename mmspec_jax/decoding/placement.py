@@ -29,7 +29,8 @@ def decoding_layout(layout_config=None, backend: str | None = None, *,
                     verifies: bool = False, dtype: str = 'float32') -> Layout:
   """A model's decoding layout from a config's `layout` section (decode.py). Its empty `layers`,
   its `output_major_kernels` of '' and a missing section mean the backend's default for a model
-  computing in `dtype` that does or does not verify drafts (models.layout.decoding_default)."""
+  computing in `dtype` that does or does not verify drafts (models.layout.decoding_default), as
+  do `min_matmul_rows` 0 and `cache_dtype` ''."""
   default = layout_lib.decoding_default(backend, verifies=verifies, dtype=dtype)
   if layout_config is None:
     return default
@@ -43,9 +44,9 @@ def decoding_layout(layout_config=None, backend: str | None = None, *,
                      f'got {fields["output_major_kernels"]!r}')
   fields['output_major_kernels'] = (default.output_major_kernels if choice == ''
                                     else choice == 'true')
-  fields.setdefault('min_matmul_rows', 0)
-  if not fields['min_matmul_rows']:
-    fields['min_matmul_rows'] = default.min_matmul_rows
+  for name in ('min_matmul_rows', 'cache_dtype'):  # 0 or '': the default.
+    if not fields.get(name):
+      fields[name] = getattr(default, name)
   return Layout(**fields)
 
 

@@ -39,13 +39,13 @@ class KVCache:
   @classmethod
   def init(cls, config: LlamaConfig, batch_size: int, max_length: int,
            dtype: str | None = None, layout: Layout = CANONICAL) -> 'KVCache':
-    """An empty cache holding at least `max_length` positions per row, in the compute dtype,
-    stored as `layout` (the model's) reads it."""
+    """An empty cache holding at least `max_length` positions per row, in `dtype` (default the
+    layout's `cache_dtype`, else the compute dtype), stored as `layout` (the model's) reads it."""
     capacity = layout.cache_capacity(max_length)
     shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
     if layout.cache_heads_first:
       shape = (shape[3],) + shape[:3] + shape[4:]
-    dtype = resolve_dtype(dtype or config.dtype)
+    dtype = resolve_dtype(dtype or layout.cache_dtype or config.dtype)
     return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch_size,), jnp.int32), heads_first=layout.cache_heads_first)
 

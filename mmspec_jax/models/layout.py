@@ -51,6 +51,11 @@ class Layout:
   # One row takes another kernel, whose results differ in the last bits (on the Xeon so do two
   # rows). At 3 a one-token step runs the kernel and the arithmetic of a verification.
   min_matmul_rows: int = 1
+  # The KV cache's dtype; '' = the model's compute dtype. XLA:CPU has no bfloat16 scatter: a
+  # bfloat16 cache is converted to float32 and back, whole, around every write (2 per layer per
+  # call), which costs more than the cache it saves once the cache is long. A float32 cache
+  # holds the bfloat16 keys and values exactly.
+  cache_dtype: str = ''
   attention: str = 'blockwise'
   # KV slots per block of the blockwise attention (a row's last block may be partly filled), and
   # per compute block of the 'pallas' kernel (a multiple of PAGE_SIZE; the cache's capacity is
@@ -63,6 +68,9 @@ class Layout:
     if self.attention not in ATTENTION_KERNELS:
       raise ValueError(f'unknown layout.attention {self.attention!r}; expected one of '
                        f'{ATTENTION_KERNELS}')
+    if self.cache_dtype not in ('', 'float32', 'bfloat16', 'float16'):
+      raise ValueError(f"unknown layout.cache_dtype {self.cache_dtype!r}; expected '' (the "
+                       "model's), 'float32', 'bfloat16' or 'float16'")
     if self.min_matmul_rows < 1:
       raise ValueError(f'layout.min_matmul_rows must be >= 1, got {self.min_matmul_rows}')
     if self.attention_block_size < 1:
@@ -113,7 +121,8 @@ def decoding_default(backend: str | None = None, *, verifies: bool = False,
   low_precision = dtype == 'bfloat16' and backend == 'cpu'
   return Layout(layers='scanned' if backend == 'tpu' else 'unrolled', fused_projections=True,
                 output_major_kernels=backend == 'cpu' and (low_precision or not verifies),
-                min_matmul_rows=CPU_BFLOAT16_MIN_ROWS if low_precision else 1)
+                min_matmul_rows=CPU_BFLOAT16_MIN_ROWS if low_precision else 1,
+                cache_dtype='float32' if low_precision else '')
 
 
 def layer_name(index: int) -> str:
