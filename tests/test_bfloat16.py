@@ -71,6 +71,8 @@ def test_padded_rows_leave_each_row_unchanged():
 def test_auto_dtype_is_named_and_checked():
   assert precision.auto_dtype('tpu') == 'bfloat16' == precision.auto_dtype('gpu')
   assert precision.resolve('auto') in ('float32', 'bfloat16')
+  assert precision.resolve('auto', verifies=True) in ('float32', 'bfloat16')  # Its own probe.
+  assert precision.auto_dtype.cache_info().currsize >= 3
   assert precision.resolve('float32') == 'float32'
   with pytest.raises(ValueError, match="unsupported dtype 'float64'"):
     precision.resolve('float64')
