@@ -31,11 +31,9 @@ DTYPE_CHOICES = SUPPORTED_DTYPES + (AUTO,)
 VERIFY_ROWS = 6  # A chain of 5 draft tokens and the root: decode.py's default.
 
 
-def probe_seconds(dtype: str, rows: int, *, verifies: bool = False, width: int = 4096,
-                  depth: int = 4, repeats: int = 5) -> float:
-  """Best-of-`repeats` seconds of `depth` chained products of `rows` rows with [width, width]
-  weights (64 MB each in float32 at the default), in the CPU decoding layout's form for `dtype`
-  (a target that `verifies` drafts, or not)."""
+def _chain(dtype: str, rows: int, verifies: bool, width: int, depth: int):
+  """A run of `depth` chained products of `rows` rows with [width, width] weights in the CPU
+  decoding layout's form for `dtype` (a target that `verifies` drafts, or not)."""
   layout = decoding_default('cpu', verifies=verifies, dtype=dtype)
   shape = (width, width)  # [out, in] when output-major, else [in, out]: square either way.
   weights = [jnp.asarray(np.random.default_rng(i).standard_normal(shape) / width ** 0.5, dtype)
@@ -49,12 +47,24 @@ def probe_seconds(dtype: str, rows: int, *, verifies: bool = False, width: int =
     return x
 
   x = jnp.ones((rows, width), dtype)
-  chain(x, weights).block_until_ready()
-  best = float('inf')
+  return lambda: chain(x, weights).block_until_ready()
+
+
+def probe_seconds(dtypes, rows: int, *, verifies: bool = False, width: int = 4096,
+                  depth: int = 4, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+  """{dtype: best seconds of `repeats`} for each of `dtypes`: `depth` chained products of `rows`
+  rows with [width, width] weights (64 MB each in float32 at the default), in the CPU decoding
+  layout's form for that dtype. The dtypes' runs alternate, so the host's drift falls on all."""
+  runs = {dtype: _chain(dtype, rows, verifies, width, depth) for dtype in dtypes}
+  for run in runs.values():
+    for _ in range(warmup):  # Compiles, then the first runs' allocations and thread pools.
+      run()
+  best = dict.fromkeys(runs, float('inf'))
   for _ in range(repeats):
-    start = time.perf_counter()
-    chain(x, weights).block_until_ready()
-    best = min(best, time.perf_counter() - start)
+    for dtype, run in runs.items():
+      start = time.perf_counter()
+      run()
+      best[dtype] = min(best[dtype], time.perf_counter() - start)
   return best
 
 
@@ -68,8 +78,7 @@ def auto_dtype(backend: str | None = None, *, verifies: bool = False) -> str:
     logging.info("dtype='auto': bfloat16 on %s", backend)
     return 'bfloat16'
   rows = VERIFY_ROWS if verifies else 1
-  seconds = {dtype: probe_seconds(dtype, rows, verifies=verifies)
-             for dtype in ('float32', 'bfloat16')}
+  seconds = probe_seconds(('float32', 'bfloat16'), rows, verifies=verifies)
   chosen = min(seconds, key=seconds.get)
   logging.info("dtype='auto' picked %s on this CPU: a chain of %d-row matmuls (%s) took %.1f ms "
                'in bfloat16, %.1f ms in float32', chosen, rows,
