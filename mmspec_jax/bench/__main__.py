@@ -47,7 +47,7 @@ TASKS = ('captioning', 'sqa', 'conversation')
 # within 32 verified tokens (README, Trees), a small one, and a chain of 7 stopping below draft
 # confidence 0.3.
 SHAPES = ('5,1,1,1,1,1', '3,1,1', '1,1,1,1,1,1,1@0.3')
-PRECISIONS = ('float32', 'bfloat16')  # Section 3 runs in each.
+PRECISIONS = autoregressive.DTYPES  # Sections 1 and 3 run in each.
 WIDE_PROMPTS, WIDE_NEW_TOKENS = 3, 32  # The widened target's runs (batch 1, greedy).
 
 

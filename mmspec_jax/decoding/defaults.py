@@ -77,8 +77,8 @@ def decode_config() -> ml_collections.ConfigDict:
   # alone, False for a target that verifies drafts). min_matmul_rows: matmuls over fewer rows are
   # padded to this many; 0 = the default (3 for bfloat16 on CPU, whose kernels for 1-2 rows cost
   # ~10x more, else 1). cache_dtype: the KV cache's dtype; '' = the default (float32 for bfloat16
-  # on CPU, which has no bfloat16 scatter; else the compute dtype). attention over the KV cache: 'blockwise' (pure JAX, reads only the live
-  # blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
+  # on CPU, which has no bfloat16 scatter; else the compute dtype). attention over the KV cache:
+  # 'blockwise' (pure JAX, reads only the live blocks) | 'cudnn' (jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs) | 'xla' (the
   # same API's XLA implementation) | 'pallas' (JAX's TPU paged-attention kernel, heads-first cache;
   # meant for bfloat16 on TPU, interpreted elsewhere).
   config.layout = ml_collections.ConfigDict(dict(

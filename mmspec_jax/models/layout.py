@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mmspec_jax.models.config import SUPPORTED_DTYPES
+
 LAYER_STACKS = ('scanned', 'unrolled')
 # 'blockwise': pure JAX, online softmax over the cache's live blocks only; runs on every backend
 # and is the reference. 'xla' / 'cudnn': jax.nn.dot_product_attention's implementations (cuDNN's
@@ -68,9 +70,9 @@ class Layout:
     if self.attention not in ATTENTION_KERNELS:
       raise ValueError(f'unknown layout.attention {self.attention!r}; expected one of '
                        f'{ATTENTION_KERNELS}')
-    if self.cache_dtype not in ('', 'float32', 'bfloat16', 'float16'):
+    if self.cache_dtype not in ('',) + SUPPORTED_DTYPES:
       raise ValueError(f"unknown layout.cache_dtype {self.cache_dtype!r}; expected '' (the "
-                       "model's), 'float32', 'bfloat16' or 'float16'")
+                       f"model's) or one of {SUPPORTED_DTYPES}")
     if self.min_matmul_rows < 1:
       raise ValueError(f'layout.min_matmul_rows must be >= 1, got {self.min_matmul_rows}')
     if self.attention_block_size < 1:
