@@ -9,6 +9,7 @@ matches its own float32. (Sampled bfloat16 decoding: test_decoding_sampling.py.)
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from mmspec_jax.decoding.placement import decoding_params
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.models import KVCache, Layout, build, precision
+from mmspec_jax.models import KVCache, Layout, LlamaConfig, build, init_params, precision
 from mmspec_jax.models.layers import matmul
 from mmspec_jax.models.layout import CPU_BFLOAT16_MIN_ROWS, decoding_default
 from mmspec_jax.testing import tiny_hf as hf_builders
@@ -160,3 +161,42 @@ def test_bfloat16_logits_are_as_close_to_transformers_as_its_own_bfloat16(tmp_pa
   print(f'max |logit diff|: ours vs transformers bfloat16 {ours_distance:.3f}; transformers '
         f'bfloat16 vs float32 {reference_distance:.3f}')
   assert ours_distance <= max(2 * reference_distance, 1e-3) and ours_distance <= 0.1
+
+
+def test_tree_and_chain_logits_equal_one_token_steps_bit_for_bit():
+  """bfloat16, this backend's verifying layout, grouped-query heads, a ragged batch whose caches
+  span several attention blocks: every node of a tree call and every token of a chain call gets
+  the logits, bit for bit, of one-token steps along its path (the property that makes greedy
+  speculative output equal autoregressive output, checked below the token level)."""
+  config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+                       eos_token_id=None, bos_token_id=None, dtype='bfloat16',
+                       param_dtype='bfloat16')
+  layout = dataclasses.replace(decoding_default(verifies=True, dtype='bfloat16'),
+                               attention_block_size=8)
+  params = decoding_params(config, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                                init_params(config, jax.random.key(0))), layout)
+  apply = jax.jit(functools.partial(build(config, layout).apply, {'params': params}),
+                  static_argnames='method')
+  rng = np.random.RandomState(0)
+  lengths = np.array([21, 13], np.int32)  # Three and two blocks of 8, the last partly live.
+  prompt = rng.randint(0, 50, (2, 21)).astype(np.int32)
+  _, cache = apply(prompt, lengths, KVCache.init(config, 2, 64, layout=layout), method='prefill')
+  tree = DraftTree((2, 2, 1))
+  nodes = rng.randint(0, 50, (2, tree.num_nodes + 1)).astype(np.int32)  # [root, N nodes]
+  tree_logits, _ = apply(nodes, cache, tree=tree.verification_attention(), method='extend')
+  chain = nodes[:, [0, 1, 3, 7]]  # The root and node 1's first descendants: a path.
+  chain_logits, _ = apply(chain, cache, method='extend')
+
+  def stepped(path_tokens):  # [B, P] -> logits [B, P, V], one one-token call at a time.
+    step_cache, out = cache, []
+    for t in range(path_tokens.shape[1]):
+      logits, step_cache = apply(path_tokens[:, t:t + 1], step_cache, method='extend')
+      out.append(np.asarray(logits[:, 0], np.float32))
+    return np.stack(out, axis=1)
+
+  np.testing.assert_array_equal(np.asarray(chain_logits, np.float32), stepped(chain))
+  for node in range(tree.num_nodes + 1):
+    path = np.nonzero(tree.ancestors[node])[0]  # The root .. the node.
+    np.testing.assert_array_equal(np.asarray(tree_logits[:, node], np.float32),
+                                  stepped(nodes[:, path])[:, -1], err_msg=f'node {node}')
