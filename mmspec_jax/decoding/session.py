@@ -42,8 +42,8 @@ from mmspec_jax.decoding.scheduler import Scheduler
 from mmspec_jax.decoding.slots import SlotPrograms
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, build,
-                               parameter_count, text_config)
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig, LlavaConfig,
+                               build, parameter_count, text_config)
 from mmspec_jax.models import precision
 from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
 from mmspec_jax.data.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
@@ -74,6 +74,9 @@ def _in_dtype(config: ModelConfig, params: Any, dtype: str) -> tuple[ModelConfig
 def draft_config(draft: str, target: ModelConfig, dtype: str) -> ModelConfig:
   """A draft's config in `dtype`, checked against the target's (no weights read)."""
   config = with_dtype(read_config(draft), dtype)
+  if isinstance(config, FeatureDraftConfig):
+    raise ValueError(f'draft {draft!r} is a feature draft (models/feature_draft.py); the decoding '
+                     'engine runs LLaMA and adapter drafts only')
   if not isinstance(config, (LlamaConfig, AdapterDraftConfig)):
     raise ValueError(f'draft {draft!r} must be a LLaMA or adapter draft model, not '
                      f'{type(config).__name__}')

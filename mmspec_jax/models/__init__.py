@@ -8,9 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConfig, ModelConfig,
-                                      VisionConfig, model_type)
+from mmspec_jax.models.config import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig,
+                                      LlavaConfig, ModelConfig, VisionConfig,
+                                      default_feature_layers, model_type)
 from mmspec_jax.models.draft import AdapterDraft
+from mmspec_jax.models.feature_draft import FeatureDraft
 from mmspec_jax.models.attention import TreeAttention
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.llama import Llama
@@ -18,9 +20,11 @@ from mmspec_jax.models import layout as _layout
 from mmspec_jax.models.layout import CANONICAL, Layout
 from mmspec_jax.models.llava import Llava
 
-__all__ = ['AdapterDraft', 'AdapterDraftConfig', 'KVCache', 'TreeAttention', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig',
-           'VisionConfig', 'abstract_params', 'build', 'init_inputs', 'init_params', 'initialize', 'model_type',
-           'parameter_count', 'text_config', 'arrange_params', 'Layout']
+__all__ = ['AdapterDraft', 'AdapterDraftConfig', 'FeatureDraft', 'FeatureDraftConfig', 'KVCache',
+           'Layout', 'Llama', 'LlamaConfig', 'Llava', 'LlavaConfig', 'ModelConfig', 'TreeAttention',
+           'VisionConfig', 'abstract_params', 'arrange_params', 'build', 'default_feature_layers',
+           'init_inputs', 'init_params', 'initialize', 'model_type', 'parameter_count',
+           'text_config']
 
 
 def build(config: ModelConfig, layout: Layout = CANONICAL) -> nn.Module:
@@ -31,6 +35,8 @@ def build(config: ModelConfig, layout: Layout = CANONICAL) -> nn.Module:
     return Llama(config, layout)
   if isinstance(config, AdapterDraftConfig):
     return AdapterDraft(config, layout)
+  if isinstance(config, FeatureDraftConfig):
+    return FeatureDraft(config, layout)
   raise TypeError(f'not a model config: {type(config).__name__}')
 
 
@@ -48,6 +54,9 @@ def init_inputs(config: ModelConfig):
   if isinstance(config, AdapterDraftConfig):
     tokens = jnp.array([[1, config.image_token_index]], jnp.int32)
     return (tokens, jnp.zeros((1, 1, config.vision_hidden_size), jnp.float32))
+  if isinstance(config, FeatureDraftConfig):
+    features = (1, 1, len(config.feature_layers), config.target_hidden_size)
+    return (jnp.zeros((1, 1), jnp.int32), jnp.zeros(features, jnp.float32))
   return (jnp.zeros((1, 1), jnp.int32),)
 
 

@@ -147,8 +147,32 @@ class AdapterDraftConfig:
                        "expected 'mlp2x_gelu' or 'linear'")
 
 
-ModelConfig = LlamaConfig | LlavaConfig | AdapterDraftConfig
-_MODEL_TYPES = {LlamaConfig: 'llama', LlavaConfig: 'llava', AdapterDraftConfig: 'adapter_draft'}
+def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
+  """EAGLE-3's low, middle and high layers of a `num_layers`-layer target (layers 1, L/2 - 1
+  and L - 4, 0-based; for L = 32: 1, 15, 28), spread evenly over a target too shallow for them."""
+  if num_layers >= 8:
+    return (1, num_layers // 2 - 1, num_layers - 4)
+  return (0, (num_layers - 1) // 2, num_layers - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDraftConfig:
+  """An EAGLE-3-style draft (models/feature_draft.py): a small decoder whose input at each
+  position is the target's hidden states there, from three of its layers, fused by a linear
+  layer, beside the embedding of the token that follows. It sees the image through the target."""
+  text: LlamaConfig = LlamaConfig(num_layers=1)  # The draft's decoder layers, embedding and head.
+  target_hidden_size: int = 4096
+  feature_layers: tuple[int, ...] = (1, 15, 28)  # The target's layers read (0-based).
+
+  def __post_init__(self):
+    if len(self.feature_layers) < 1 or any(i < 0 for i in self.feature_layers):
+      raise ValueError(f'feature_layers must be one or more layer indices >= 0, got '
+                       f'{self.feature_layers}')
+
+
+ModelConfig = LlamaConfig | LlavaConfig | AdapterDraftConfig | FeatureDraftConfig
+_MODEL_TYPES = {LlamaConfig: 'llama', LlavaConfig: 'llava', AdapterDraftConfig: 'adapter_draft',
+                FeatureDraftConfig: 'feature_draft'}
 
 
 def model_type(config: ModelConfig) -> str:
@@ -163,7 +187,7 @@ def with_dtype(config: ModelConfig, dtype: str, param_dtype: str | None = None) 
         config,
         text=dataclasses.replace(config.text, dtype=dtype, param_dtype=param_dtype),
         vision=dataclasses.replace(config.vision, dtype=dtype, param_dtype=param_dtype))
-  if isinstance(config, AdapterDraftConfig):
+  if isinstance(config, (AdapterDraftConfig, FeatureDraftConfig)):
     return dataclasses.replace(
         config, text=dataclasses.replace(config.text, dtype=dtype, param_dtype=param_dtype))
   return dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
@@ -196,5 +220,9 @@ def from_dict(fields: dict[str, Any]) -> ModelConfig:
   if kind == 'adapter_draft':
     fields['text'] = _llama_from_dict(fields['text'])
     return AdapterDraftConfig(**fields)
+  if kind == 'feature_draft':
+    fields['text'] = _llama_from_dict(fields['text'])
+    fields['feature_layers'] = tuple(fields['feature_layers'])
+    return FeatureDraftConfig(**fields)
   raise ValueError(f'unsupported model_type {kind!r} in model config; expected one of '
                    f'{sorted(_MODEL_TYPES.values())}')

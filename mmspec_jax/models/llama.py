@@ -113,14 +113,16 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block. The carry is (residual stream, the layer's cache view or None); in the
-  scanned layout it is the scan carry, and the view's layer index advances with the scan."""
+  """Pre-norm block. The carry is (residual stream, the layer's cache view or None), and when
+  layers' outputs are collected (`Llama.run_layers_with_features`) also (features [K, B, T, D],
+  this layer's index int32[], the wanted layers' indices int32[K]); in the scanned layout it is the
+  scan carry, and the view's layer index advances with the scan."""
   config: LlamaConfig
   layout: Layout = CANONICAL
 
   @nn.compact
   def __call__(self, carry, positions, mask, tree):
-    x, cache = carry
+    x, cache, *collecting = carry
     cfg = self.config
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype))
     activation_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
@@ -132,6 +134,11 @@ class DecoderLayer(nn.Module):
     x = sharding.constrain(x + Mlp(cfg, self.layout, name='mlp')(normed), activation_axes)
     if cache is not None:
       cache = cache.replace(layer=cache.layer + 1)
+    if collecting:
+      features, index, wanted = collecting
+      features = jnp.where((wanted == index)[:, None, None, None], x[None].astype(features.dtype),
+                           features)
+      return (x, cache, features, index + 1, wanted), None
     return (x, cache), None
 
 
@@ -202,6 +209,27 @@ class Llama(nn.Module):
     packed sequences) when given; `positions` (int32[B, T]) default to 0..T-1.
     Returns ([B, T, D] hidden states, the new cache or None).
     """
+    hidden, cache, _ = self._run_layers(x, cache, positions, segment_ids, num_new_tokens, tree, ())
+    return hidden, cache
+
+  def run_layers_with_features(self, x: jax.Array, feature_layers: tuple[int, ...],
+                               cache: KVCache | None = None, **kwargs):
+    """`run_layers`, and the outputs of the layers `feature_layers` (0-based; what a feature
+    draft reads): ([B, T, D] hidden, cache, [B, T, K, D] features, in the order given)."""
+    if not feature_layers:
+      raise ValueError('feature_layers is empty')
+    bad = [i for i in feature_layers if not 0 <= i < self.config.num_layers]
+    if bad:
+      raise ValueError(f'feature_layers {bad} are not layers of a {self.config.num_layers}-layer '
+                       'model')
+    kwargs = {'positions': None, 'segment_ids': None, 'num_new_tokens': None, 'tree': None,
+              **kwargs}
+    hidden, cache, features = self._run_layers(
+        x, cache, kwargs['positions'], kwargs['segment_ids'], kwargs['num_new_tokens'],
+        kwargs['tree'], tuple(feature_layers))
+    return hidden, cache, jnp.moveaxis(features, 0, 2)  # [K, B, T, D] -> [B, T, K, D]
+
+  def _run_layers(self, x, cache, positions, segment_ids, num_new_tokens, tree, feature_layers):
     batch, length = x.shape[:2]
     mask, view = None, None
     if cache is not None:
@@ -217,14 +245,20 @@ class Llama(nn.Module):
       if segment_ids is not None:
         causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
       mask = jnp.broadcast_to(causal, (batch, length, length))
+    carry = (x, view)
+    if feature_layers:
+      carry += (jnp.zeros((len(feature_layers),) + x.shape, x.dtype), jnp.zeros((), jnp.int32),
+                jnp.asarray(feature_layers, jnp.int32))
     if self.layout.scanned:
-      (x, view), _ = self.layers((x, view), positions, mask, tree)
+      carry, _ = self.layers(carry, positions, mask, tree)
     else:
       for layer in self.unrolled_layers:
-        (x, view), _ = layer((x, view), positions, mask, tree)
+        carry, _ = layer(carry, positions, mask, tree)
+    x, view = carry[:2]
+    features = carry[2] if feature_layers else None
     hidden = self.norm(x)
     if cache is None:
-      return hidden, None
+      return hidden, None, features
     grown = length if num_new_tokens is None else num_new_tokens
     if tree is not None:
       grown = 0
@@ -232,7 +266,7 @@ class Llama(nn.Module):
     new_cache = KVCache(keys=sharding.constrain(view.keys, names.keys),
                         values=sharding.constrain(view.values, names.values),
                         lengths=cache.lengths + grown, heads_first=cache.heads_first)
-    return hidden, new_cache
+    return hidden, new_cache, features
 
   def __call__(self, tokens, *, positions=None, segment_ids=None):
     """Full forward. tokens: int32[B, T] -> float32[B, T, V]."""
@@ -244,6 +278,28 @@ class Llama(nn.Module):
     (float32[B, T, V], cache)."""
     hidden, cache = self.run_layers(self.embed(tokens), cache, tree=tree)
     return self.logits(hidden), cache
+
+  def extend_with_features(self, tokens: jax.Array, cache: KVCache,
+                           feature_layers: tuple[int, ...], tree: TreeAttention | None = None):
+    """`extend`, and the outputs of layers `feature_layers` at the T tokens: (float32[B, T, V],
+    cache, [B, T, K, D])."""
+    hidden, cache, features = self.run_layers_with_features(self.embed(tokens), feature_layers,
+                                                            cache, tree=tree)
+    return self.logits(hidden), cache, features
+
+  def forward_with_features(self, tokens, feature_layers: tuple[int, ...], *, positions=None,
+                            segment_ids=None):
+    """`__call__`, and the outputs of layers `feature_layers` at every position:
+    (float32[B, T, V], [B, T, K, D])."""
+    hidden, _, features = self.run_layers_with_features(
+        self.embed(tokens), feature_layers, positions=positions, segment_ids=segment_ids)
+    return self.logits(hidden), features
+
+  def prefill_with_features(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+                            feature_layers: tuple[int, ...]):
+    """`prefill`, and the layers' outputs at every prompt position: (float32[B, V], cache,
+    [B, T, K, D])."""
+    return prefill_with_features(self, self.embed(tokens), lengths, cache, feature_layers)
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
     """Appends right-padded prompts: tokens int32[B, T], lengths int32[B] valid tokens per row.
@@ -261,7 +317,23 @@ def prefill_from_embeddings(language_model: Llama, x: jax.Array, lengths: jax.Ar
   length, so they are never attended and are overwritten by the next extend.
   Only the last prompt position goes through the LM head: [B, T, V] logits are never built.
   """
+  logits, cache, _ = _prefill(language_model, x, lengths, cache, ())
+  return logits, cache
+
+
+def prefill_with_features(language_model: Llama, x: jax.Array, lengths: jax.Array,
+                          cache: KVCache, feature_layers: tuple[int, ...]):
+  """`prefill_from_embeddings`, and the outputs of layers `feature_layers` at every prompt
+  position: (float32[B, V], cache, [B, T, K, D])."""
+  return _prefill(language_model, x, lengths, cache, feature_layers)
+
+
+def _prefill(language_model: Llama, x, lengths, cache, feature_layers):
   lengths = jnp.asarray(lengths, jnp.int32)
-  hidden, cache = language_model.run_layers(x, cache, num_new_tokens=lengths)
+  if feature_layers:
+    hidden, cache, features = language_model.run_layers_with_features(
+        x, feature_layers, cache, num_new_tokens=lengths)
+  else:
+    (hidden, cache), features = language_model.run_layers(x, cache, num_new_tokens=lengths), None
   last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-  return language_model.logits(last), cache
+  return language_model.logits(last), cache, features

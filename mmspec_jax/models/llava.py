@@ -23,7 +23,7 @@ from mmspec_jax.models.config import LlavaConfig, resolve_dtype
 from mmspec_jax.models.kv_cache import KVCache
 from mmspec_jax.models.layers import dense
 from mmspec_jax.models.layout import CANONICAL, Layout
-from mmspec_jax.models.llama import Llama, prefill_from_embeddings
+from mmspec_jax.models.llama import Llama, prefill_from_embeddings, prefill_with_features
 
 
 class MultimodalProjector(nn.Module):
@@ -137,3 +137,30 @@ class Llava(nn.Module):
     """Appends text tokens int32[B, T] to every row (tree: as `Llama.extend`). Returns
     (float32[B, T, V], cache)."""
     return self.language_model.extend(tokens, cache, tree)
+
+  # --- the language model's layer outputs, for a feature draft (models/feature_draft.py) -------
+
+  def forward_with_features(self, tokens: jax.Array, feature_layers: tuple[int, ...],
+                            images: jax.Array | None = None, *,
+                            image_features: jax.Array | None = None, positions=None,
+                            segment_ids=None):
+    """`__call__`, and the outputs of layers `feature_layers` at every position (image
+    positions included): (float32[B, T, V], [B, T, K, D])."""
+    x = self.embed_image_and_text(tokens, images, image_features)
+    hidden, _, features = self.language_model.run_layers_with_features(
+        x, feature_layers, positions=positions, segment_ids=segment_ids)
+    return self.language_model.logits(hidden), features
+
+  def prefill_with_features(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+                            feature_layers: tuple[int, ...], images: jax.Array | None = None,
+                            image_features: jax.Array | None = None):
+    """`prefill`, and the layers' outputs at every prompt position: (float32[B, V], cache,
+    [B, T, K, D])."""
+    x = self.embed_image_and_text(tokens, images, image_features)
+    return prefill_with_features(self.language_model, x, lengths, cache, feature_layers)
+
+  def extend_with_features(self, tokens: jax.Array, cache: KVCache,
+                           feature_layers: tuple[int, ...], tree=None):
+    """`extend`, and the layers' outputs at the T tokens: (float32[B, T, V], cache,
+    [B, T, K, D])."""
+    return self.language_model.extend_with_features(tokens, cache, feature_layers, tree)

@@ -38,10 +38,11 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.15):
   return model.eval()
 
 
-def llama_text_config(*, num_kv_heads=2, tied=False, vocab_size=TEXT_VOCAB, rope=None, **extra):
+def llama_text_config(*, num_kv_heads=2, tied=False, vocab_size=TEXT_VOCAB, rope=None,
+                      num_layers=2, **extra):
   """A tiny LLaMA's config; `extra` goes to transformers.LlamaConfig (e.g. pad_token_id)."""
   return transformers.LlamaConfig(
-      vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=num_layers,
       num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=12,
       max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
       rope_parameters=rope or {'rope_type': 'default', 'rope_theta': 10000.0}, **extra)
@@ -52,8 +53,8 @@ def tiny_llama(seed=0, **kwargs) -> transformers.LlamaForCausalLM:
   return _randomize(transformers.LlamaForCausalLM(llama_text_config(**kwargs)), seed)
 
 
-def tiny_llava(seed=0, *, num_kv_heads=2, tied=False, feature_layer=-2, strategy='default'
-               ) -> transformers.LlavaForConditionalGeneration:
+def tiny_llava(seed=0, *, num_kv_heads=2, tied=False, feature_layer=-2, strategy='default',
+               num_layers=2) -> transformers.LlavaForConditionalGeneration:
   """A tiny LLaVA-1.5 in the paper's layout: text vocabulary TEXT_VOCAB, <image> IMAGE_TOKEN,
   <pad> PAD_TOKEN (28 pixel images, 4 image tokens)."""
   vision = transformers.CLIPVisionConfig(
@@ -61,6 +62,7 @@ def tiny_llava(seed=0, *, num_kv_heads=2, tied=False, feature_layer=-2, strategy
       image_size=28, patch_size=14, layer_norm_eps=1e-5, hidden_act='quick_gelu')
   config = transformers.LlavaConfig(
       vision_config=vision, text_config=llama_text_config(num_kv_heads=num_kv_heads, tied=tied,
+                                                          num_layers=num_layers,
                                                           pad_token_id=PAD_TOKEN),
       image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer,
       vision_feature_select_strategy=strategy, projector_hidden_act='gelu',
