@@ -4,14 +4,18 @@ r"""The offline world's models and training stages: `--config=configs/world.py:S
   python train.py --config=configs/world.py:target --workdir=artifacts/runs/target
   python train.py --config=configs/world.py:draft_pretrain --workdir=artifacts/runs/draft_pretrain
   ... draft_chat, adapter_stage1, adapter_stage2 (in this order); then, on the target's own
-  answers (python -m mmspec_jax.distillation.target_answers, see make demo), draft_distill, adapter_distill
+  answers (python -m mmspec_jax.distillation.target_answers, see make demo), draft_distill,
+  adapter_distill and feature_distill
 
 `make demo` runs all of it (and caches it under artifacts/). Paths follow
 mmspec_jax/demo/artifacts.py; the world's tokenizer has 512 ids with `<image>` = 4.
 """
 
 from mmspec_jax.demo import artifacts
-from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, LlavaConfig, VisionConfig, presets
+import dataclasses
+
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig, LlavaConfig,
+                               VisionConfig, presets)
 from mmspec_jax.training.defaults import stage_config
 
 VOCAB = 512
@@ -43,6 +47,9 @@ STAGES = {
     # distributions: the language-only draft from its chat stage, the adapter draft from stage 2.
     'draft_distill': ('draft_chat', ANSWERS, 150, 3e-4),
     'adapter_distill': ('adapter_stage2', ANSWERS, 150, 2e-4),
+    # The feature draft: one decoder layer at the target's width, its embedding and head from
+    # the target's, trained from there on the target's answers and layer outputs.
+    'feature_distill': (None, ANSWERS, 300, 1e-3),
     'adapter_stage1': ('draft_chat', 'train_captioning.json', 150, 2e-3),
     'adapter_stage2': ('adapter_stage1', 'train_all.json', 200, 5e-4),
 }
@@ -70,9 +77,13 @@ def get_config(stage: str = 'target'):
   config.checkpoint_every_steps = 100
   if previous:
     config.init_from = artifacts.export_dir(previous)
-  if config.task in ('distill', 'adapter'):
+  if config.task in ('distill', 'adapter', 'feature'):
     config.target = artifacts.export_dir('target')
-  model = {'llava': TARGET, 'adapter': AdapterDraftConfig(text=DRAFT)}.get(config.task, DRAFT)
+  # The feature draft's width and layers are fitted to the target when it trains.
+  feature = FeatureDraftConfig(text=dataclasses.replace(DRAFT, num_layers=1),
+                               target_hidden_size=TARGET.text.hidden_size, feature_layers=(0,))
+  model = {'llava': TARGET, 'adapter': AdapterDraftConfig(text=DRAFT),
+           'feature': feature}.get(config.task, DRAFT)
   config.model = presets.as_config_dict(model)
 
   data = config.data

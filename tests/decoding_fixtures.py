@@ -18,7 +18,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from mmspec_jax.models import AdapterDraftConfig, init_params, presets
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, default_feature_layers,
+                               init_params, presets)
 
 IMAGE_ROWS_TEXT_LENGTHS = (3, 9)  # Two image rows with different prompt lengths.
 TARGET = presets.get('tiny_llava')
@@ -74,6 +75,23 @@ def adapter_draft(target_config, target_params, noise=0.03):
   params = {'language_model': cut_to_base_vocabulary(target_params['language_model'],
                                                      config.text.vocab_size),
             'multi_modal_projector': target_params['multi_modal_projector']}
+  return config, perturb(params, 2, noise)
+
+
+def feature_draft(target_config, target_params, noise=0.03):
+  """A feature draft that is the target's own language model one position behind, with noise:
+  its input projection passes the next token's embedding and drops the fused features, so its
+  position i computes what the target computes for token i + 1 (RoPE is relative), short of the
+  prompt's first token and the image (placeholders embed as zeros past its vocabulary). Its
+  agreement with the target is partial."""
+  text = base_text_config(target_config)
+  width, layers = text.hidden_size, default_feature_layers(text.num_layers)
+  config = FeatureDraftConfig(text=text, target_hidden_size=width, feature_layers=layers)
+  identity = np.eye(width, dtype=np.float32)
+  params = {'fc': {'kernel': np.zeros((len(layers), width, width), np.float32)},
+            'input_proj': {'kernel': np.stack([identity, np.zeros_like(identity)])},
+            'language_model': cut_to_base_vocabulary(target_params['language_model'],
+                                                     text.vocab_size)}
   return config, perturb(params, 2, noise)
 
 

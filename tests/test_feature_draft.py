@@ -168,3 +168,31 @@ def test_draft_round_trips_through_a_converted_directory(draft, tmp_path):
   config, params = load_model(str(tmp_path / 'feature_draft'))
   assert config == draft_config
   jax.tree.map(np.testing.assert_array_equal, params, draft_params)
+
+
+def test_unroll_is_the_draft_drafting_past_the_target_features(target, draft):
+  """Stream s of `unroll` at position j equals the cached path: the target's features fed up to
+  position j - s, then s positions drafted on the draft's own hidden states."""
+  config, params, tokens, lengths, images, _ = target
+  draft_config, draft_params = draft
+  _, features = build(config).apply({'params': params}, tokens, FEATURE_LAYERS, images,
+                                    method=Llava.forward_with_features)
+  next_tokens, features = tokens[:, 1:], features[:, :-1]
+  model, variables = build(draft_config), {'params': draft_params}
+  streams = model.apply(variables, next_tokens, features, 2, method='unroll')
+  np.testing.assert_allclose(streams[0], model.apply(variables, next_tokens, features)[0],
+                             atol=TOLERANCE)
+  fused = model.apply(variables, features, method='fuse')
+  for row in range(tokens.shape[0]):
+    for anchor in (3, int(lengths[row]) - 5):  # The last verified position.
+      cache = KVCache.init(text_config(draft_config), 1, 64)
+      logits, hidden, cache = model.apply(variables, next_tokens[row:row + 1, :anchor + 1],
+                                          fused[row:row + 1, :anchor + 1],
+                                          np.array([anchor + 1]), cache, method='prefill')
+      for step in (1, 2):
+        position = anchor + step
+        logits, hidden, cache = model.apply(
+            variables, next_tokens[row:row + 1, position:position + 1], hidden[:, None], cache,
+            method='extend')
+        hidden = hidden[:, 0]
+        np.testing.assert_allclose(logits[0, 0], streams[step][row, position], atol=TOLERANCE)

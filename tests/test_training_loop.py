@@ -15,6 +15,9 @@ import pytest
 
 import training_fixtures as fx
 from mmspec_jax.convert.loading import load_model
+from mmspec_jax.decoding.engine import SpeculativeDecoder
+from mmspec_jax.decoding.sampling import SamplingConfig
+from mmspec_jax.models import FeatureDraftConfig, build, default_feature_layers
 from mmspec_jax.testing import tiny_hf
 from mmspec_jax.training.loop import Trainer
 
@@ -212,3 +215,32 @@ def test_target_llava_trains_from_scratch_and_exports(world):
                                                                                'export_hf'))
   assert hf.config.image_token_index == tiny_hf.IMAGE_TOKEN
   assert hf.config.text_config.vocab_size == fx.TARGET_VOCAB
+
+
+def test_feature_distillation_stage(world):
+  """The feature draft from nothing: one decoder layer at the target's width on its layer
+  outputs, unrolled 2 positions past them (training-time test); its embedding and head start
+  from the target's; the export reads the target's default layers and decodes exactly."""
+  workdir = str(world['root'] / 'feature')
+  trainer = Trainer(conversation_config(world, 'feature_distill', num_train_steps=12,
+                                        log_every_steps=3, eval_steps=1, warmup_steps=1,
+                                        learning_rate=3e-3), workdir)
+  batch = first_batch(trainer)
+  assert_padded_past_the_draft(batch)
+  assert (batch['inputs'] == tiny_hf.IMAGE_TOKEN).any()  # The target's features of images.
+  assert trainer.objective.unroll_steps == 2
+  trainer.run()
+  assert_finite_and_falling(trainer.history, 'feature_distill')
+  target_config, target_params = load_model(world['target'])
+  config, params = load_model(os.path.join(workdir, 'export'))
+  assert isinstance(config, FeatureDraftConfig)
+  assert config.target_hidden_size == target_config.text.hidden_size
+  assert config.feature_layers == default_feature_layers(target_config.text.num_layers)
+  assert config.text.num_layers == 1 and config.text.vocab_size == fx.DRAFT_VOCAB
+  decoder = SpeculativeDecoder(build(target_config), build(config), 3, SamplingConfig(), 12,
+                               (-1,))
+  autoregressive = SpeculativeDecoder(build(target_config), None, 0, SamplingConfig(), 12, (-1,))
+  rows = (batch['inputs'][:2, :24], np.array([24, 17], np.int32), batch['images'][:2])
+  outputs = [model.generate(target_params, draft, *rows, jax.random.key(0)).tokens
+             for model, draft in ((decoder, params), (autoregressive, None))]
+  np.testing.assert_array_equal(*outputs)

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 
 from mmspec_jax.decoding import acceptance
 from mmspec_jax.decoding import sampling as sampling_lib
-from mmspec_jax.decoding import tree_step
+from mmspec_jax.decoding import feature_step, tree_step
 from mmspec_jax.decoding.tree import DraftTree
 from mmspec_jax.decoding.sampling import (RowSampling, SamplingConfig, pad_vocabulary,
                                           probabilities, row_probabilities, sample, sample_rows)
-from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, KVCache, Llava, LlavaConfig,
-                               text_config)
+from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, FeatureDraft, FeatureDraftConfig,
+                               KVCache, Llava, LlavaConfig, text_config)
 
 
 @flax.struct.dataclass
@@ -61,6 +61,11 @@ class DecodeState:
   max_new_tokens: jax.Array  # int32[B]: each row's own budget (<= the engine's max_new_tokens)
   # Each row's own sampling settings (an engine with per_request_sampling), else None.
   row_sampling: RowSampling | None = None
+  # A feature draft's pending positions (decoding/feature_step.py), else None: the target's
+  # features there [B, G + 1, K, Dt], the token after each int32[B, G + 1], how many int32[B].
+  pending_features: jax.Array | None = None
+  pending_tokens: jax.Array | None = None
+  pending_count: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -92,7 +97,7 @@ def _draft_token(rng: jax.Array, draft_logits: jax.Array, sampling: SamplingConf
 class SpeculativeDecoder:
   """Static description of a decoding run; `generate` is its jitted program."""
   target: nn.Module  # Llava or Llama
-  draft: nn.Module | None  # Llama (language-only), AdapterDraft, or None (autoregressive)
+  draft: nn.Module | None  # Llama (language-only), AdapterDraft, FeatureDraft, or None (AR)
   num_draft_tokens: int
   sampling: SamplingConfig
   max_new_tokens: int
@@ -127,11 +132,23 @@ class SpeculativeDecoder:
       object.__setattr__(self, 'draft_tree', DraftTree.chain(self.num_draft_tokens))
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
+    if self.reads_features and self.draft_tree is not None:
+      raise ValueError('the feature draft drafts chains: no draft_tree or confidence_threshold')
+    if self.reads_features:
+      depth = text_config(self.target.config).num_layers
+      if max(self.draft.config.feature_layers) >= depth:
+        raise ValueError(f'the feature draft reads target layers {self.draft.config.feature_layers}'
+                         f', but the target has {depth}')
     if self.draft is not None:
       draft_vocab = text_config(self.draft.config).vocab_size
       if draft_vocab > self.vocab_size:
         raise ValueError(f'the draft vocabulary ({draft_vocab}) is larger than the target\'s '
                          f'({self.vocab_size})')
+
+  @property
+  def reads_features(self) -> bool:
+    """Whether the draft reads the target's layer outputs (decoding/feature_step.py)."""
+    return isinstance(self.draft, FeatureDraft)
 
   @property
   def uses_tree_step(self) -> bool:
@@ -192,8 +209,8 @@ class SpeculativeDecoder:
     included) padded to `length`: the language-only draft of a LLaVA target reads the text alone,
     so its prompt and cache need no room for the image slots (576 per image at 7B). Rounded up to
     `multiple` so that few programs are compiled. None (the prompt length) for other drafts."""
-    if self.draft is None or self.image_token_index is None or isinstance(self.draft,
-                                                                          AdapterDraft):
+    if self.draft is None or self.image_token_index is None or isinstance(
+        self.draft, (AdapterDraft, FeatureDraft)):
       return None
     text = max(sum(1 for i in ids if i != self.image_token_index) for ids in prompts)
     return min(-(-text // multiple) * multiple, length)
@@ -206,20 +223,26 @@ class SpeculativeDecoder:
   # --- prefill ---------------------------------------------------------------------------------
 
   def _prefill_target(self, params, tokens, lengths, images, cache_length):
+    """(last logits, cache, vision features or None, the feature draft's target features
+    [B, T, K, Dt] or None)."""
     cache = KVCache.init(text_config(self.target.config), tokens.shape[0], cache_length,
                          layout=self.target.layout)
     variables = {'params': params}
+    method, extra = 'prefill', ()
+    if self.reads_features:
+      method, extra = 'prefill_with_features', (self.draft.config.feature_layers,)
     if images is None or not isinstance(self.target, Llava):
-      return self.target.apply(variables, tokens, lengths, cache, method='prefill') + (None,)
+      out = self.target.apply(variables, tokens, lengths, cache, *extra, method=method)
+      return out[:2] + (None, out[2] if extra else None)
     vision_features = self.target.apply(variables, images, method=Llava.encode_image)
     features = self.target.apply(variables, vision_features, method=Llava.project)
-    logits, cache = self.target.apply(variables, tokens, lengths, cache, image_features=features,
-                                      method=Llava.prefill)
-    return logits, cache, vision_features
+    out = self.target.apply(variables, tokens, lengths, cache, *extra, image_features=features,
+                            method=method)
+    return out[:2] + (vision_features, out[2] if extra else None)
 
   def _draft_prompt(self, tokens, lengths):
     """The language-only draft reads the text alone: image placeholders are removed."""
-    if self.image_token_index is None or isinstance(self.draft, AdapterDraft):
+    if self.image_token_index is None or isinstance(self.draft, (AdapterDraft, FeatureDraft)):
       return tokens, lengths
     is_image = (tokens == self.image_token_index) & (
         jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
@@ -280,18 +303,23 @@ class SpeculativeDecoder:
       num_accepted, emitted, path, target_cache = tree_step.verify(
           self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng)
       target_cache, draft_cache = tree_step.keep_path(target_cache, draft_cache, path)
+      features = None
     else:
-      num_accepted, emitted, target_cache, draft_cache = self._chain_step(
+      num_accepted, emitted, target_cache, draft_cache, features = self._chain_step(
           target_params, draft_params, state, draft_rng, accept_rng)
       draft_calls = drafted = self.num_draft_tokens
     return self._advance(state, num_accepted, emitted, target_cache, draft_cache, draft_calls,
-                         drafted)
+                         drafted, features)
 
   def _chain_step(self, target_params, draft_params, state: DecodeState, draft_rng, accept_rng):
     """Drafts and verifies a chain of gamma tokens: (n accepted int32[B], emitted int32[B, G + 1],
-    both caches)."""
+    both caches, the target's features at the G + 1 positions for a feature draft or None)."""
     batch = state.last_token.shape[0]
-    if self.num_draft_tokens:
+    if self.reads_features:
+      with self._draft_rules():
+        draft_tokens, draft_probs, draft_cache = feature_step.propose(self, draft_params, state,
+                                                                      draft_rng)
+    elif self.num_draft_tokens:
       with self._draft_rules():
         draft_tokens, draft_probs, draft_cache = self._propose(draft_params, state, draft_rng)
     else:
@@ -300,8 +328,14 @@ class SpeculativeDecoder:
       draft_cache = None
 
     verify = jnp.concatenate([state.last_token[:, None], draft_tokens], axis=1)  # [B, G + 1]
-    target_logits, target_cache = self.target.apply({'params': target_params}, verify,
-                                                    state.target_cache, method='extend')
+    features = None
+    if self.reads_features:
+      target_logits, target_cache, features = self.target.apply(
+          {'params': target_params}, verify, state.target_cache,
+          self.draft.config.feature_layers, method='extend_with_features')
+    else:
+      target_logits, target_cache = self.target.apply({'params': target_params}, verify,
+                                                      state.target_cache, method='extend')
     if self.greedy:
       num_accepted, emitted = acceptance.greedy_accept(draft_tokens, target_logits)
     else:
@@ -310,13 +344,14 @@ class SpeculativeDecoder:
       num_accepted, emitted = acceptance.speculative_accept(
           accept_rng, draft_tokens, draft_probs,
           self.probabilities(target_logits, state.row_sampling))
-    return num_accepted, emitted, target_cache, draft_cache
+    return num_accepted, emitted, target_cache, draft_cache, features
 
   def _advance(self, state: DecodeState, num_accepted, emitted, target_cache, draft_cache,
-               draft_calls, drafted) -> DecodeState:
+               draft_calls, drafted, features=None) -> DecodeState:
     """Keeps each row's accepted tokens and rolls both caches back to its accepted context.
     drafted: the depths (positions) each row drafted this step; an adaptive length's undrafted
-    positions are not counted as reached."""
+    positions are not counted as reached. features: a feature draft's, from the verification
+    (its draft cache is already where it stays: feature_step.propose)."""
     gamma = self.num_draft_tokens
     active = ~state.done
     count = self._kept_count(emitted, num_accepted + 1, state.num_generated,
@@ -330,7 +365,12 @@ class SpeculativeDecoder:
     # Roll both caches back to the accepted context: all but the newly emitted last token.
     grown = jnp.where(active, num_accepted + 1, 0)
     target_cache = target_cache.with_lengths(state.target_cache.lengths + grown)
-    if draft_cache is not None:
+    pending = (state.pending_features, state.pending_tokens, state.pending_count)
+    if self.reads_features:
+      draft_cache = draft_cache.with_lengths(jnp.where(active, draft_cache.lengths,
+                                                       state.draft_cache.lengths))
+      pending = feature_step.next_pending(state, features, emitted, num_accepted, active)
+    elif draft_cache is not None:
       draft_cache = draft_cache.with_lengths(state.draft_cache.lengths + grown)
     take = lambda i: jnp.take_along_axis(emitted, i[:, None], axis=1)[:, 0]
     previous = jnp.where(num_accepted > 0, take(jnp.maximum(num_accepted - 1, 0)),
@@ -350,7 +390,8 @@ class SpeculativeDecoder:
         reached_by_position=state.reached_by_position + (positions < jnp.minimum(
             jnp.minimum(num_accepted + 1, count), drafted)[:, None]),
         draft_calls=state.draft_calls + jnp.where(active, draft_calls, 0),
-        max_new_tokens=state.max_new_tokens, row_sampling=state.row_sampling)
+        max_new_tokens=state.max_new_tokens, row_sampling=state.row_sampling,
+        pending_features=pending[0], pending_tokens=pending[1], pending_count=pending[2])
 
   def _is_eos(self, tokens):
     return jnp.isin(tokens, jnp.asarray(self.eos_token_ids, jnp.int32))
@@ -404,11 +445,17 @@ class SpeculativeDecoder:
     gamma = self.num_draft_tokens
     rng = sampling_lib.split(rng, 2)  # key[B, 2]
     prefill_rng, loop_rng = rng[:, 0], rng[:, 1]
-    logits, target_cache, vision_features = self._prefill_target(
+    logits, target_cache, vision_features, target_features = self._prefill_target(
         target_params, tokens, lengths, images, cache_length)
     first, _ = self.sample(prefill_rng, logits, row_sampling)  # [B]
     draft_cache, previous = None, jnp.zeros_like(first)
-    if self.draft is not None:
+    pending = (None, None, None)
+    if self.reads_features:
+      with self._draft_rules():
+        draft_cache, *pending = feature_step.prefill_draft(
+            self, draft_params, tokens, lengths, target_features, first,
+            draft_cache_length or cache_length)
+    elif self.draft is not None:
       with self._draft_rules():
         draft_cache, previous = self._prefill_draft(
             draft_params, tokens, lengths, vision_features, draft_prompt_length,
@@ -425,7 +472,8 @@ class SpeculativeDecoder:
         accepted_by_position=jnp.zeros((batch, gamma), jnp.int32),
         reached_by_position=jnp.zeros((batch, gamma), jnp.int32),
         draft_calls=jnp.zeros((batch,), jnp.int32),
-        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), row_sampling=row_sampling)
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32), row_sampling=row_sampling,
+        pending_features=pending[0], pending_tokens=pending[1], pending_count=pending[2])
 
   def run_steps(self, target_params, draft_params, state: DecodeState,
                 max_steps: jax.Array | None = None,
@@ -479,7 +527,8 @@ def check_request(target_config, prompts, max_new_tokens: int, num_draft_tokens:
                        f'{past} exceeds the target\'s {text.max_position_embeddings} positions')
     for draft in drafts:
       draft_length = length
-      if image_token is not None and not isinstance(draft, AdapterDraftConfig):
+      if image_token is not None and not isinstance(draft, (AdapterDraftConfig,
+                                                             FeatureDraftConfig)):
         # The language-only draft reads the text alone (see SpeculativeDecoder._draft_prompt).
         draft_length = sum(1 for i in ids if i != image_token)
         if draft_length < 1:

@@ -49,7 +49,8 @@ from mmspec_jax.models.config import SUPPORTED_DTYPES, ModelConfig, with_dtype
 from mmspec_jax.data.processing import TOKENIZER_FILES, MultimodalProcessor, pad_batch
 from mmspec_jax.data.vocabulary import check_compatible_vocabularies
 
-DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter'}
+DRAFT_KINDS = {LlamaConfig: 'language', AdapterDraftConfig: 'adapter',
+               FeatureDraftConfig: 'feature'}
 
 
 def target_config(target: str, dtype: str) -> ModelConfig:
@@ -74,12 +75,18 @@ def _in_dtype(config: ModelConfig, params: Any, dtype: str) -> tuple[ModelConfig
 def draft_config(draft: str, target: ModelConfig, dtype: str) -> ModelConfig:
   """A draft's config in `dtype`, checked against the target's (no weights read)."""
   config = with_dtype(read_config(draft), dtype)
-  if isinstance(config, FeatureDraftConfig):
-    raise ValueError(f'draft {draft!r} is a feature draft (models/feature_draft.py); the decoding '
-                     'engine runs LLaMA and adapter drafts only')
-  if not isinstance(config, (LlamaConfig, AdapterDraftConfig)):
-    raise ValueError(f'draft {draft!r} must be a LLaMA or adapter draft model, not '
+  if not isinstance(config, (LlamaConfig, AdapterDraftConfig, FeatureDraftConfig)):
+    raise ValueError(f'draft {draft!r} must be a LLaMA, adapter or feature draft model, not '
                      f'{type(config).__name__}')
+  if isinstance(config, FeatureDraftConfig):
+    # The feature draft reads the target's layer outputs at the target's width.
+    text = text_config(target)
+    if config.target_hidden_size != text.hidden_size:
+      raise ValueError(f'feature draft {draft!r} reads target features of width '
+                       f'{config.target_hidden_size}; the target\'s are {text.hidden_size} wide')
+    if max(config.feature_layers) >= text.num_layers:
+      raise ValueError(f'feature draft {draft!r} reads target layers {config.feature_layers}; '
+                       f'the target has {text.num_layers}')
   if isinstance(config, AdapterDraftConfig) and isinstance(target, LlavaConfig):
     # The adapter reads the target's vision features and fills the target's placeholders.
     if config.vision_hidden_size != target.vision.hidden_size:

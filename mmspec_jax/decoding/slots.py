@@ -35,6 +35,7 @@ from mmspec_jax import axes, sharding
 from mmspec_jax.decoding.engine import DecodeState, SpeculativeDecoder
 from mmspec_jax.decoding.sampling import RowSampling
 from mmspec_jax.models import KVCache, text_config
+from mmspec_jax.models.config import resolve_dtype
 from mmspec_jax.models.kv_cache import CACHE_AXES, HEADS_FIRST_CACHE_AXES
 
 
@@ -104,6 +105,13 @@ class SlotPrograms:
         draft_calls=zeros(batch), max_new_tokens=zeros(batch),
         row_sampling=RowSampling(temperature=jnp.zeros((batch,)), top_k=zeros(batch),
                                  top_p=jnp.ones((batch,))) if engine.per_request_sampling else None)
+    if engine.reads_features:  # A feature draft's pending positions (decoding/feature_step.py).
+      draft = engine.draft.config
+      shape = (batch, gamma + 1, len(draft.feature_layers), draft.target_hidden_size)
+      dtype = resolve_dtype(text_config(engine.target.config).dtype)
+      state = state.replace(pending_features=jnp.zeros(shape, dtype),
+                            pending_tokens=zeros(batch, gamma + 1),
+                            pending_count=jnp.ones((batch,), jnp.int32))
     return _constrain(state)
 
   def _prefill(self, target_params, draft_params, state, slots, tokens, lengths, images, keys,

@@ -5,10 +5,11 @@
 2. Trains, with train.py's stages and configs/world.py: a small LLaVA target from scratch, a
    language-only draft (pretraining on text, then chat), and an adapter draft (stages 1 and 2);
    then has the target answer every 6th training record (ANSWER_STRIDE) (mmspec_jax/distillation/target_answers.py)
-   and distills both drafts toward its distributions on its own answers.
+   and distills both drafts toward its distributions on its own answers; and trains the feature
+   draft (EAGLE-3 style) on the same answers and the target's layer outputs.
 3. Decodes a handful of held-out images speculatively, printing question, answer and tau per row.
 4. Runs the paper's evaluation: tau and MBSU per task x gamma x draft (greedy), each draft
-   before and after distillation.
+   before and after distillation, and the feature draft.
 
 Everything is cached under artifacts/ (git ignores it): a rerun reuses the world, the checkpoints
 and the evaluation, and only decodes the examples again.
@@ -27,10 +28,11 @@ from mmspec_jax.demo import artifacts
 
 STAGES = ('target', 'draft_pretrain', 'draft_chat', 'adapter_stage1', 'adapter_stage2')
 # Trained after the target has answered the training prompts, on its answers.
-DISTILLED = ('draft_distill', 'adapter_distill')
-# Each draft before and after distillation on the target's answers.
+DISTILLED = ('draft_distill', 'adapter_distill', 'feature_distill')
+# Each draft before and after distillation on the target's answers, and the feature draft.
 DRAFTS = {'language': 'draft_chat', 'adapter': 'adapter_stage2',
-          'language_distilled': 'draft_distill', 'adapter_distilled': 'adapter_distill'}
+          'language_distilled': 'draft_distill', 'adapter_distilled': 'adapter_distill',
+          'feature': 'feature_distill'}
 # Every ANSWER_STRIDE-th training record is answered by the target: the distillation stages read
 # 150 steps x 16 rows, each of these 1,500 records 1.6 times.
 ANSWER_STRIDE = 6

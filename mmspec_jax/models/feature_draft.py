@@ -16,6 +16,7 @@ Axis legend: B batch, T positions, K feature layers, Dt target width, D draft wi
 Entry points (`model.apply(variables, ..., method=...)`):
   fuse(features)                               [B, T, K, Dt] target features -> [B, T, D]
   __call__(next_tokens, features | fused=)     full forward without a cache (training)
+  unroll(next_tokens, features, num_steps)     the same, drafting num_steps past the features
   prefill(next_tokens, fused, lengths, cache)  right-padded rows into an empty cache
   extend(next_tokens, fused, cache, tree)      appends T positions to every row
 Each returns logits float32[..., V] and the draft's hidden states [..., D] (what the next drafted
@@ -78,6 +79,34 @@ class FeatureDraft(nn.Module):
                                                positions=positions, segment_ids=segment_ids)
     return self.language_model.logits(hidden), hidden
 
+  def unroll(self, next_tokens: jax.Array, features: jax.Array, num_steps: int):
+    """The draft `num_steps` positions past the target's features, at every position at once
+    (EAGLE-3's training-time test). Stream 0 is the full forward on the target's features. At
+    position j, stream s reads its own hidden state of stream s - 1 at j - 1 beside the same next
+    token, and attends to stream 0 up to position j - s and to its chain: streams 1 .. s at
+    positions j - s + 1 .. j. That is what the draft sees at j after drafting s tokens past the
+    verified position j - s. Each stream is a forward over the streams before it too (streams
+    depend on their predecessors' outputs; earlier streams never attend to later ones).
+
+    next_tokens int32[B, T], features [B, T, K, Dt] -> [num_steps + 1] logits float32[B, T, V];
+    stream s's first s positions have no verified position under them (give them no loss)."""
+    batch, length = next_tokens.shape
+    embedded = self.language_model.embed(next_tokens)
+    fused = self.fuse(features)
+    streams, outputs = [], []
+    for step in range(num_steps + 1):
+      if step:  # Position j reads the previous stream's hidden state at j - 1.
+        fused = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
+      streams.append(self.input_proj(jnp.stack([embedded, fused.astype(embedded.dtype)], -2)))
+      positions = jnp.broadcast_to(jnp.tile(jnp.arange(length), step + 1),
+                                   (batch, (step + 1) * length))
+      hidden, _ = self.language_model.run_layers(
+          jnp.concatenate(streams, axis=1), positions=positions,
+          attention_mask=unroll_mask(length, step + 1)[None])
+      hidden = hidden[:, step * length:]  # [B, T, D]: this stream's positions.
+      outputs.append(self.language_model.logits(hidden))
+    return outputs
+
   def prefill(self, next_tokens: jax.Array, fused: jax.Array, lengths: jax.Array,
               cache: KVCache):
     """Right-padded rows (int32[B, T] next tokens, [B, T, D] fused features, int32[B] valid
@@ -89,10 +118,26 @@ class FeatureDraft(nn.Module):
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return self.language_model.logits(last), last, cache
 
-  def extend(self, next_tokens: jax.Array, fused: jax.Array, cache: KVCache, tree=None):
-    """Appends T positions to every row (tree nodes with `tree`, as `Llama.extend`).
-    -> (float32[B, T, V], hidden [B, T, D], cache)."""
+  def extend(self, next_tokens: jax.Array, fused: jax.Array, cache: KVCache, tree=None,
+             num_new_tokens: jax.Array | None = None):
+    """Appends T positions to every row (tree nodes with `tree`, as `Llama.extend`), the
+    cache growing by `num_new_tokens` (int32[B], default T: the rest are written past the row's
+    length, as a prefill's padding). -> (float32[B, T, V], hidden [B, T, D], cache)."""
     hidden, cache = self.language_model.run_layers(self._inputs(next_tokens, fused), cache,
-                                                   tree=tree)
+                                                   tree=tree, num_new_tokens=num_new_tokens)
     return self.language_model.logits(hidden), hidden, cache
 
+
+
+def unroll_mask(length: int, num_streams: int) -> jax.Array:
+  """bool[S * T, S * T] (query, key) of `FeatureDraft.unroll` over S streams of T positions:
+  stream s at position j sees stream 0 at positions <= j - s and stream s' (1 <= s' <= s) at
+  position j - s + s'."""
+  index = jnp.arange(num_streams * length)
+  stream, position = index // length, index % length
+  q_stream, q_position = stream[:, None], position[:, None]
+  k_stream, k_position = stream[None, :], position[None, :]
+  verified = (k_stream == 0) & (k_position <= q_position - q_stream)
+  chain = ((k_stream >= 1) & (k_stream <= q_stream)
+           & (k_position == q_position - q_stream + k_stream))
+  return verified | chain

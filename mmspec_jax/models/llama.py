@@ -199,17 +199,21 @@ class Llama(nn.Module):
 
   def run_layers(self, x: jax.Array, cache: KVCache | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 num_new_tokens: jax.Array | None = None, tree: TreeAttention | None = None):
+                 num_new_tokens: jax.Array | None = None, tree: TreeAttention | None = None,
+                 attention_mask: jax.Array | None = None):
     """Runs the layers and the final norm over input embeddings x: [B, T, D].
 
     With a cache, the T tokens are appended at each row's length and attend to the row's prefix;
     the returned cache's lengths grow by `num_new_tokens` (int32[B], default T). With a `tree`
     too, they are tree nodes (attention.TreeAttention) and the lengths do not grow.
     Without a cache, attention is causal over this call's tokens, within `segment_ids` (int32[B, T],
-    packed sequences) when given; `positions` (int32[B, T]) default to 0..T-1.
+    packed sequences) when given, or as `attention_mask` (bool[B, T, T], query by key) says;
+    `positions` (int32[B, T]) default to 0..T-1.
     Returns ([B, T, D] hidden states, the new cache or None).
     """
-    hidden, cache, _ = self._run_layers(x, cache, positions, segment_ids, num_new_tokens, tree, ())
+    hidden, cache, _ = self._run_layers(
+        x, cache, (), positions=positions, segment_ids=segment_ids,
+        num_new_tokens=num_new_tokens, tree=tree, attention_mask=attention_mask)
     return hidden, cache
 
   def run_layers_with_features(self, x: jax.Array, feature_layers: tuple[int, ...],
@@ -222,14 +226,11 @@ class Llama(nn.Module):
     if bad:
       raise ValueError(f'feature_layers {bad} are not layers of a {self.config.num_layers}-layer '
                        'model')
-    kwargs = {'positions': None, 'segment_ids': None, 'num_new_tokens': None, 'tree': None,
-              **kwargs}
-    hidden, cache, features = self._run_layers(
-        x, cache, kwargs['positions'], kwargs['segment_ids'], kwargs['num_new_tokens'],
-        kwargs['tree'], tuple(feature_layers))
+    hidden, cache, features = self._run_layers(x, cache, tuple(feature_layers), **kwargs)
     return hidden, cache, jnp.moveaxis(features, 0, 2)  # [K, B, T, D] -> [B, T, K, D]
 
-  def _run_layers(self, x, cache, positions, segment_ids, num_new_tokens, tree, feature_layers):
+  def _run_layers(self, x, cache, feature_layers, *, positions=None, segment_ids=None,
+                  num_new_tokens=None, tree=None, attention_mask=None):
     batch, length = x.shape[:2]
     mask, view = None, None
     if cache is not None:
@@ -244,6 +245,8 @@ class Llama(nn.Module):
       causal = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, T, T]
       if segment_ids is not None:
         causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      if attention_mask is not None:
+        causal = attention_mask
       mask = jnp.broadcast_to(causal, (batch, length, length))
     carry = (x, view)
     if feature_layers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from mmspec_jax import distributed, sharding
@@ -13,12 +15,14 @@ HF_EXPORT_SUBDIR = 'export_hf'
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # Which stage: draft_pretrain | draft_chat | draft_distill | adapter_stage1 | adapter_stage2.
+  # Which stage: draft_pretrain | draft_chat | draft_distill | adapter_stage1 | adapter_stage2 |
+  # feature_distill (or target, the world's LLaVA).
   config.stage = 'draft_pretrain'
   # The preset the stage's config was made at: 'tiny' (CPU smoke scale) | 'paper' (the 115M
   # draft on a TPU slice); informational, printed before the first step.
   config.preset = 'tiny'
-  # Objective: 'lm' (next-token), 'distill' (from the target's logits), 'adapter'.
+  # Objective: 'lm' (next-token), 'distill' (from the target's logits), 'adapter', 'feature' (the
+  # feature draft on the target's layer outputs; training/step.py).
   config.task = 'lm'
   # The trained model's config (models/config.py to_dict form), e.g. a preset's.
   config.model = ml_collections.ConfigDict()
@@ -72,6 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.distill_gamma = 5  # 'acceptance': the draft block length whose accepted tokens count.
   # Which parameters train: '' = all; 'adapter' = only the adapter draft's projector.
   config.trainable = ''
+  # feature: the target layers the draft reads, comma-separated ('' = EAGLE-3's low, middle and
+  # high for the target's depth), and the positions it is trained to draft past them on its own
+  # hidden states (training-time test; 0 = teacher-forced only). Its width, heads and MLP are the
+  # target's (config.model.text gives its layer count and vocabulary), and its embedding and LM
+  # head start from the target's when it starts from nothing.
+  config.feature_layers = ''
+  config.unroll_steps = 0
 
   # Precision: compute dtype; parameters stay float32 (bfloat16 compute on TPU).
   config.dtype = 'float32'
@@ -128,6 +139,12 @@ STAGES = {
         tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=1e-3),
         paper=dict(seq_len=1024, batch_size=256, num_train_steps=2_000, learning_rate=1e-3,
                    warmup_steps=60)),
+    # The feature draft (EAGLE-3 style): one decoder layer at the target's width.
+    'feature_distill': dict(
+        task='feature', kind='multimodal', distill_kind='tvd', distill_weight=0.9, unroll_steps=2,
+        tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=1e-3),
+        paper=dict(seq_len=2048, batch_size=64, num_train_steps=10_000, learning_rate=1e-4,
+                   warmup_steps=300)),
     'adapter_stage2': dict(
         task='adapter', kind='multimodal', trainable='', distill_weight=0.0,
         tiny=dict(seq_len=128, batch_size=8, num_train_steps=100, learning_rate=3e-4),
@@ -140,7 +157,7 @@ _PREPARE_FIELDS = ('validation_fraction',)
 
 def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
   """The config of a stage at a scale ('tiny' or 'paper')."""
-  from mmspec_jax.models import AdapterDraftConfig, presets
+  from mmspec_jax.models import AdapterDraftConfig, FeatureDraftConfig, presets
   if stage not in STAGES:
     raise ValueError(f'unknown stage {stage!r}; expected one of {sorted(STAGES)}')
   if scale not in ('tiny', 'paper'):
@@ -167,6 +184,9 @@ def stage_config(stage: str, scale: str) -> ml_collections.ConfigDict:
   text = presets.get('tiny_llama' if scale == 'tiny' else 'draft_115m')
   # The adapter's input width and image token follow the target (filled in at run time).
   model = AdapterDraftConfig(text=text) if config.task == 'adapter' else text
+  if config.task == 'feature':  # Fitted to the target at run time (training/loop.py).
+    model = FeatureDraftConfig(text=dataclasses.replace(text, num_layers=1),
+                               target_hidden_size=text.hidden_size, feature_layers=(0,))
   if config.task == 'llava':
     model = presets.get('tiny_llava')
   config.model = presets.as_config_dict(model)

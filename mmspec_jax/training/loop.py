@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from mmspec_jax import distributed, sharding
 from mmspec_jax.convert.loading import load_model, read_config, save_converted
 from mmspec_jax.data.pipeline import merge_states
-from mmspec_jax.models import (AdapterDraftConfig, LlamaConfig, LlavaConfig, abstract_params,
-                               build, initialize, parameter_count)
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig, LlavaConfig,
+                               abstract_params, build, default_feature_layers, initialize,
+                               parameter_count, text_config)
 from mmspec_jax.models.config import from_dict, with_dtype
 from mmspec_jax.training import data_setup
 from mmspec_jax.training.defaults import EXPORT_SUBDIR, HF_EXPORT_SUBDIR
@@ -67,7 +68,8 @@ def _log(message: str):
 
 def _model_config(config):
   model_config = from_dict(config.model.to_dict())
-  expected = (LlavaConfig,) if config.task == 'llava' else (LlamaConfig, AdapterDraftConfig)
+  expected = {'llava': (LlavaConfig,), 'feature': (FeatureDraftConfig,)}.get(
+      config.task, (LlamaConfig, AdapterDraftConfig))
   if not isinstance(model_config, expected):
     raise ValueError(f'task {config.task!r} trains {" or ".join(c.__name__ for c in expected)}'
                      f' models; config.model is a {type(model_config).__name__}')
@@ -100,6 +102,9 @@ class Trainer:
     self.teacher_config, self.teacher_params = self._load_teacher()
     if isinstance(self.model_config, AdapterDraftConfig):
       self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
+    if isinstance(self.model_config, FeatureDraftConfig):
+      self.model_config = _fit_feature_draft_to_target(
+          self.model_config, self.teacher_config, config.get('feature_layers', ''))
     # Multimodal batches follow the LLaVA whose image tokens they carry: the target being
     # trained, or the frozen target a draft learns from.
     image_model = self.model_config if config.task == 'llava' else self.teacher_config
@@ -108,7 +113,7 @@ class Trainer:
         build(self.model_config), task=config.task,
         teacher=build(self.teacher_config) if self.teacher_config else None,
         distill_kind=config.distill_kind, distill_weight=config.distill_weight,
-        distill_gamma=config.distill_gamma)
+        distill_gamma=config.distill_gamma, unroll_steps=config.get('unroll_steps', 0))
     if config.trainable not in TRAINABLE:
       raise ValueError(f'unknown config.trainable {config.trainable!r}; expected one of '
                        f'{sorted(TRAINABLE)}')
@@ -150,7 +155,25 @@ class Trainer:
     init = jax.jit(lambda rng: create_state(nn.unbox(initialize(self.model_config, rng)),
                                             self.optimizer),
                    out_shardings=self.state_shardings)
-    return init(jax.random.key(config.seed))
+    state = init(jax.random.key(config.seed))
+    if isinstance(self.model_config, FeatureDraftConfig):
+      state = self._feature_draft_from_target(state)
+    return state
+
+  def _feature_draft_from_target(self, state: TrainState) -> TrainState:
+    """A new feature draft's embedding and LM head: the target's (cut to the draft's ids), as
+    EAGLE's drafts start; the optimizer state is unchanged (its moments are zeros)."""
+    vocab = self.model_config.text.vocab_size
+    teacher = self.teacher_params['language_model']
+    draft = dict(state.params['language_model'])
+    draft['embed_tokens'] = {'embedding': teacher['embed_tokens']['embedding'][:vocab]}
+    if 'lm_head' in draft:
+      head = teacher.get('lm_head', {'kernel': teacher['embed_tokens']['embedding'].T})
+      draft['lm_head'] = {'kernel': head['kernel'][:, :vocab]}
+    params = dict(state.params, language_model=draft)
+    params = jax.tree.map(lambda x, s: jax.device_put(x.astype(jnp.float32), s), params,
+                          self.state_shardings.params)
+    return state.replace(params=params)
 
   def _adapt_init_params(self, params):
     # An adapter draft may start from a language-only draft: keep its LM, init the projector.
@@ -243,7 +266,8 @@ class Trainer:
       shutil.rmtree(out)
     save_converted(out, self.model_config, params, source_dir=self.data.tokenizer_dir)
     message = f'exported {out} (for decode.py and the next stage\'s init_from)'
-    if not isinstance(self.model_config, AdapterDraftConfig):  # No HF class holds an adapter.
+    # No HF class holds an adapter or a feature draft.
+    if not isinstance(self.model_config, (AdapterDraftConfig, FeatureDraftConfig)):
       from mmspec_jax.convert.export import export_to_hf
       hf_dir = os.path.join(self.workdir, HF_EXPORT_SUBDIR)
       export_to_hf(params, self.model_config, hf_dir, tokenizer_dir=self.data.tokenizer_dir)
@@ -262,6 +286,30 @@ def _fit_adapter_to_target(config: AdapterDraftConfig, target) -> AdapterDraftCo
     raise ValueError('the adapter draft needs config.target to be a LLaVA model')
   return dataclasses.replace(config, vision_hidden_size=target.vision.hidden_size,
                              image_token_index=target.image_token_index)
+
+
+def _fit_feature_draft_to_target(config: FeatureDraftConfig, target,
+                                 layers: str) -> FeatureDraftConfig:
+  """The feature draft at the target's width (heads, MLP, positions: its decoder layer is one
+  of the target's shape), reading the target's layers `layers` ('' = EAGLE-3's)."""
+  text = text_config(target)
+  if config.text.vocab_size > text.vocab_size:
+    raise ValueError(f'the feature draft\'s vocabulary ({config.text.vocab_size}) is larger than '
+                     f'the target\'s ({text.vocab_size})')
+  try:
+    chosen = (tuple(int(i) for i in str(layers).split(',')) if str(layers).strip()
+              else default_feature_layers(text.num_layers))
+  except ValueError:
+    raise ValueError(f'config.feature_layers must be comma-separated layer indices, got '
+                     f'{layers!r}') from None
+  if any(not 0 <= i < text.num_layers for i in chosen):
+    raise ValueError(f'config.feature_layers {chosen}: the target has layers 0 .. '
+                     f'{text.num_layers - 1}')
+  draft_text = dataclasses.replace(text, num_layers=config.text.num_layers,
+                                   vocab_size=config.text.vocab_size, tie_word_embeddings=False,
+                                   dtype=config.text.dtype, param_dtype=config.text.param_dtype)
+  return dataclasses.replace(config, text=draft_text, target_hidden_size=text.hidden_size,
+                             feature_layers=chosen)
 
 
 def text_dims(config):

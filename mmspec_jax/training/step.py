@@ -9,7 +9,11 @@ Objectives (`task`):
            length: losses.distillation) plus a weighted CE term;
            the target reads the multimodal sequence, the draft the same text with the image
            placeholders removed, and the target's logits are gathered at the draft's positions;
-  adapter  the adapter draft on multimodal batches, fed the frozen target's vision features.
+  adapter  the adapter draft on multimodal batches, fed the frozen target's vision features;
+  feature  the feature draft (EAGLE-3 style) on the frozen target's layer outputs, toward the
+           target's distributions as distill, at every position and, unrolled `unroll_steps`
+           positions past the target's features on its own hidden states (training-time test),
+           at each of those too; equal weights.
 Frozen models (the target) are a separate argument, never part of the optimized state.
 """
 
@@ -59,22 +63,27 @@ def text_positions_first(tokens: jax.Array, image_token: int) -> jax.Array:
   return jnp.argsort(tokens == image_token, axis=1, stable=True)
 
 
+TASKS = ('lm', 'llava', 'distill', 'adapter', 'feature')
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What a stage optimizes; hashable, so it can be closed over by jit."""
-  model: nn.Module  # The trained model: Llama, AdapterDraft or (task 'llava') Llava.
-  task: str = 'lm'  # 'lm' | 'distill' | 'adapter'
-  teacher: nn.Module | None = None  # The frozen target (Llava or Llama) for distill / adapter.
+  model: nn.Module  # The trained model: Llama, AdapterDraft, FeatureDraft or (llava) Llava.
+  task: str = 'lm'  # One of TASKS.
+  teacher: nn.Module | None = None  # The frozen target (Llava or Llama), if the task has one.
   distill_kind: str = 'kl'  # One of losses.OBJECTIVES.
   # distill (and adapter, when > 0): loss = w * distillation + (1 - w) * cross-entropy.
   distill_weight: float = 1.0
   distill_gamma: int = 5  # The block length of the 'acceptance' objective.
+  unroll_steps: int = 0  # feature: positions drafted past the target's features in training.
 
   def __post_init__(self):
-    if self.task not in ('lm', 'llava', 'distill', 'adapter'):
-      raise ValueError(f"unknown task {self.task!r}; expected 'lm', 'llava', 'distill' or "
-                       "'adapter'")
-    if self.task in ('distill', 'adapter') and self.teacher is None:
+    if self.task not in TASKS:
+      raise ValueError(f'unknown task {self.task!r}; expected one of {TASKS}')
+    if self.unroll_steps < 0:
+      raise ValueError(f'unroll_steps must be >= 0, got {self.unroll_steps}')
+    if self.task in ('distill', 'adapter', 'feature') and self.teacher is None:
       raise ValueError(f'task {self.task!r} needs the target model')
     if self.distill_kind not in losses.OBJECTIVES:
       raise ValueError(f'unknown distill_kind {self.distill_kind!r}; expected one of '
@@ -103,7 +112,32 @@ class Objective:
       # projector), so the teacher's logits line up position for position.
       teacher_logits = self.teacher.apply({'params': frozen}, batch['inputs'], batch['images'])
       return self._mixed(logits, teacher_logits, batch['targets'], batch['loss_mask'])
+    if self.task == 'feature':
+      return self._feature_loss(params, batch, frozen)
     return self._distill_loss(params, batch, frozen)
+
+  def _feature_loss(self, params, batch, frozen):
+    inputs, layers = batch['inputs'], self.model.config.feature_layers
+    if isinstance(self.teacher, Llava):
+      teacher_logits, features = self.teacher.apply({'params': frozen}, inputs, layers,
+                                                    batch.get('images'),
+                                                    method=Llava.forward_with_features)
+    else:
+      teacher_logits, features = self.teacher.apply({'params': frozen}, inputs, layers,
+                                                    method='forward_with_features')
+    # Draft position i reads the target's features at i and token i + 1, and predicts token
+    # i + 2: the target's prediction at i + 1.
+    streams = self.model.apply({'params': params}, inputs[:, 1:],
+                               jax.lax.stop_gradient(features[:, :-1]), self.unroll_steps,
+                               method='unroll')
+    teacher_logits = jax.lax.stop_gradient(teacher_logits[:, 1:])
+    targets, mask = batch['targets'][:, 1:], batch['loss_mask'][:, 1:]
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for step, logits in enumerate(streams):  # Stream s's first s positions have no anchor.
+      anchored = mask * (jnp.arange(mask.shape[1]) >= step)[None].astype(mask.dtype)
+      loss, tokens = self._mixed(logits, teacher_logits, targets, anchored)
+      total, count = total + loss, count + tokens
+    return total, count
 
   def _mixed(self, logits, teacher_logits, targets, mask):
     kd_sum, count = losses.distillation(logits, teacher_logits, mask, self.distill_kind,
