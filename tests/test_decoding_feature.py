@@ -41,11 +41,21 @@ def setting():
   return target_config, target_params, batch, autoregressive, draft
 
 
-@pytest.mark.parametrize('gamma', [1, 3])
-def test_greedy_feature_chain_equals_autoregressive(setting, gamma):
+SHAPES = {  # (gamma, tree, confidence threshold)
+    'chain1': (1, None, 0.0), 'chain3': (3, None, 0.0),
+    'tree2x2x1': (3, DraftTree((2, 2, 1)), 0.0),
+    'adaptive_tree': (4, DraftTree((3, 1, 1, 1)), 0.3),
+}
+
+
+@pytest.mark.parametrize('shape', list(SHAPES))
+def test_greedy_feature_drafting_equals_autoregressive(setting, shape):
+  """Chains, a tree and an adaptive tree (its nodes fed beside their parents' hidden states)."""
   target_config, target_params, batch, autoregressive, (draft_config, draft_params) = setting
+  gamma, tree, threshold = SHAPES[shape]
   decoder = SpeculativeDecoder(build(target_config), build(draft_config), gamma, SamplingConfig(),
-                               MAX_NEW_TOKENS, NO_EOS)
+                               MAX_NEW_TOKENS, NO_EOS, draft_tree=tree,
+                               confidence_threshold=threshold)
   assert decoder.draft_prompt_length([[1, 2]], 8) is None  # It reads every position, images too.
   result = decoder.generate(target_params, draft_params, *batch, jax.random.key(0))
   assert _rows(result) == _rows(autoregressive)
@@ -54,10 +64,12 @@ def test_greedy_feature_chain_equals_autoregressive(setting, gamma):
   assert 0 < accepted < steps * gamma  # Both paths exercised.
 
 
-def test_sampled_feature_chain_follows_the_target(models, exact):
+@pytest.mark.parametrize('tree', [None, DraftTree((2, 2))], ids=['chain', 'tree'])
+def test_sampled_feature_drafting_follows_the_target(models, exact, tree):
   """test_decoding_sampling's pair, its draft made a feature draft one position behind the
   target (decoding_fixtures.feature_draft's construction): the first three tokens of 24,000 rows
-  against the target's exact joint distribution."""
+  against the target's exact joint distribution, for a chain and a tree (recursive rejection
+  sampling over children drawn without replacement)."""
   target_params, draft_params = models
   width = CONFIG.hidden_size
   config = FeatureDraftConfig(text=DRAFT_CONFIG, target_hidden_size=width, feature_layers=(0,))
@@ -67,7 +79,7 @@ def test_sampled_feature_chain_follows_the_target(models, exact):
             'language_model': draft_params}
   sampling = SAMPLINGS['top_p']
   decoder = SpeculativeDecoder(build(CONFIG), build(config), GAMMA, sampling, max_new_tokens=3,
-                               eos_token_ids=NO_EOS)
+                               eos_token_ids=NO_EOS, draft_tree=tree)
   counts, result = sampled_joint(target_params, params, sampling, decoder)
   p_value = chi_square_p_value(counts, exact(sampling))
   assert p_value > P_VALUE_FLOOR, p_value
@@ -107,11 +119,8 @@ def test_a_request_decodes_the_same_alone_and_continuously(setting, temperature)
     assert sum(int(f.accepted_by_position.sum()) for f in together.values()) > 0
 
 
-def test_feature_draft_settings_are_refused_by_name(setting):
+def test_feature_layers_past_the_target_are_refused_by_name(setting):
   target_config, _, _, _, (draft_config, _) = setting
-  with pytest.raises(ValueError, match='the feature draft drafts chains'):
-    SpeculativeDecoder(build(target_config), build(draft_config), 3, SamplingConfig(),
-                       MAX_NEW_TOKENS, NO_EOS, draft_tree=DraftTree((2, 1, 1)))
   deep = FeatureDraftConfig(text=draft_config.text, target_hidden_size=draft_config.target_hidden_size,
                             feature_layers=(0, 5))
   with pytest.raises(ValueError, match=r'reads target layers \(0, 5\), but the target has 2'):
@@ -163,3 +172,17 @@ def test_the_draft_reads_the_target_features_of_its_context(setting):
     expected.append(np.asarray(jax.nn.softmax(logits[0])))  # Position i predicts c_{i + 2}.
   for row, length, probs in proposals:
     np.testing.assert_allclose(probs, expected[row][length - 2], atol=1e-5)
+
+
+def test_a_tree_step_drafts_what_the_chain_step_drafts(setting):
+  """A chain run through the tree step (an adaptive chain whose threshold never stops it) feeds
+  each node beside its parent's hidden state, as the chain step feeds its own: the same drafts,
+  so the same acceptance at every position."""
+  target_config, target_params, batch, _, (draft_config, draft_params) = setting
+  results = [SpeculativeDecoder(build(target_config), build(draft_config), 3, SamplingConfig(),
+                                MAX_NEW_TOKENS, NO_EOS, confidence_threshold=threshold).generate(
+                                    target_params, draft_params, *batch, jax.random.key(0))
+             for threshold in (0.0, 1e-6)]
+  assert results[1].num_target_calls.shape == results[0].num_target_calls.shape
+  for name in ('tokens', 'num_target_calls', 'accepted_by_position'):
+    np.testing.assert_array_equal(getattr(results[0], name), getattr(results[1], name))

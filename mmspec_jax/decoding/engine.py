@@ -16,6 +16,9 @@ Cache invariant between steps, for a row whose context is c_0 .. c_{m-1}:
 
 With `num_draft_tokens == 0` and no draft the same loop is plain autoregressive decoding.
 
+A feature draft (EAGLE-3 style) reads the target's layer outputs: its cache invariant, and the
+pending positions the verification hands it, are decoding/feature_step.py's.
+
 With a `draft_tree` (decoding/tree.py) a step drafts a tree of candidates and verifies it in one
 target pass (decoding/tree_step.py); G is then the tree's depth, and the cache invariant holds as
 above once the accepted path is moved into place. A chain tree without a confidence threshold
@@ -132,8 +135,6 @@ class SpeculativeDecoder:
       object.__setattr__(self, 'draft_tree', DraftTree.chain(self.num_draft_tokens))
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
-    if self.reads_features and self.draft_tree is not None:
-      raise ValueError('the feature draft drafts chains: no draft_tree or confidence_threshold')
     if self.reads_features:
       depth = text_config(self.target.config).num_layers
       if max(self.draft.config.feature_layers) >= depth:
@@ -300,10 +301,13 @@ class SpeculativeDecoder:
       with self._draft_rules():
         (node_tokens, node_valid, draft_probs, draft_calls, drafted,
          draft_cache) = tree_step.propose(self, draft_params, state, draft_rng)
-      num_accepted, emitted, path, target_cache = tree_step.verify(
+      num_accepted, emitted, path, target_cache, features = tree_step.verify(
           self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng)
-      target_cache, draft_cache = tree_step.keep_path(target_cache, draft_cache, path)
-      features = None
+      # A feature draft keeps none of the tree: its accepted path is fed again, on the target's
+      # features, at the next step (decoding/feature_step.py).
+      target_cache, kept = tree_step.keep_path(
+          target_cache, None if self.reads_features else draft_cache, path)
+      draft_cache = draft_cache if self.reads_features else kept
     else:
       num_accepted, emitted, target_cache, draft_cache, features = self._chain_step(
           target_params, draft_params, state, draft_rng, accept_rng)

@@ -15,7 +15,13 @@ output at a position stands in for the target's features there), and the target 
 [last_token, drafts] with `extend_with_features`, which gives the features of the next step's
 pending positions: those of last_token and of the accepted drafts, each beside the token the row
 kept after it. The drafted positions' cache entries are dropped by setting the draft cache's
-length back to the pending positions' end.
+length back to the pending positions' end: they were computed from the draft's own hidden states,
+and the accepted ones are fed again, on the target's features, at the next step.
+
+A tree (decoding/tree_step.py) drafts the same way: after the pending positions, each depth's
+nodes are fed beside their parents' hidden states under tree attention; the accepted path's
+features are gathered from the verification (`path_features`) and nothing of the tree is kept in
+the draft cache.
 """
 
 from __future__ import annotations
@@ -50,20 +56,28 @@ def prefill_draft(engine, params, tokens, lengths, features, first, cache_length
   return cache, pending_features, pending_tokens, jnp.ones((batch,), jnp.int32)
 
 
+def extend_pending(engine, params, state):
+  """Feeds each row's pending positions to the draft: (its logits float32[B, 1, Vd] and hidden
+  state [B, 1, D] at the last of them, where the next drafted token stands, the draft cache grown
+  by the pending count)."""
+  variables = {'params': params}
+  fused = engine.draft.apply(variables, state.pending_features, method='fuse')  # [B, G + 1, D]
+  logits, hidden, cache = engine.draft.apply(
+      variables, state.pending_tokens, fused, state.draft_cache,
+      num_new_tokens=state.pending_count, method='extend')
+  last = (state.pending_count - 1)[:, None, None]
+  return (jnp.take_along_axis(logits, last, axis=1), jnp.take_along_axis(hidden, last, axis=1),
+          cache)
+
+
 def propose(engine, params, state, rng):
   """G draft tokens int32[B, G], their distributions float32[B, G, V], and the draft cache with
   the pending positions in it (its length past them: the drafted positions are not kept).
   rng: key[B]."""
   variables = {'params': params}
   rngs = jnp.swapaxes(sampling_lib.split(rng, engine.num_draft_tokens), 0, 1)  # key[G, B]
-  fused = engine.draft.apply(variables, state.pending_features, method='fuse')  # [B, G + 1, D]
-  logits, hidden, cache = engine.draft.apply(
-      variables, state.pending_tokens, fused, state.draft_cache,
-      num_new_tokens=state.pending_count, method='extend')
-  last = (state.pending_count - 1)[:, None, None]
-  logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]  # [B, V]
-  hidden = jnp.take_along_axis(hidden, last, axis=1)  # [B, 1, D]
-  token, probs = engine.draft_token(rngs[0], logits, state.row_sampling)
+  logits, hidden, cache = extend_pending(engine, params, state)
+  token, probs = engine.draft_token(rngs[0], logits[:, 0], state.row_sampling)
   fed_cache = cache
 
   def draft_one(carry, step_rng):
@@ -77,6 +91,14 @@ def propose(engine, params, state, rng):
   tokens = jnp.concatenate([token[:, None], tokens.T], axis=1)  # [B, G]
   all_probs = jnp.concatenate([probs[:, None], all_probs.transpose(1, 0, 2)], axis=1)
   return tokens, all_probs, cache.with_lengths(fed_cache.lengths)
+
+
+def path_features(features, path):
+  """The verification's features [B, N + 1, K, Dt] over [root, tree nodes] -> those of the root
+  and the accepted path's nodes (path int32[B, D], flattened indices), [B, D + 1, K, Dt]: the
+  next step's pending positions, in order (next_pending keeps the first n + 1)."""
+  index = jnp.concatenate([jnp.zeros_like(path[:, :1]), path], axis=1)  # [B, D + 1]
+  return jnp.take_along_axis(features, index[:, :, None, None], axis=1)
 
 
 def next_pending(state, features, emitted, num_accepted, active):

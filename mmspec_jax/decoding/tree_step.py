@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmspec_jax.decoding import acceptance
+from mmspec_jax.decoding import acceptance, feature_step
 from mmspec_jax.decoding.sampling import pad_vocabulary, split
 
 
@@ -53,10 +53,14 @@ def propose(engine, params, state, rng):
   threshold = engine.confidence_threshold
   variables = {'params': params}
   keys = split(rng, tree.depth)  # [B, D]
-  first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
-  logits, cache = engine.draft.apply(variables, first, state.draft_cache, method='extend')
-  logits = logits[:, -1:]  # [B, 1, Vd]: at the root
-  batch = first.shape[0]
+  hidden = None  # A feature draft's hidden states at the last depth fed [B, W_d, Dd].
+  if engine.reads_features:  # Its pending positions; the root's hidden state is their last.
+    logits, hidden, cache = feature_step.extend_pending(engine, params, state)
+  else:
+    first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
+    logits, cache = engine.draft.apply(variables, first, state.draft_cache, method='extend')
+    logits = logits[:, -1:]  # [B, 1, Vd]: at the root
+  batch = state.last_token.shape[0]
   drafting = ~state.done  # A finished row never keeps the draft calls going.
   draft_calls = jnp.ones((batch,), jnp.int32)
   drafted = jnp.zeros((batch,), jnp.int32)
@@ -89,28 +93,49 @@ def propose(engine, params, state, rng):
     valid.append(parent_valid)
     if depth == tree.depth:
       break  # The deepest nodes are never fed to the draft, as a chain's last draft.
-    feed = lambda cache, children=children, depth=depth: engine.draft.apply(
-        variables, children, cache, tree=tree.draft_attention(depth), method='extend')
+    feed = lambda carry, children=children, depth=depth, width=width: _feed(
+        engine, variables, children, carry, tree.draft_attention(depth), width)
     if threshold > 0:
       draft_calls = draft_calls + drafting
-      skipped = lambda cache, children=children: (
-          jnp.zeros(children.shape + logits.shape[-1:], logits.dtype), cache)
-      logits, cache = jax.lax.cond(jnp.any(drafting), feed, skipped, cache)
+      skipped = lambda carry, children=children: (
+          jnp.zeros(children.shape + logits.shape[-1:], logits.dtype),
+          None if carry[1] is None else jnp.repeat(carry[1], width, axis=1), carry[0])
+      logits, hidden, cache = jax.lax.cond(jnp.any(drafting), feed, skipped, (cache, hidden))
     else:
       draft_calls = draft_calls + 1
-      logits, cache = feed(cache)
+      logits, hidden, cache = feed((cache, hidden))
   draft_probs = None if engine.greedy else jnp.concatenate(all_probs, axis=1)
   return (jnp.concatenate(tokens, axis=1), jnp.concatenate(valid, axis=1), draft_probs,
           draft_calls, drafted, cache)
 
 
+def _feed(engine, variables, children, carry, attention, width):
+  """One depth's nodes int32[B, W_d] into the draft under tree attention: (logits
+  [B, W_d, Vd], a feature draft's hidden states there or None, the cache). A feature draft
+  reads each node beside its parent's hidden state (a node's `width` siblings are consecutive)."""
+  cache, parents = carry
+  if parents is None:
+    logits, cache = engine.draft.apply(variables, children, cache, tree=attention,
+                                       method='extend')
+    return logits, None, cache
+  return engine.draft.apply(variables, children, jnp.repeat(parents, width, axis=1), cache,
+                            tree=attention, method='extend')
+
+
 def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, rng):
   """The target's pass over the tree and each row's acceptance. Returns (n accepted int32[B],
-  emitted int32[B, D + 1], path int32[B, D], the target cache with the tree past its length)."""
+  emitted int32[B, D + 1], path int32[B, D], the target cache with the tree past its length, a
+  feature draft's next pending features [B, D + 1, K, Dt] or None)."""
   tree = engine.draft_tree
   verified = jnp.concatenate([state.last_token[:, None], node_tokens], axis=1)  # [B, N + 1]
-  logits, cache = engine.target.apply({'params': target_params}, verified, state.target_cache,
-                                      tree=tree.verification_attention(), method='extend')
+  features = None
+  if engine.reads_features:
+    logits, cache, features = engine.target.apply(
+        {'params': target_params}, verified, state.target_cache, engine.draft.config.feature_layers,
+        tree=tree.verification_attention(), method='extend_with_features')
+  else:
+    logits, cache = engine.target.apply({'params': target_params}, verified, state.target_cache,
+                                        tree=tree.verification_attention(), method='extend')
   if engine.greedy:
     outcome = acceptance.greedy_tree_accept(tree, node_tokens, node_valid, logits)
   else:
@@ -121,7 +146,9 @@ def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, r
       by_argmax = acceptance.greedy_tree_accept(tree, node_tokens, node_valid, logits)
       outcome = tuple(jnp.where(rows.greedy.reshape((-1,) + (1,) * (a.ndim - 1)), g, a)
                       for g, a in zip(by_argmax, outcome))
-  return (*outcome, cache)
+  if features is not None:
+    features = feature_step.path_features(features, outcome[2])
+  return (*outcome, cache, features)
 
 
 def keep_path(target_cache, draft_cache, path):

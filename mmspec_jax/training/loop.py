@@ -171,8 +171,9 @@ class Trainer:
       head = teacher.get('lm_head', {'kernel': teacher['embed_tokens']['embedding'].T})
       draft['lm_head'] = {'kernel': head['kernel'][:, :vocab]}
     params = dict(state.params, language_model=draft)
-    params = jax.tree.map(lambda x, s: jax.device_put(x.astype(jnp.float32), s), params,
-                          self.state_shardings.params)
+    # Copies: the state is donated to each step, the target's arrays are not.
+    params = jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, jnp.float32, copy=True), s),
+                          params, self.state_shardings.params)
     return state.replace(params=params)
 
   def _adapt_init_params(self, params):
