@@ -274,3 +274,34 @@ def test_decode_cli_greedy_and_sampled_requests(ckpt, tmp_path):  # noqa: F811
 
 def reference_text_before(text: str, stop: str) -> str:
   return text[:text.index(stop)]
+
+
+def test_drafts_of_one_config_share_compiled_programs():
+  """Two drafts of one config (the evaluation's draft before and after distillation): the second
+  scheduler reuses the first's compiled programs, and each runs with its own params (the same
+  greedy tokens, the target's; different acceptance)."""
+  import decoding_fixtures as fx  # pylint: disable=import-outside-toplevel
+  target_config, target_params = fx.llava_target()
+  drafts = {'near': fx.language_draft(target_config, target_params),
+            'far': fx.language_draft(target_config, target_params, noise=0.5)}
+  session = DecodeSession.from_params(None, (target_config, target_params), drafts)
+  rng = np.random.default_rng(1)
+  requests = [inputs.Request(f'r{i}', i, tuple(int(t) for t in rng.integers(
+      1, fx.BASE_VOCAB, size=5 + 2 * i)), None) for i in range(4)]
+  count = lambda compiled: sum(len(v) if isinstance(v, dict) else 1 for v in compiled.values())
+  runs = {}
+  for name in drafts:
+    decoder = session.decoder(name, num_draft_tokens=3, sampling=SamplingConfig(),
+                              max_new_tokens=12, requests=requests, eos_token_ids=())
+    scheduler = session.scheduler(decoder, num_slots=2, capacity=64)
+    compiled_before = count(scheduler.programs.compiled)
+    scheduler.compile([scheduler.bucket(r) for r in requests])
+    finished = [e.finished for e in scheduler.run([(r, 12) for r in requests])
+                if e.finished is not None]
+    runs[name] = (scheduler.programs, compiled_before, finished)
+  (near_programs, near_before, near), (far_programs, far_before, far) = runs.values()
+  assert far_programs is near_programs and near_before == 0
+  assert far_before == count(near_programs.compiled) > 0  # Nothing compiled for the second.
+  assert [f.token_ids for f in near] == [f.token_ids for f in far]
+  accepted = lambda run: sum(int(f.accepted_by_position.sum()) for f in run)
+  assert accepted(near) != accepted(far)

@@ -120,9 +120,9 @@ class Scheduler:
     self._pixels: dict[int, np.ndarray] = {}  # handle -> its image preprocessed ahead of entry
     self._staged = None  # (handle, _prefill_inputs of it alone): the head request, ready to enter
     self._state = None
-    self._compiled_prefill: dict[int, Any] = {}
-    self._compiled_chunk = None
-    self._compiled_release = None
+    # (length, width) -> program; 'chunk' and 'release': on the SlotPrograms, shared.
+    self._compiled_prefill: dict[tuple[int, int], Any] = programs.compiled.setdefault(
+        'prefill', {})
     self.reset_counters()
     self._last_step = 0
     self._view = None
@@ -230,14 +230,20 @@ class Scheduler:
     return program
 
   def _chunk_program(self):
-    if self._compiled_chunk is None:
+    compiled = self.programs.compiled
+    if 'chunk' not in compiled:
       with placement.mesh_context(self.session.mesh, self.session.rules):
-        self._compiled_chunk = self.programs.generate_chunk.lower(
+        compiled['chunk'] = self.programs.generate_chunk.lower(
             *self._params(), self.state, np.int32(self.chunk_steps), np.bool_(True)).compile()
-        rows = placement.input_structs(self.prefill_width, 1, None, self.session.mesh,
-                                       self.session.rules)[1]
-        self._compiled_release = self.programs.release.lower(self.state, rows).compile()
-    return self._compiled_chunk
+    return compiled['chunk']
+
+  def _release_program(self, width: int):
+    key = ('release', width)
+    if key not in self.programs.compiled:
+      with placement.mesh_context(self.session.mesh, self.session.rules):
+        rows = placement.input_structs(width, 1, None, self.session.mesh, self.session.rules)[1]
+        self.programs.compiled[key] = self.programs.release.lower(self.state, rows).compile()
+    return self.programs.compiled[key]
 
   @property
   def state(self):
@@ -251,6 +257,7 @@ class Scheduler:
     """Compiles the chunk program and a prefill per prompt length bucket; returns the seconds."""
     start = time.perf_counter()
     self._chunk_program()
+    self._release_program(self.prefill_width)
     for length in sorted(set(lengths)):
       for width in self.prefill_widths:
         self._prefill_program(length, width)
@@ -345,7 +352,7 @@ class Scheduler:
     for start in range(0, len(slots), width):
       part = slots[start:start + width]
       rows = np.array(part + [num_slots] * (width - len(part)), np.int32)
-      self._state = self._compiled_release(self.state, self._placed(rows))
+      self._state = self._release_program(width)(self.state, self._placed(rows))
 
   def step(self) -> list[Event]:
     """Admits, runs one chunk, collects: the events of this chunk."""
@@ -353,7 +360,6 @@ class Scheduler:
     for slot in cancelled:
       self._active[slot].cancelled = True
     if cancelled:
-      self._chunk_program()
       self._release(cancelled)
     events = [self._retire(slot, [], time.perf_counter()) for slot in cancelled]
     events += self._admit()

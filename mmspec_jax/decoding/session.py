@@ -391,7 +391,11 @@ class DecodeSession:
     `prefill_width` at a time, padded to a length bucket. `key`: the run's key, from which a
     request without a seed draws (inputs.request_keys); `refill=False`: closed batches on the
     same programs (the benchmark's static baseline). See decoding/scheduler.py."""
-    programs_key = (decoder, num_slots, capacity)
+    # Drafts of one config share their programs (each runs with its own params): the key names
+    # a draft by its config.
+    same_programs = dataclasses.replace(
+        decoder, draft=None if decoder.draft is None else self.draft_configs[decoder.draft])
+    programs_key = (same_programs, num_slots, capacity)
     if programs_key not in self._slot_programs:
       self._slot_programs[programs_key] = SlotPrograms(self._decoders[decoder], num_slots,
                                                        capacity)

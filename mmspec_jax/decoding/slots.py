@@ -46,6 +46,10 @@ class SlotPrograms:
   engine: SpeculativeDecoder
   num_slots: int
   capacity: int
+  # Compiled programs (decoding/scheduler.py fills it), shared by every scheduler on these
+  # programs: the session gives drafts of one config the same SlotPrograms.
+  compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False,
+                                     repr=False)
 
   def __post_init__(self):
     if self.num_slots < 1:
