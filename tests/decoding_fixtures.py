@@ -79,20 +79,28 @@ def adapter_draft(target_config, target_params, noise=0.03):
 
 
 def feature_draft(target_config, target_params, noise=0.03):
-  """A feature draft that is the target's own language model one position behind, with noise:
-  its input projection passes the next token's embedding and drops the fused features, so its
-  position i computes what the target computes for token i + 1 (RoPE is relative), short of the
-  prompt's first token and the image (placeholders embed as zeros past its vocabulary). Its
-  agreement with the target is partial."""
+  """A feature draft that is the target's own language model one position behind, with noise
+  (`shifted_feature_draft`): partial agreement with the target."""
   text = base_text_config(target_config)
-  width, layers = text.hidden_size, default_feature_layers(text.num_layers)
-  config = FeatureDraftConfig(text=text, target_hidden_size=width, feature_layers=layers)
-  identity = np.eye(width, dtype=np.float32)
-  params = {'fc': {'kernel': np.zeros((len(layers), width, width), np.float32)},
-            'input_proj': {'kernel': np.stack([identity, np.zeros_like(identity)])},
-            'language_model': cut_to_base_vocabulary(target_params['language_model'],
-                                                     text.vocab_size)}
+  config, params = shifted_feature_draft(
+      text, cut_to_base_vocabulary(target_params['language_model'], text.vocab_size),
+      default_feature_layers(text.num_layers))
   return config, perturb(params, 2, noise)
+
+
+def shifted_feature_draft(text, language_model_params, feature_layers):
+  """A feature draft whose decoder is `language_model_params` (a LLaMA of the target's width)
+  and whose input projection passes the next token's embedding and drops the fused features:
+  its position i computes what that model computes for token i + 1 (RoPE is relative), short of
+  the prompt's first token and, for a LLaVA target, the image (placeholders embed as zeros past
+  its vocabulary)."""
+  width = text.hidden_size
+  config = FeatureDraftConfig(text=text, target_hidden_size=width, feature_layers=feature_layers)
+  identity = np.eye(width, dtype=np.float32)
+  return config, {
+      'fc': {'kernel': np.zeros((len(feature_layers), width, width), np.float32)},
+      'input_proj': {'kernel': np.stack([identity, np.zeros_like(identity)])},
+      'language_model': language_model_params}
 
 
 def pad_rows(rows, length=None):

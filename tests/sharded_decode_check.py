@@ -137,6 +137,19 @@ def main():
                            and (tree_result.num_generated == reference.num_generated).all()),
       'accepted': int(tree_result.accepted_by_position.sum())}
 
+  # The feature draft on a mesh: its pending target features [B, G + 1, K, D] ride in the
+  # state with the batch split over data; greedy, so the chain's tokens on one device.
+  feature_config, feature_params = fx.feature_draft(target_config, target_params)
+  feature_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(feature_config, LAYOUT),
+                                       3, SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES)
+  feature_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), feature_decoder,
+                             target_config, target_params, feature_config,
+                             jax.tree.map(np.asarray, feature_params), inputs)
+  results['feature_4x2'] = {
+      'tokens_equal': bool((feature_result.tokens == reference.tokens).all()
+                           and (feature_result.num_generated == reference.num_generated).all()),
+      'accepted': int(feature_result.accepted_by_position.sum())}
+
   results['continuous_4x2'] = continuous_on_a_mesh(target_config, target_params, draft_config,
                                                    draft_params)
 

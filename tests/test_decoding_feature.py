@@ -4,19 +4,22 @@ greedy chains give the target's greedy tokens, sampled chains follow the target'
 in continuous batching. Its drafts agree with the target in part, so acceptance and rejection both
 occur."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 import decoding_fixtures as fx
-from test_decoding_sampling import (CONFIG, DRAFT_CONFIG, GAMMA, P_VALUE_FLOOR, SAMPLINGS,  # noqa: F401
-                                    chi_square_p_value, exact, models, sampled_joint)
+from test_decoding_sampling import (  # noqa: F401 (exact, models: fixtures)
+    CONFIG, DRAFT_CONFIG, GAMMA, P_VALUE_FLOOR, SAMPLINGS, chi_square_p_value, exact, models,
+    sampled_joint)
 from mmspec_jax.decoding import feature_step, inputs
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig, row_keys
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree
-from mmspec_jax.models import FeatureDraftConfig, build, init_params
+from mmspec_jax.models import build, init_params
 from mmspec_jax.models.llava import Llava
 
 MAX_NEW_TOKENS = 24
@@ -71,12 +74,7 @@ def test_sampled_feature_drafting_follows_the_target(models, exact, tree):
   against the target's exact joint distribution, for a chain and a tree (recursive rejection
   sampling over children drawn without replacement)."""
   target_params, draft_params = models
-  width = CONFIG.hidden_size
-  config = FeatureDraftConfig(text=DRAFT_CONFIG, target_hidden_size=width, feature_layers=(0,))
-  identity = np.eye(width, dtype=np.float32)
-  params = {'fc': {'kernel': np.zeros((1, width, width), np.float32)},
-            'input_proj': {'kernel': np.stack([identity, np.zeros_like(identity)])},
-            'language_model': draft_params}
+  config, params = fx.shifted_feature_draft(DRAFT_CONFIG, draft_params, (0,))
   sampling = SAMPLINGS['top_p']
   decoder = SpeculativeDecoder(build(CONFIG), build(config), GAMMA, sampling, max_new_tokens=3,
                                eos_token_ids=NO_EOS, draft_tree=tree)
@@ -121,11 +119,14 @@ def test_a_request_decodes_the_same_alone_and_continuously(setting, temperature)
 
 def test_feature_layers_past_the_target_are_refused_by_name(setting):
   target_config, _, _, _, (draft_config, _) = setting
-  deep = FeatureDraftConfig(text=draft_config.text, target_hidden_size=draft_config.target_hidden_size,
-                            feature_layers=(0, 5))
+  deep = dataclasses.replace(draft_config, feature_layers=(0, 5))
   with pytest.raises(ValueError, match=r'reads target layers \(0, 5\), but the target has 2'):
     SpeculativeDecoder(build(target_config), build(deep), 3, SamplingConfig(), MAX_NEW_TOKENS,
                        NO_EOS)
+  wide = dataclasses.replace(draft_config, target_hidden_size=draft_config.target_hidden_size + 8)
+  with pytest.raises(ValueError, match='reads target features of width 72; the target'):
+    DecodeSession.from_params(None, setting[:2], {'wide': (wide, None)}).decoder(
+        'wide', num_draft_tokens=3, sampling=SamplingConfig(), max_new_tokens=4)
 
 
 def test_the_draft_reads_the_target_features_of_its_context(setting):

@@ -136,10 +136,7 @@ class SpeculativeDecoder:
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
     if self.reads_features:
-      depth = text_config(self.target.config).num_layers
-      if max(self.draft.config.feature_layers) >= depth:
-        raise ValueError(f'the feature draft reads target layers {self.draft.config.feature_layers}'
-                         f', but the target has {depth}')
+      self.draft.config.check_target(text_config(self.target.config))
     if self.draft is not None:
       draft_vocab = text_config(self.draft.config).vocab_size
       if draft_vocab > self.vocab_size:

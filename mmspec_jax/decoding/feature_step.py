@@ -62,12 +62,11 @@ def extend_pending(engine, params, state):
   by the pending count)."""
   variables = {'params': params}
   fused = engine.draft.apply(variables, state.pending_features, method='fuse')  # [B, G + 1, D]
-  logits, hidden, cache = engine.draft.apply(
-      variables, state.pending_tokens, fused, state.draft_cache,
-      num_new_tokens=state.pending_count, method='extend')
+  hidden, cache = engine.draft.apply(variables, state.pending_tokens, fused, state.draft_cache,
+                                     num_new_tokens=state.pending_count, method='run')
   last = (state.pending_count - 1)[:, None, None]
-  return (jnp.take_along_axis(logits, last, axis=1), jnp.take_along_axis(hidden, last, axis=1),
-          cache)
+  hidden = jnp.take_along_axis(hidden, last, axis=1)  # [B, 1, D]: the head reads one position.
+  return engine.draft.apply(variables, hidden, method='logits'), hidden, cache
 
 
 def propose(engine, params, state, rng):

@@ -79,14 +79,10 @@ def draft_config(draft: str, target: ModelConfig, dtype: str) -> ModelConfig:
     raise ValueError(f'draft {draft!r} must be a LLaMA, adapter or feature draft model, not '
                      f'{type(config).__name__}')
   if isinstance(config, FeatureDraftConfig):
-    # The feature draft reads the target's layer outputs at the target's width.
-    text = text_config(target)
-    if config.target_hidden_size != text.hidden_size:
-      raise ValueError(f'feature draft {draft!r} reads target features of width '
-                       f'{config.target_hidden_size}; the target\'s are {text.hidden_size} wide')
-    if max(config.feature_layers) >= text.num_layers:
-      raise ValueError(f'feature draft {draft!r} reads target layers {config.feature_layers}; '
-                       f'the target has {text.num_layers}')
+    try:
+      config.check_target(text_config(target))
+    except ValueError as error:
+      raise ValueError(f'draft {draft!r}: {error}') from None
   if isinstance(config, AdapterDraftConfig) and isinstance(target, LlavaConfig):
     # The adapter reads the target's vision features and fills the target's placeholders.
     if config.vision_hidden_size != target.vision.hidden_size:

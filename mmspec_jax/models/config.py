@@ -169,6 +169,16 @@ class FeatureDraftConfig:
       raise ValueError(f'feature_layers must be one or more layer indices >= 0, got '
                        f'{self.feature_layers}')
 
+  def check_target(self, target_text: LlamaConfig):
+    """Refuses, by name, a target whose layer outputs this draft cannot read."""
+    if self.target_hidden_size != target_text.hidden_size:
+      raise ValueError(f'the feature draft reads target features of width '
+                       f'{self.target_hidden_size}; the target\'s are {target_text.hidden_size} '
+                       'wide')
+    if max(self.feature_layers) >= target_text.num_layers:
+      raise ValueError(f'the feature draft reads target layers {self.feature_layers}, but the '
+                       f'target has {target_text.num_layers}')
+
 
 ModelConfig = LlamaConfig | LlavaConfig | AdapterDraftConfig | FeatureDraftConfig
 _MODEL_TYPES = {LlamaConfig: 'llama', LlavaConfig: 'llava', AdapterDraftConfig: 'adapter_draft',

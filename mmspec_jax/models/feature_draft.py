@@ -19,8 +19,9 @@ Entry points (`model.apply(variables, ..., method=...)`):
   unroll(next_tokens, features, num_steps)     the same, drafting num_steps past the features
   prefill(next_tokens, fused, lengths, cache)  right-padded rows into an empty cache
   extend(next_tokens, fused, cache, tree)      appends T positions to every row
-Each returns logits float32[..., V] and the draft's hidden states [..., D] (what the next drafted
-position reads as its features).
+  run(...), logits(hidden)                     extend's two halves
+`__call__`, `prefill` and `extend` return logits float32[..., V] and the draft's hidden states
+[..., D] (what the next drafted position reads as its features).
 """
 
 from __future__ import annotations
@@ -113,8 +114,7 @@ class FeatureDraft(nn.Module):
     positions) into the cache. -> (float32[B, V] and hidden [B, D] at each row's last valid
     position, the cache grown by `lengths`)."""
     lengths = jnp.asarray(lengths, jnp.int32)
-    hidden, cache = self.language_model.run_layers(self._inputs(next_tokens, fused), cache,
-                                                   num_new_tokens=lengths)
+    hidden, cache = self.run(next_tokens, fused, cache, num_new_tokens=lengths)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     return self.language_model.logits(last), last, cache
 
@@ -123,11 +123,19 @@ class FeatureDraft(nn.Module):
     """Appends T positions to every row (tree nodes with `tree`, as `Llama.extend`), the
     cache growing by `num_new_tokens` (int32[B], default T: the rest are written past the row's
     length, as a prefill's padding). -> (float32[B, T, V], hidden [B, T, D], cache)."""
-    hidden, cache = self.language_model.run_layers(self._inputs(next_tokens, fused), cache,
-                                                   tree=tree, num_new_tokens=num_new_tokens)
+    hidden, cache = self.run(next_tokens, fused, cache, tree, num_new_tokens)
     return self.language_model.logits(hidden), hidden, cache
 
+  def run(self, next_tokens: jax.Array, fused: jax.Array, cache: KVCache, tree=None,
+          num_new_tokens: jax.Array | None = None):
+    """`extend` without the head: (hidden [B, T, D], cache), for a caller that needs the
+    logits of a few positions only (`logits`)."""
+    return self.language_model.run_layers(self._inputs(next_tokens, fused), cache, tree=tree,
+                                          num_new_tokens=num_new_tokens)
 
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[..., D] hidden states -> float32[..., V]."""
+    return self.language_model.logits(hidden)
 
 def unroll_mask(length: int, num_streams: int) -> jax.Array:
   """bool[S * T, S * T] (query, key) of `FeatureDraft.unroll` over S streams of T positions:

@@ -104,7 +104,7 @@ class Trainer:
       self.model_config = _fit_adapter_to_target(self.model_config, self.teacher_config)
     if isinstance(self.model_config, FeatureDraftConfig):
       self.model_config = _fit_feature_draft_to_target(
-          self.model_config, self.teacher_config, config.get('feature_layers', ''))
+          self.model_config, self.teacher_config, config.feature_layers)
     # Multimodal batches follow the LLaVA whose image tokens they carry: the target being
     # trained, or the frozen target a draft learns from.
     image_model = self.model_config if config.task == 'llava' else self.teacher_config
@@ -113,7 +113,7 @@ class Trainer:
         build(self.model_config), task=config.task,
         teacher=build(self.teacher_config) if self.teacher_config else None,
         distill_kind=config.distill_kind, distill_weight=config.distill_weight,
-        distill_gamma=config.distill_gamma, unroll_steps=config.get('unroll_steps', 0))
+        distill_gamma=config.distill_gamma, unroll_steps=config.unroll_steps)
     if config.trainable not in TRAINABLE:
       raise ValueError(f'unknown config.trainable {config.trainable!r}; expected one of '
                        f'{sorted(TRAINABLE)}')
@@ -303,14 +303,13 @@ def _fit_feature_draft_to_target(config: FeatureDraftConfig, target,
   except ValueError:
     raise ValueError(f'config.feature_layers must be comma-separated layer indices, got '
                      f'{layers!r}') from None
-  if any(not 0 <= i < text.num_layers for i in chosen):
-    raise ValueError(f'config.feature_layers {chosen}: the target has layers 0 .. '
-                     f'{text.num_layers - 1}')
   draft_text = dataclasses.replace(text, num_layers=config.text.num_layers,
                                    vocab_size=config.text.vocab_size, tie_word_embeddings=False,
                                    dtype=config.text.dtype, param_dtype=config.text.param_dtype)
-  return dataclasses.replace(config, text=draft_text, target_hidden_size=text.hidden_size,
-                             feature_layers=chosen)
+  fitted = dataclasses.replace(config, text=draft_text, target_hidden_size=text.hidden_size,
+                               feature_layers=chosen)
+  fitted.check_target(text)
+  return fitted
 
 
 def text_dims(config):
