@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from mmspec_jax.decoding import inputs
 from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, default_feature_layers,
                                init_params, presets)
 
@@ -129,3 +130,31 @@ def ragged_batch(config, seed=0):
   PAD_TOKEN. Returns (tokens int32[3, T], lengths int32[3], images float32[3, H, W, 3])."""
   rows, images = ragged_rows(config, seed)
   return (*pad_rows(rows), images)
+
+
+CONTINUOUS_BUDGETS = (9, 3, 12, 5, 7, 12)
+
+
+def alone_and_together(session, draft_name, **decoder_kwargs):
+  """Six text requests with their own budgets decoded by `session`'s draft `draft_name`, each
+  alone in one slot and all over 2 slots, entering as slots free up: (alone, together), each
+  {request id: the finished request}. decoder_kwargs: `session.decoder`'s (sampling, tree)."""
+  rng = np.random.default_rng(0)
+  requests = [inputs.Request(f'r{i}', i, tuple(int(t) for t in rng.integers(
+      1, BASE_VOCAB, size=4 + 3 * i)), None) for i in range(len(CONTINUOUS_BUDGETS))]
+  decoder = session.decoder(draft_name, num_draft_tokens=3, max_new_tokens=16,
+                            requests=requests, eos_token_ids=(), **decoder_kwargs)
+
+  def decode(num_slots, batches):
+    scheduler = session.scheduler(decoder, num_slots=num_slots, capacity=64, chunk_steps=2,
+                                  prefill_width=2, key=jax.random.key(1))
+    finished = {}
+    for work in batches:
+      finished.update({e.finished.request.id: e.finished for e in scheduler.run(work)
+                       if e.finished is not None})
+    return finished
+
+  alone = decode(1, [[pair] for pair in zip(requests, CONTINUOUS_BUDGETS)])
+  together = decode(2, [list(zip(requests, CONTINUOUS_BUDGETS))])
+  assert [len(alone[r.id].token_ids) for r in requests] == list(CONTINUOUS_BUDGETS)
+  return alone, together

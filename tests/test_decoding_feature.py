@@ -14,7 +14,7 @@ import decoding_fixtures as fx
 from test_decoding_sampling import (  # noqa: F401 (exact, models: fixtures)
     CONFIG, DRAFT_CONFIG, GAMMA, P_VALUE_FLOOR, SAMPLINGS, chi_square_p_value, exact, models,
     sampled_joint)
-from mmspec_jax.decoding import feature_step, inputs
+from mmspec_jax.decoding import feature_step
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.sampling import SamplingConfig, row_keys
 from mmspec_jax.decoding.session import DecodeSession
@@ -91,28 +91,10 @@ def test_a_request_decodes_the_same_alone_and_continuously(setting, temperature)
   each decoded alone in a slot of its own."""
   target_config, target_params, _, _, draft = setting
   session = DecodeSession.from_params(None, (target_config, target_params), {'feature': draft})
-  rng = np.random.default_rng(0)
-  budgets = (9, 3, 12, 5, 7, 12)
-  requests = [inputs.Request(f'r{i}', i, tuple(int(t) for t in rng.integers(
-      1, fx.BASE_VOCAB, size=4 + 3 * i)), None) for i in range(6)]
-  decoder = session.decoder('feature', num_draft_tokens=3,
-                            sampling=SamplingConfig(temperature=temperature),
-                            max_new_tokens=16, requests=requests, eos_token_ids=())
-
-  def decode(num_slots, batches):
-    scheduler = session.scheduler(decoder, num_slots=num_slots, capacity=64, chunk_steps=2,
-                                  prefill_width=2, key=jax.random.key(1))
-    finished = {}
-    for work in batches:
-      finished.update({e.finished.request.id: e.finished for e in scheduler.run(work)
-                       if e.finished is not None})
-    return finished
-
-  alone = decode(1, [[pair] for pair in zip(requests, budgets)])
-  together = decode(2, [list(zip(requests, budgets))])
+  alone, together = fx.alone_and_together(session, 'feature',
+                                          sampling=SamplingConfig(temperature=temperature))
   assert {k: f.token_ids for k, f in alone.items()} == {k: f.token_ids for k, f in
                                                          together.items()}
-  assert [len(alone[r.id].token_ids) for r in requests] == list(budgets)
   if not temperature:
     assert sum(int(f.accepted_by_position.sum()) for f in together.values()) > 0
 

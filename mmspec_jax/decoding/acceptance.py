@@ -66,9 +66,9 @@ def speculative_accept(rng: jax.Array, draft_tokens: jax.Array, draft_probs: jax
   return num_accepted, emitted
 
 
-# --- trees (decoding/tree.py) -------------------------------------------------------------------
-# Axis legend: N draft nodes, N + 1 with the root (flattened, level order), D depth, P nodes with
-# children. Each returns (int32[B] n accepted, int32[B, D + 1] emitted tokens of which the first
+# --- trees (decoding/tree.py, decoding/dynamic_tree.py) -----------------------------------------
+# Axis legend: N draft nodes, N + 1 with the root (flattened: a parent before its children, a
+# node's children consecutive, in the order drawn), D depth, P nodes with children. Each returns (int32[B] n accepted, int32[B, D + 1] emitted tokens of which the first
 # n + 1 count, int32[B, D] the accepted path: the flattened index of its node at depth j + 1,
 # or j + 1 past n, where moving the cache slot onto itself changes nothing).
 
@@ -108,10 +108,10 @@ def greedy_tree_accept(tree, node_tokens: jax.Array, node_valid: jax.Array,
   going = jnp.ones((batch,), bool)
   emitted, path = [], []
   for depth in range(1, tree.depth + 1):
-    children = tree.children(depth, node)  # [B, b]
+    children, exists = tree.children_of(depth, node)  # [B, b]
     wanted = _take(choice, node)
     emitted.append(wanted)
-    match = (_take(tokens, children) == wanted[:, None]) & _take(valid, children)
+    match = (_take(tokens, children) == wanted[:, None]) & _take(valid, children) & exists
     going, node, num_accepted = _descend(going, jnp.any(match, axis=1), node,
                                          _take(children, jnp.argmax(match, axis=1)), depth,
                                          num_accepted, path)
@@ -154,8 +154,8 @@ def recursive_tree_accept(rng: jax.Array, tree, node_tokens: jax.Array, node_val
   token is drawn from the last p, and past an accepted leaf from the target at the leaf. The
   emitted tokens are then distributed exactly as the target's.
 
-  rng: a key per row (key[B]); draft_probs float32[B, P, V] at the nodes with children;
-  target_probs float32[B, N + 1, V].
+  rng: a key per row (key[B]); draft_probs float32[B, P, V] at the nodes with children (the
+  first P of the flattened order); target_probs float32[B, N + 1, V].
   """
   tokens, valid = _with_root(node_tokens, node_valid)
   batch = tokens.shape[0]
@@ -167,14 +167,14 @@ def recursive_tree_accept(rng: jax.Array, tree, node_tokens: jax.Array, node_val
   path, emitted = [], []
   for depth in range(1, tree.depth + 1):
     p, q = _take(target_probs, node), _take(draft_probs, node)  # [B, V]
-    children = tree.children(depth, node)  # [B, b]
+    children, exists = tree.children_of(depth, node)  # [B, b]
     accepted = jnp.zeros((batch,), bool)
     chosen = node
-    for i in range(tree.branching[depth - 1]):
+    for i in range(tree.max_children(depth)):
       child = children[:, i]
       x = _take(tokens, child)
       triable, accept = try_child(_take(draws, child), _take(p, x), _take(q, x))
-      tried = going & ~accepted & _take(valid, child) & triable
+      tried = going & ~accepted & _take(valid, child) & exists[:, i] & triable
       accept = tried & accept
       reject = tried & ~accept
       p = jnp.where(reject[:, None], _residual(p, q), p)

@@ -19,7 +19,9 @@ def decode_config() -> ml_collections.ConfigDict:
   # A tree of candidates instead of a chain: branching factors per depth, e.g. '3,2,1,1' (the
   # root's 3 children, 2 children each, ...); its depth replaces num_draft_tokens. '' = a chain.
   # Greedy trees take each node's top tokens; sampled trees draw without replacement and verify
-  # by recursive rejection sampling (exact). See decoding/tree.py.
+  # by recursive rejection sampling (exact). See decoding/tree.py. 'dynamic:D,K,N' grows each
+  # row's own tree (EAGLE-2): D depths, the K best nodes expanded per depth into K children each,
+  # the N best verified (decoding/dynamic_tree.py).
   config.draft_tree = ''
   # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
   # falls below this, and drafting stops once every unfinished row has. 0 = a fixed length.

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 
 from mmspec_jax.decoding import acceptance
 from mmspec_jax.decoding import sampling as sampling_lib
-from mmspec_jax.decoding import feature_step, tree_step
-from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding import dynamic_tree, feature_step, tree_step
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree
 from mmspec_jax.decoding.sampling import (RowSampling, SamplingConfig, pad_vocabulary,
                                           probabilities, row_probabilities, sample, sample_rows)
 from mmspec_jax.models import (AdapterDraft, AdapterDraftConfig, FeatureDraft, FeatureDraftConfig,
@@ -108,8 +108,9 @@ class SpeculativeDecoder:
   # Logical-axis rules the draft runs under (sharding.DRAFT_RULES: replicated weights, batch over
   # the data axes), so its few heads pay no all-reduces; None: the ambient rules, as the target.
   draft_rules: tuple | None = None
-  # A tree of candidates (its depth must be num_draft_tokens); None: a chain of gamma tokens.
-  draft_tree: DraftTree | None = None
+  # A tree of candidates (its depth must be num_draft_tokens), static or dynamic (EAGLE-2);
+  # None: a chain of gamma tokens.
+  draft_tree: DraftTree | DynamicTree | None = None
   # Adaptive draft length: a row stops drafting when the draft's largest next-token probability
   # falls below this (0: never).
   confidence_threshold: float = 0.0
@@ -130,6 +131,9 @@ class SpeculativeDecoder:
                        f'{self.confidence_threshold}')
     if self.confidence_threshold > 0 and self.draft is None:
       raise ValueError('confidence_threshold needs a draft model')
+    if self.confidence_threshold > 0 and isinstance(self.draft_tree, DynamicTree):
+      raise ValueError('a dynamic draft tree takes no confidence_threshold: it already drafts '
+                       'by the draft\'s confidence')
     if self.confidence_threshold > 0 and self.draft_tree is None:
       # An adaptive chain runs the tree step on the chain of gamma.
       object.__setattr__(self, 'draft_tree', DraftTree.chain(self.num_draft_tokens))
@@ -177,8 +181,9 @@ class SpeculativeDecoder:
 
   @property
   def num_draft_nodes(self) -> int:
-    """Draft tokens a step verifies: gamma for a chain, the tree's nodes for a tree."""
-    return self.draft_tree.num_nodes if self.draft_tree is not None else self.num_draft_tokens
+    """Cache slots past a row's length that a step writes: gamma for a chain, the tree's nodes
+    for a static tree (a dynamic tree's draft may write more: DynamicTree.window_nodes)."""
+    return self.draft_tree.window_nodes if self.draft_tree is not None else self.num_draft_tokens
 
   @property
   def vocab_size(self) -> int:
@@ -296,14 +301,19 @@ class SpeculativeDecoder:
     draft_rng, accept_rng = rng[:, 0], rng[:, 1]
     if self.uses_tree_step:
       with self._draft_rules():
-        (node_tokens, node_valid, draft_probs, draft_calls, drafted,
-         draft_cache) = tree_step.propose(self, draft_params, state, draft_rng)
+        if isinstance(self.draft_tree, DynamicTree):
+          (node_tokens, node_valid, draft_probs, draft_calls, drafted, draft_cache,
+           tree) = dynamic_tree.propose(self, draft_params, state, draft_rng)
+        else:
+          (node_tokens, node_valid, draft_probs, draft_calls, drafted,
+           draft_cache) = tree_step.propose(self, draft_params, state, draft_rng)
+          tree = self.draft_tree
       num_accepted, emitted, path, target_cache, features = tree_step.verify(
-          self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng)
+          self, target_params, state, node_tokens, node_valid, draft_probs, accept_rng, tree)
       # A feature draft keeps none of the tree: its accepted path is fed again, on the target's
       # features, at the next step (decoding/feature_step.py).
       target_cache, kept = tree_step.keep_path(
-          target_cache, None if self.reads_features else draft_cache, path)
+          target_cache, None if self.reads_features else draft_cache, path, tree)
       draft_cache = draft_cache if self.reads_features else kept
     else:
       num_accepted, emitted, target_cache, draft_cache, features = self._chain_step(

@@ -35,7 +35,7 @@ from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.scheduler import output_text
 from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
-from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree, parse_tree
 from mmspec_jax.models import precision
 from mmspec_jax.data.processing import MultimodalProcessor
 
@@ -53,9 +53,10 @@ def sampling_config(config) -> SamplingConfig:
   return SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
-def draft_tree(config) -> DraftTree | None:
-  """config.draft_tree parsed ('2,2,1' -> DraftTree((2, 2, 1))); None for a chain."""
-  return DraftTree.parse(config.draft_tree) if config.draft_tree else None
+def draft_tree(config) -> DraftTree | DynamicTree | None:
+  """config.draft_tree parsed ('2,2,1' -> DraftTree((2, 2, 1)), 'dynamic:6,4,24' -> a
+  DynamicTree); None for a chain."""
+  return parse_tree(config.draft_tree) if config.draft_tree else None
 
 
 def check_settings(config):
@@ -157,7 +158,7 @@ def open_session(config) -> DecodeSession:
       draft_rules=config.draft_logical_axis_rules, layout_config=config.layout)
 
 
-def speculation(config) -> tuple[str | None, int, DraftTree | None, float]:
+def speculation(config) -> tuple[str | None, int, DraftTree | DynamicTree | None, float]:
   """(the draft's name or None, gamma, the tree or None, the confidence threshold)."""
   if not config.draft:
     return None, 0, None, 0.0

@@ -27,21 +27,30 @@ import numpy as np
 from mmspec_jax.models import TreeAttention
 
 
-def parse_shape(text: str) -> tuple[DraftTree, float]:
+def parse_tree(text: str) -> DraftTree | DynamicTree:
+  """'2,2,1' (or '2x2x1') a static tree; 'dynamic:6,4,24' a dynamic one (`DynamicTree.parse`)."""
+  if text.strip().startswith(DynamicTree.PREFIX):
+    return DynamicTree.parse(text)
+  return DraftTree.parse(text)
+
+
+def parse_shape(text: str) -> tuple[DraftTree | DynamicTree, float]:
   """A draft shape beside the chains of the evaluation and the benchmark: '3,2,1' a tree,
   '1,1,1,1,1@0.4' a chain of 5 drafting adaptively at confidence threshold 0.4 ('3,2,1@0.4' an
-  adaptive tree) -> (the tree, the threshold, 0 without '@')."""
+  adaptive tree), 'dynamic:6,4,24' a dynamic tree -> (the tree, the threshold, 0 without '@')."""
   branching, _, threshold = text.partition('@')
+  if threshold and branching.strip().startswith(DynamicTree.PREFIX):
+    raise ValueError(f'draft shape {text!r}: a dynamic tree takes no confidence threshold')
   try:
     value = float(threshold) if threshold else 0.0
   except ValueError:
     raise ValueError(f'draft shape {text!r}: the threshold after "@" must be a number') from None
   if not 0 <= value < 1:
     raise ValueError(f'draft shape {text!r}: the confidence threshold must be in [0, 1)')
-  return DraftTree.parse(branching), value
+  return parse_tree(branching), value
 
 
-def shape_label(tree: DraftTree, threshold: float = 0.0) -> str:
+def shape_label(tree: DraftTree | DynamicTree, threshold: float = 0.0) -> str:
   """parse_shape's inverse, with 'x' between the factors: '3x2x1', '1x1x1x1x1@0.4'."""
   return str(tree) + (f'@{threshold:g}' if threshold else '')
 
@@ -126,6 +135,26 @@ class DraftTree:
       mask[i] |= mask[self.parents[i]]
     return mask
 
+  @property
+  def window_nodes(self) -> int:
+    """Slots past a row's length that a step's tree calls write (target and draft)."""
+    return self.num_nodes
+
+  def max_children(self, depth: int) -> int:
+    """The most children a node of depth - 1 has."""
+    return self.branching[depth - 1]
+
+  def children_of(self, depth: int, node: jnp.ndarray):
+    """(int32[B, b_depth] the flattened indices of the children of `node`, int32[B] of depth
+    depth - 1; bool[B, b_depth] which of them exist: all here)."""
+    children = self.children(depth, node)
+    return children, jnp.ones(children.shape, bool)
+
+  def draft_sources(self, path: jnp.ndarray) -> jnp.ndarray:
+    """The accepted path (int32[B, D], `acceptance`'s) as the draft's window slots of its
+    depths 1 .. D-1, for KVCache.move_slots: node i sits at window slot i - 1."""
+    return path[:, :-1] - 1
+
   def children(self, depth: int, node: jnp.ndarray) -> jnp.ndarray:
     """int32[B, b_depth]: flattened indices of the children of `node` (int32[B], a node of
     depth - 1)."""
@@ -158,3 +187,53 @@ class DraftTree:
                          positions=jnp.full((end - start,), depth - 1, jnp.int32),
                          mask=jnp.asarray(mask),
                          path=jnp.asarray(self.paths(np.arange(start, end), 1) - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+  """A dynamic draft tree (EAGLE-2, Li et al. 2024, arXiv 2406.16858): each row grows its own
+  tree by the draft's confidence. `depth` draft calls after the first; at each depth the
+  `top_k` nodes of highest score are expanded, each into its `top_k` likeliest (greedy) or
+  first-drawn (sampled) tokens; the `num_nodes` candidates of highest score are verified.
+  decoding/dynamic_tree.py drafts it and says what the score is and why sampling stays exact.
+  Written 'dynamic:D,K,N'."""
+  depth: int
+  top_k: int
+  num_nodes: int
+
+  PREFIX = 'dynamic:'
+  is_chain = False
+
+  def __post_init__(self):
+    values = (self.depth, self.top_k, self.num_nodes)
+    if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in values):
+      raise ValueError(f'a dynamic tree is depth, top_k and num_nodes, each >= 1; got {values}')
+    if self.num_nodes > self.num_candidates:
+      raise ValueError(f'dynamic tree {self}: num_nodes {self.num_nodes} is more than the '
+                       f'{self.num_candidates} candidates depth {self.depth} and top_k '
+                       f'{self.top_k} draft (top_k + (depth - 1) * top_k ** 2)')
+
+  @classmethod
+  def parse(cls, text: str) -> DynamicTree:
+    """'dynamic:6,4,24' -> DynamicTree(depth=6, top_k=4, num_nodes=24)."""
+    body = text.strip()[len(cls.PREFIX):]
+    try:
+      depth, top_k, num_nodes = (int(p) for p in body.replace('x', ',').split(','))
+    except ValueError:
+      raise ValueError(f'a dynamic draft tree is written "dynamic:DEPTH,TOP_K,NODES", e.g. '
+                       f'"dynamic:6,4,24"; got {text!r}') from None
+    return cls(depth, top_k, num_nodes)
+
+  def __str__(self) -> str:
+    return f'{self.PREFIX}{self.depth},{self.top_k},{self.num_nodes}'
+
+  @property
+  def num_candidates(self) -> int:
+    """Nodes drafted: top_k children of the root, then top_k ** 2 at each further depth."""
+    return self.top_k + (self.depth - 1) * self.top_k ** 2
+
+  @property
+  def window_nodes(self) -> int:
+    """Slots past a row's length that a step's tree calls write: the target's num_nodes, the
+    draft's expanded nodes ((depth - 1) * top_k)."""
+    return max(self.num_nodes, (self.depth - 1) * self.top_k)

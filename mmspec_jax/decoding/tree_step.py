@@ -43,6 +43,18 @@ def _top_children(logits: jax.Array, num: int):
   return tokens.astype(jnp.int32), jnp.isfinite(scores)
 
 
+def root_call(engine, params, state):
+  """The draft's first call of a step, as a chain's: (logits float32[B, 1, Vd] at the root, a
+  feature draft's hidden state there [B, 1, D] or None, the draft cache, its length counting the
+  root). A feature draft is fed its pending positions; the root's hidden state is their last."""
+  if engine.reads_features:
+    return feature_step.extend_pending(engine, params, state)
+  first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
+  logits, cache = engine.draft.apply({'params': params}, first, state.draft_cache,
+                                     method='extend')
+  return logits[:, -1:], None, cache
+
+
 def propose(engine, params, state, rng):
   """Drafts the tree. Returns (node tokens int32[B, N], node valid bool[B, N], draft
   distributions float32[B, P, V] at the nodes with children (None when greedy), the draft calls
@@ -53,13 +65,8 @@ def propose(engine, params, state, rng):
   threshold = engine.confidence_threshold
   variables = {'params': params}
   keys = split(rng, tree.depth)  # [B, D]
-  hidden = None  # A feature draft's hidden states at the last depth fed [B, W_d, Dd].
-  if engine.reads_features:  # Its pending positions; the root's hidden state is their last.
-    logits, hidden, cache = feature_step.extend_pending(engine, params, state)
-  else:
-    first = jnp.stack([state.previous_token, state.last_token], axis=1)  # [B, 2]
-    logits, cache = engine.draft.apply(variables, first, state.draft_cache, method='extend')
-    logits = logits[:, -1:]  # [B, 1, Vd]: at the root
+  # hidden: a feature draft's hidden states at the last depth fed [B, W_d, Dd], else None.
+  logits, hidden, cache = root_call(engine, params, state)
   batch = state.last_token.shape[0]
   drafting = ~state.done  # A finished row never keeps the draft calls going.
   draft_calls = jnp.ones((batch,), jnp.int32)
@@ -122,11 +129,11 @@ def _feed(engine, variables, children, carry, attention, width):
                             tree=attention, method='extend')
 
 
-def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, rng):
-  """The target's pass over the tree and each row's acceptance. Returns (n accepted int32[B],
-  emitted int32[B, D + 1], path int32[B, D], the target cache with the tree past its length, a
-  feature draft's next pending features [B, D + 1, K, Dt] or None)."""
-  tree = engine.draft_tree
+def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, rng, tree):
+  """The target's pass over the tree and each row's acceptance. tree: the static DraftTree, or
+  a dynamic tree's rows (dynamic_tree.RowTree). Returns (n accepted int32[B], emitted
+  int32[B, D + 1], path int32[B, D], the target cache with the tree past its length, a feature
+  draft's next pending features [B, D + 1, K, Dt] or None)."""
   verified = jnp.concatenate([state.last_token[:, None], node_tokens], axis=1)  # [B, N + 1]
   features = None
   if engine.reads_features:
@@ -151,11 +158,11 @@ def verify(engine, target_params, state, node_tokens, node_valid, draft_probs, r
   return (*outcome, cache, features)
 
 
-def keep_path(target_cache, draft_cache, path):
+def keep_path(target_cache, draft_cache, path, tree):
   """Moves the accepted path (int32[B, D], `acceptance`'s) onto consecutive slots: the target's
   depth-j node to its length + j, the draft's (depths < D, the ones it holds) to its length +
-  j - 1. Lengths are left to the caller."""
+  j - 1 (from the window slots `tree.draft_sources` gives). Lengths are left to the caller."""
   target_cache = target_cache.move_slots(target_cache.lengths + 1, path - 1)
   if draft_cache is not None and path.shape[1] > 1:
-    draft_cache = draft_cache.move_slots(draft_cache.lengths, path[:, :-1] - 1)
+    draft_cache = draft_cache.move_slots(draft_cache.lengths, tree.draft_sources(path))
   return target_cache, draft_cache

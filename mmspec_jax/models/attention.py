@@ -38,15 +38,17 @@ _MASKED = jnp.finfo(jnp.float32).min
 
 @flax.struct.dataclass
 class TreeAttention:
-  """A tree-attention pattern for a call of T tokens, the same for every row (a pytree, so that
-  it rides through the layer scan; its shapes are static).
+  """A tree-attention pattern for a call of T tokens (a pytree, so that it rides through the
+  layer scan; its shapes are static). A static tree's pattern is the same for every row; a
+  dynamic tree's (decoding/dynamic_tree.py) has a batch axis in front of positions, mask and
+  path, each row its own tree.
 
-  slots: int32[T], where token t is written, past the row's length; positions: int32[T], its
-  position past the row's length (its depth in the target's call over [root, nodes]; depth - 1
-  in the draft's calls, whose length already counts the root); mask: bool[T, W], the window
-  slots it sees; path: int32[T, P], the window slot of the token at each position past the
-  row's length on token t's path (its ancestors, then itself at positions[t]; P - 1 >= every
-  position, entries past the token's own position unused).
+  slots: int32[T], where token t is written, past the row's length; positions: int32[T] (or
+  [B, T]), its position past the row's length (its depth in the target's call over [root, nodes];
+  depth - 1 in the draft's calls, whose length already counts the root); mask: bool[T, W] (or
+  [B, T, W]), the window slots it sees; path: int32[T, P] (or [B, T, P]), the window slot of the
+  token at each position past the row's length on token t's path (its ancestors, then itself at
+  positions[t]; P - 1 >= every position, entries past the token's own position unused).
   """
   slots: jax.Array
   positions: jax.Array
@@ -55,7 +57,17 @@ class TreeAttention:
 
   @property
   def window(self) -> int:
-    return self.mask.shape[1]
+    return self.mask.shape[-1]
+
+  @property
+  def per_row(self) -> bool:
+    """Whether each row has its own pattern (positions [B, T])."""
+    return jnp.ndim(self.positions) == 2
+
+  def row_positions(self) -> jax.Array:
+    """int32[B | 1, T]: positions with a batch axis."""
+    positions = jnp.asarray(self.positions)
+    return positions if self.per_row else positions[None]
 
 
 def _grouped(query: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -180,19 +192,23 @@ def _blockwise(query, keys, values, cache: LayerCache, block_size: int,
   grouped = _grouped(jnp.pad(query, ((0, 0), (0, padded - length), (0, 0), (0, 0))),
                      num_kv_heads)  # [B, T', K, G, H]
   state = _empty_state(batch, num_kv_heads, group, padded, head_dim)
-  offsets = jnp.arange(length) if tree is None else jnp.asarray(tree.positions)
-  offsets = jnp.pad(offsets, (0, padded - length), mode='edge')  # [T']: padding repeats the last
-  positions = cache.lengths[:, None] + offsets[None, :]  # [B, T']
+  offsets = jnp.arange(length)[None] if tree is None else tree.row_positions()  # [B | 1, T]
+  offsets = jnp.pad(offsets, ((0, 0), (0, padded - length)), mode='edge')  # Repeats the last.
+  positions = cache.lengths[:, None] + offsets  # [B, T']
   # A tree deeper than RECENT_SLOTS widens its recent block (exact, not bit for bit).
-  recent = RECENT_SLOTS if tree is None else max(RECENT_SLOTS, tree.path.shape[1] - 1)
+  recent = RECENT_SLOTS if tree is None else max(RECENT_SLOTS, tree.path.shape[-1] - 1)
   state = _visit_cache(state, grouped, cache, block_size, positions - recent, rounded)
 
   recent_positions = positions[:, :, None] - recent + jnp.arange(recent + 1)  # [B, T', R + 1]
   slots = jnp.maximum(recent_positions, 0)
   if tree is not None:  # Past the row's length, the path's window slots.
-    path = jnp.pad(jnp.asarray(tree.path), ((0, padded - length), (0, 0)), mode='edge')
+    path = jnp.asarray(tree.path)
+    path = path if tree.per_row else path[None]  # [B | 1, T, P]
+    path = jnp.pad(path, ((0, 0), (0, padded - length), (0, 0)), mode='edge')
     past = recent_positions - cache.lengths[:, None, None]  # [B, T', R + 1]
-    on_path = path[jnp.arange(padded)[None, :, None], jnp.clip(past, 0, path.shape[1] - 1)]
+    on_path = jnp.take_along_axis(
+        jnp.broadcast_to(path, (batch,) + path.shape[1:]),
+        jnp.clip(past, 0, path.shape[-1] - 1), axis=2)  # [B, T', R + 1]
     slots = jnp.where(past >= 0, cache.lengths[:, None, None] + on_path, slots)
   recent_keys, recent_values = map(rounded, cache.gather(slots.reshape(batch, -1)))
   per_token = lambda x: x.reshape(batch, padded, recent + 1, *x.shape[2:])  # [B, T', R+1, K, H]
@@ -231,8 +247,9 @@ def _tree_window(query, keys, values, tree_mask):
   num_kv_heads = keys.shape[2]
   group = num_heads // num_kv_heads
   state = _empty_state(batch, num_kv_heads, group, length, head_dim)
+  tree_mask = jnp.asarray(tree_mask)
   running_max, total, accumulated = _visit(state, _grouped(query, num_kv_heads), keys, values,
-                                           jnp.asarray(tree_mask)[None])
+                                           tree_mask if tree_mask.ndim == 3 else tree_mask[None])
   out = accumulated / total[..., None]  # [B, K, G, T, H]; every token sees itself.
   to_tokens = lambda x: jnp.moveaxis(x, 3, 1).reshape(batch, length, num_heads, *x.shape[4:])
   return to_tokens(out), to_tokens(running_max + jnp.log(total))

@@ -234,8 +234,8 @@ class Llama(nn.Module):
     batch, length = x.shape[:2]
     mask, view = None, None
     if cache is not None:
-      offsets = jnp.arange(length) if tree is None else tree.positions
-      positions = cache.lengths[:, None] + offsets[None, :]  # [B, T]
+      offsets = jnp.arange(length)[None] if tree is None else tree.row_positions()
+      positions = cache.lengths[:, None] + offsets  # [B, T]
       first_layer = jnp.zeros((), jnp.int32) if self.layout.scanned else 0
       view = LayerCache(keys=cache.keys, values=cache.values, lengths=cache.lengths,
                         layer=first_layer, heads_first=cache.heads_first)

@@ -38,7 +38,7 @@ from mmspec_jax.decoding import placement
 from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.session import eos_token_ids
 from mmspec_jax.decoding.slots import SlotPrograms
-from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding.tree import parse_tree
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
                                text_config)
@@ -80,7 +80,7 @@ def _models(config, mesh, rules, draft_rules, layout: Layout):
   draft = with_dtype(presets.get(config.draft), config.dtype) if config.draft else None
   target_params = _abstract(target, mesh, rules, layout)
   draft_params = _abstract(draft, mesh, draft_rules, layout) if draft else None
-  tree = DraftTree.parse(config.draft_tree) if draft and config.get('draft_tree') else None
+  tree = parse_tree(config.draft_tree) if draft and config.get('draft_tree') else None
   gamma = (tree.depth if tree else config.num_draft_tokens) if draft else 0
   decoder = SpeculativeDecoder(build(target, layout), build(draft, layout) if draft else None,
                                gamma, SamplingConfig(temperature=config.temperature),
