@@ -15,7 +15,8 @@ from mmspec_jax import sharding
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Model presets (mmspec_jax/models/presets.py): the target and the draft ('' = no draft).
+  # Model presets (mmspec_jax/models/presets.py): the target and the draft ('' = no draft;
+  # 'feature_llava_7b': an EAGLE-3-style feature draft of the 7B target).
   config.target = 'llava_1_5_7b'
   config.draft = 'draft_115m'
   # Decoding: rows, prompt tokens (576 of them image placeholders), new tokens, gamma.
@@ -39,13 +40,14 @@ def get_config():
   # Per-device memory to check against, e.g. 16 GiB for a TPU v5e chip.
   config.memory_per_device_gib = 16.0
   # The cost report (mmspec_jax/plan/costs.py): one target step, one verification and one draft
-  # step compiled apart, each row's target cache holding `live_length` valid positions (the
-  # language-only draft's then holds live_length - num_image_tokens: no image slots). 1536 =
+  # step compiled apart (and a feature draft's fc), each row's target cache holding `live_length`
+  # valid positions (the language-only draft's then holds live_length - num_image_tokens: no
+  # image slots). Chains: a tree's calls are not costed here. 1536 =
   # prompt + half the new tokens: the mean live length over the decode phase. 0 skips the report.
   config.live_length = 1536
   # Block efficiency at num_draft_tokens for the predicted speedup; 0 = the mean greedy tau of
-  # `make demo`'s language-only draft at that gamma when its results exist, else the paper's
-  # (about 2.56 at gamma 5). The report says which it used.
+  # `make demo`'s draft of the same kind (language, adapter or feature) at that gamma when its
+  # results exist, else the paper's (about 2.56 at gamma 5). The report says which it used.
   config.tau = 0.0
   # The dtype the cost calls compile in; '' = `dtype`, except float32 on CPU (XLA:CPU has no
   # bfloat16 scatter and converts the whole cache around each write; TPU and GPU do not).

@@ -38,6 +38,7 @@ def test_dynamic_tree_settings():
   assert tree == DynamicTree(6, 4, 24) and str(tree) == 'dynamic:6,4,24'
   assert tree.num_candidates == 4 + 5 * 16 and tree.window_nodes == 24
   assert DynamicTree(6, 8, 10).window_nodes == 40  # The draft's expanded nodes.
+  assert tree.draft_call_widths == (4,) * 5 and DraftTree((3, 2, 1)).draft_call_widths == (3, 6)
   assert parse_shape('dynamic:3,2,5') == (DynamicTree(3, 2, 5), 0.0)
   assert parse_tree('2,2') == DraftTree((2, 2))
   with pytest.raises(ValueError, match=r'num_nodes 7 is more than the 6 candidates'):

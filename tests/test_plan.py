@@ -125,8 +125,39 @@ def test_assumed_tau_comes_from_the_demo_results_or_the_paper(tmp_path):
   results = tmp_path / 'results.json'
   results.write_text(json.dumps({'cells': cells}))
   tau, source = plan_module.assumed_tau(config, str(results))
-  assert tau == 2.5 and "make demo's language-only draft at gamma 5 over its 2 tasks" in source
+  assert tau == 2.5 and "make demo's language draft at gamma 5 over its 2 tasks" in source
+  config.draft = 'tiny_feature_draft'  # A feature draft's tau is the demo's feature draft's.
+  results.write_text(json.dumps({'cells': cells + [dict(cells[0], draft='feature')]}))
+  tau, source = plan_module.assumed_tau(config, str(results))
+  assert tau == 2.0 and "make demo's feature draft at gamma 5 over its 1 tasks" in source
+  config.draft = 'draft_115m'
+  results.write_text(json.dumps({'cells': cells}))
   tau, source = plan_module.assumed_tau(config, str(tmp_path / 'missing.json'))
   assert tau == plan_module.PAPER_TAU and source.startswith("the paper's")
   config.tau = 2.65
   assert plan_module.assumed_tau(config, str(results)) == (2.65, 'config.tau')
+
+
+def test_a_feature_draft_with_a_dynamic_tree(tmp_path):
+  """The feature draft's decoding program, with a dynamic tree, on a (data 2, tensor 4) mesh
+  whose data axis does not divide the 6 slots; its cost report adds the fc (`fuse`), once per
+  step, and its draft step's cache holds the image positions, as the target's."""
+  stdout, reports = _plan(tmp_path, 'feature', '--config.draft=tiny_feature_draft',
+                          '--config.draft_tree=dynamic:5,4,24', '--config.mesh.data=2',
+                          '--config.mesh.tensor=4')
+  assert 'no train step planned for the feature draft' in stdout
+  decoding, slots = reports
+  assert decoding['program'].startswith('speculative decoding tiny_llava + tiny_feature_draft, '
+                                        'tree dynamic:5,4,24')
+  assert slots['alias_size_in_bytes'] >= slots['kv_cache_bytes'] > 0
+  costs = decoding['costs']
+  assert [c['call'] for c in costs['calls']] == ['target step', 'verification', 'draft step',
+                                                 'fuse']
+  target, verification, draft, fuse = costs['calls']
+  feature = presets.get('tiny_feature_draft')
+  # fc: [K, Dt] -> D, float32, whole on every device (the draft's rules replicate weights).
+  assert fuse['ideal_bytes'] == len(feature.feature_layers) * 64 * feature.text.hidden_size * 4
+  assert fuse['tokens_per_row'] == 6 and 0.5 < fuse['ratio'] < 3
+  assert draft['cache_capacity'] == target['cache_capacity']
+  assert costs['formula'] == 'speedup = tau * t_step / (gamma * t_draft + t_fuse + t_verify)'
+  assert 0 < costs['speedup'] < costs['tau']

@@ -31,7 +31,7 @@ from mmspec_jax.convert.loading import load_model
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
-from mmspec_jax.decoding.tree import DraftTree, parse_shape, shape_label
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree, parse_shape, shape_label
 from mmspec_jax.evaluation import tasks as task_data
 from mmspec_jax.models import KVCache, build, parameter_count, text_config
 from mmspec_jax.data.processing import MultimodalProcessor
@@ -205,10 +205,10 @@ def logits_difference(pair: Pair, other: Pair, num_prompts: int = 4) -> float:
   return float(jnp.max(jnp.abs(logits[0] - logits[1])))
 
 
-def draft_call_widths(tree: DraftTree | None) -> list[int]:
+def draft_call_widths(tree: DraftTree | DynamicTree | None) -> list[int]:
   """The tokens of each draft call of one step past the first (which is timed as a 1-token
-  call): a chain's are 1, a tree's the nodes W_d of each depth d < D."""
-  return [] if tree is None else list(tree.level_sizes[1:-1])
+  call): a chain's are 1, a tree's the nodes W_d of each depth d < D (a dynamic tree's K)."""
+  return [] if tree is None else list(tree.draft_call_widths)
 
 
 def step_draft_seconds(run: dict[str, Any], costs: dict[str, float]) -> float:

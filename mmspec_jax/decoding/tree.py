@@ -140,6 +140,11 @@ class DraftTree:
     """Slots past a row's length that a step's tree calls write (target and draft)."""
     return self.num_nodes
 
+  @property
+  def draft_call_widths(self) -> tuple[int, ...]:
+    """The nodes fed by each draft call of a step past the first: W_d of each depth d < D."""
+    return self.level_sizes[1:-1]
+
   def max_children(self, depth: int) -> int:
     """The most children a node of depth - 1 has."""
     return self.branching[depth - 1]
@@ -237,3 +242,8 @@ class DynamicTree:
     """Slots past a row's length that a step's tree calls write: the target's num_nodes, the
     draft's expanded nodes ((depth - 1) * top_k)."""
     return max(self.num_nodes, (self.depth - 1) * self.top_k)
+
+  @property
+  def draft_call_widths(self) -> tuple[int, ...]:
+    """The nodes fed by each draft call of a step past the first: top_k at each depth < D."""
+    return (self.top_k,) * (self.depth - 1)

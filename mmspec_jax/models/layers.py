@@ -85,28 +85,33 @@ class Dense(nn.Module):
     are exact in float32; only the result is rounded, once)."""
     num_in = self.num_contracted
     lead, contracted = x.shape[:-num_in], x.shape[-num_in:]
-    rows = x.reshape(math.prod(lead), math.prod(contracted)).astype(self.dtype)  # [M, in]
     if self.output_major:  # kernel [*features, *in]: as one [out, in] matrix (XLA:CPU would
       # otherwise transpose a kernel with several output axes to input-major on every call).
-      matrix, output_major = kernel.reshape(math.prod(self.features), -1), True
+      rows = x.reshape(math.prod(lead), math.prod(contracted)).astype(self.dtype)  # [M, in]
+      matrix = kernel.reshape(math.prod(self.features), -1)
     else:
-      matrix, output_major = kernel.reshape(-1, math.prod(self.features)), False
-    out = matmul(rows, matrix, output_major=output_major, min_rows=self.min_rows,
+      # The kernel keeps its axes: merging them would merge a sharded axis into an unsharded
+      # one (a fused [D, 2, F] with F split over devices), which costs an all-gather of it.
+      rows = x.reshape(math.prod(lead), *contracted).astype(self.dtype)  # [M, *in]
+      matrix = kernel
+    out = matmul(rows, matrix, output_major=self.output_major, min_rows=self.min_rows,
                  dtype=self.output_dtype or self.dtype)
     return out.reshape(*lead, *self.features)
 
 
 def matmul(rows: jax.Array, matrix: jax.Array, *, output_major: bool, min_rows: int = 1,
            dtype=None) -> jax.Array:
-  """rows [M, in] times a matrix [in, out] (or [out, in] when `output_major`) -> [M, out] in
-  `dtype` (default the rows'), accumulated in float32 when that is narrower (bfloat16 products
+  """rows [M, *in] times a matrix [*in, *out] (or [out, *in] when `output_major`) -> [M, *out]
+  in `dtype` (default the rows'), accumulated in float32 when that is narrower (bfloat16 products
   are exact in float32: the result is rounded once). Fewer than `min_rows` rows are padded with
   zero rows for the multiplication (`Dense.min_rows`)."""
   dtype = jnp.dtype(dtype or rows.dtype)
-  num_rows = rows.shape[0]
+  num_rows, num_in = rows.shape[0], rows.ndim - 1
   if num_rows < min_rows:
-    rows = jnp.pad(rows, ((0, min_rows - num_rows), (0, 0)))
-  out = jax.lax.dot_general(rows, matrix, (((1,), (1 if output_major else 0,)), ((), ())),
+    rows = jnp.pad(rows, ((0, min_rows - num_rows),) + ((0, 0),) * num_in)
+  contracted = (tuple(range(matrix.ndim - num_in, matrix.ndim)) if output_major
+                else tuple(range(num_in)))
+  out = jax.lax.dot_general(rows, matrix, ((tuple(range(1, num_in + 1)), contracted), ((), ())),
                             preferred_element_type=jnp.promote_types(dtype, jnp.float32))
   return out[:num_rows].astype(dtype)
 

@@ -9,8 +9,9 @@ import dataclasses
 
 import ml_collections
 
-from mmspec_jax.models.config import (AdapterDraftConfig, LlamaConfig, LlavaConfig, ModelConfig,
-                                      VisionConfig, from_dict, to_dict)
+from mmspec_jax.models.config import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig,
+                                      LlavaConfig, ModelConfig, VisionConfig,
+                                      default_feature_layers, from_dict, to_dict)
 
 _VICUNA_7B = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
                          num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
@@ -33,6 +34,11 @@ PRESETS: dict[str, ModelConfig] = {
     'draft_115m': _DRAFT_115M,
     # The paper's "compact LLaVA": the 115M draft with an adapter over CLIP-L features.
     'draft_115m_adapter': AdapterDraftConfig(text=_DRAFT_115M, vision_hidden_size=1024),
+    # An EAGLE-3-style feature draft of LLaVA-1.5-7B: one Vicuna-7B decoder layer over the
+    # target's layers 1, 15 and 28, its own head over the 32000 base ids. 0.42B params.
+    'feature_llava_7b': FeatureDraftConfig(
+        text=dataclasses.replace(_VICUNA_7B, vocab_size=32000, num_layers=1, pad_token_id=None),
+        target_hidden_size=4096, feature_layers=default_feature_layers(32)),
     # Tiny CPU presets for tests and smoke runs.
     'tiny_llama': _TINY_TEXT,
     # The paper pair's vocabulary layout, shrunk: a 256-id base vocabulary (a draft's), <image>
@@ -42,6 +48,9 @@ PRESETS: dict[str, ModelConfig] = {
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                             image_size=56, patch_size=14),
         image_token_index=256),
+    'tiny_feature_draft': FeatureDraftConfig(
+        text=dataclasses.replace(_TINY_TEXT, num_layers=1), target_hidden_size=64,
+        feature_layers=default_feature_layers(2)),
     'tiny_adapter_draft': AdapterDraftConfig(
         text=LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512),

@@ -3,7 +3,10 @@
 Three calls are compiled apart, on the plan's mesh and abstract shapes, at a stated live length
 (every row's cache holds `live_length` valid positions): one autoregressive target step (the
 target's `extend` of 1 token per row), one verification (`extend` of gamma + 1 tokens) and one
-draft step (the draft's `extend` of 1 token). For each: XLA's own figures (`cost_analysis()`:
+draft step (the draft's `extend` of 1 token). A feature draft (EAGLE-3 style) adds a fourth, run
+once per step: `fuse` of the target's features at the gamma + 1 verified positions (its fc
+layer); its draft step reads its input projection, one decoder layer and its head, and its cache
+holds the image positions, as the target's. For each: XLA's own figures (`cost_analysis()`:
 bytes accessed and flops; `memory_analysis()`: temporaries), the ideal bytes (every weight read
 once, the live KV read once, the new KV written once), their ratio, and the step times those
 bytes predict at each accelerator's HBM bandwidth; then the speculative speedup they predict at
@@ -40,15 +43,17 @@ import numpy as np
 
 from mmspec_jax import sharding
 from mmspec_jax.decoding import placement
-from mmspec_jax.models import (AdapterDraftConfig, KVCache, LlavaConfig, abstract_params, build,
-                               presets, text_config)
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, KVCache, LlavaConfig,
+                               abstract_params, build, presets, text_config)
 from mmspec_jax.models.config import resolve_dtype, with_dtype
+from mmspec_jax.models import attention
 from mmspec_jax.models.kv_cache import LayerCache
 from mmspec_jax.models.layout import Layout
 
 # HBM bandwidth per chip, bytes/s (vendor figures).
 HBM_BANDWIDTH = (('TPU v5e', 819e9), ('TPU v5p', 2765e9), ('H100 SXM', 3350e9), ('H200', 4800e9))
 SPEEDUP_FORMULA = 'speedup = tau * t_step / (gamma * t_draft + t_verify)'
+FEATURE_SPEEDUP_FORMULA = 'speedup = tau * t_step / (gamma * t_draft + t_fuse + t_verify)'
 MIB = 1024 ** 2
 
 
@@ -62,6 +67,9 @@ class CostCall:
   capacity: int
   live: int
   is_draft: bool = False  # Placed by the draft's logical-axis rules.
+  # 'extend': model.extend(tokens, cache); 'feature_extend': a feature draft's extend (tokens
+  # beside its own hidden states); 'fuse': a feature draft's fc over the target's features.
+  kind: str = 'extend'
 
 
 def cost_dtype(config) -> str:
@@ -82,6 +90,10 @@ def cost_calls(config, dtype: str) -> list[CostCall]:
     return calls
   calls.append(CostCall('verification', text_config(target), gamma + 1, capacity, live))
   draft = with_dtype(presets.get(config.draft), dtype)
+  if isinstance(draft, FeatureDraftConfig):
+    draft.check_target(text_config(target))
+    return calls + [CostCall('draft step', draft, 1, capacity, live, True, 'feature_extend'),
+                    CostCall('fuse', draft, gamma + 1, capacity, live, True, 'fuse')]
   # The language-only draft of a LLaVA target reads the text alone: its cache holds no image slots.
   image_slots = 0
   if isinstance(target, LlavaConfig) and not isinstance(draft, AdapterDraftConfig):
@@ -139,14 +151,36 @@ def write_accounting(cache_shard: tuple[int, ...], num_tokens: int, dtype: str) 
           'in_place': in_place, 'excess_per_write': excess, 'temp_size_in_bytes': temp}
 
 
+def read_accounting(cache_shard: tuple[int, ...], num_tokens: int, dtype: str) -> dict:
+  """XLA's count for the model's read of each token's recent slots (`LayerCache.gather` of
+  RECENT_SLOTS + 1 slots per token, one layer: a short call's blockwise attention reads them
+  from the cache), compiled on one device with one device's shapes. XLA counts a gather's whole
+  operand, as a scatter's; the excess per read is its count beyond the slots read and written."""
+  layers, batch, capacity, kv_heads, head_dim = cache_shard
+  dtype = resolve_dtype(dtype)
+  buffer = jax.ShapeDtypeStruct(cache_shard, dtype)
+  slots = jax.ShapeDtypeStruct((batch, num_tokens * (attention.RECENT_SLOTS + 1)), jnp.int32)
+
+  def read(keys, slots):
+    view = LayerCache(keys=keys, values=keys, lengths=jnp.zeros((batch,), jnp.int32),
+                      layer=layers // 2)
+    return view.gather(slots)[0]
+
+  xla_bytes = _xla_cost(jax.jit(read).lower(buffer, slots).compile())['bytes']
+  read_bytes = math.prod(slots.shape) * kv_heads * head_dim * np.dtype(dtype).itemsize
+  return {'xla_bytes': xla_bytes, 'read_bytes': read_bytes,
+          'excess_per_read': max(0.0, xla_bytes - 2 * read_bytes)}
+
+
 def ideal_bytes(params, cache, num_tokens: int, live: int) -> dict:
   """One device's bytes for a call that reads every weight once (of the embedding table, only the
   rows it gathers), reads the live KV once and writes the new KV once.
 
-  params: the language model's placed abstract params; cache: its placed abstract KVCache."""
+  params: the model's placed abstract params (a feature draft's: its language model's inside);
+  cache: its placed abstract KVCache."""
   layers, batch, _, kv_heads, head_dim = _shard_shape(cache.keys)
   itemsize = np.dtype(cache.keys.dtype).itemsize
-  table = params['embed_tokens']['embedding']
+  table = params.get('language_model', params)['embed_tokens']['embedding']
   rows = batch * num_tokens * _shard_shape(table)[1] * np.dtype(table.dtype).itemsize
   weights = sum(_per_device(leaf) for leaf in jax.tree.leaves(params)) - _per_device(table) + rows
   kv_read = 2 * layers * batch * live * kv_heads * head_dim * itemsize
@@ -167,7 +201,7 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
                                attention_block_size=call.live)
   params = sharding.placed_structs(nn.unbox(abstract_params(call.model, layout)),
                                    placement.param_shardings(call.model, mesh, rules, layout))
-  cache = jax.eval_shape(lambda: KVCache.init(call.model, batch_size, call.capacity,
+  cache = jax.eval_shape(lambda: KVCache.init(text_config(call.model), batch_size, call.capacity,
                                               layout=layout))
   cache = sharding.placed_structs(cache, sharding.tree_shardings(
       cache, KVCache.logical_axes(layout.cache_heads_first), mesh, rules))
@@ -175,18 +209,35 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
   tokens = jax.ShapeDtypeStruct(rows, np.int32, sharding=placement.batch_sharding(rows, mesh,
                                                                                    rules))
   model = build(call.model, layout)
-  extend = jax.jit(lambda p, t, c: model.apply({'params': p}, t, c, method='extend'),
-                   donate_argnums=2)
   start = time.time()
   with placement.mesh_context(mesh, rules):
-    compiled = extend.lower(params, tokens, cache).compile()
+    if call.kind == 'fuse':
+      return _measure_fuse(call, model, params, rows, mesh, rules, start)
+    if call.kind == 'feature_extend':  # Each token beside the draft's own hidden state.
+      hidden = jax.ShapeDtypeStruct(rows + (text_config(call.model).hidden_size,),
+                                    resolve_dtype(call.model.text.dtype),
+                                    sharding=placement.batch_sharding(rows, mesh, rules))
+      extend = jax.jit(lambda p, t, h, c: model.apply({'params': p}, t, h, c, method='extend'),
+                       donate_argnums=3)
+      compiled = extend.lower(params, tokens, hidden, cache).compile()
+    else:
+      extend = jax.jit(lambda p, t, c: model.apply({'params': p}, t, c, method='extend'),
+                       donate_argnums=2)
+      compiled = extend.lower(params, tokens, cache).compile()
   seconds = time.time() - start
   xla = _xla_cost(compiled)
   memory = compiled.memory_analysis()
-  write = write_accounting(_shard_shape(cache.keys), call.num_tokens, call.model.dtype)
-  num_writes = 2 * call.model.num_layers  # Keys and values, per layer.
+  text = text_config(call.model)
+  write = write_accounting(_shard_shape(cache.keys), call.num_tokens, text.dtype)
+  num_writes = 2 * text.num_layers  # Keys and values, per layer.
   excess = num_writes * write['excess_per_write']
-  ideal = ideal_bytes(params, cache, call.num_tokens, call.live)
+  reads = None
+  if call.num_tokens <= attention.SHORT_CALL_MAX_TOKENS:  # Recent slots gathered, per layer.
+    reads = read_accounting(_shard_shape(cache.keys), call.num_tokens, text.dtype)
+    excess += num_writes * reads['excess_per_read']
+  # A feature draft's step reads all its weights but fc (`fuse`, once per step).
+  read = {k: v for k, v in params.items() if k != 'fc'} if call.kind == 'feature_extend' else params
+  ideal = ideal_bytes(read, cache, call.num_tokens, call.live)
   kv_cache_bytes = _per_device(cache.keys) + _per_device(cache.values)
   corrected = xla['bytes'] - excess
   return {
@@ -199,7 +250,31 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
       'ideal_bytes': ideal['total'], 'ideal': ideal, 'ratio': corrected / ideal['total'],
       'temp_size_in_bytes': int(memory.temp_size_in_bytes), 'kv_cache_bytes': kv_cache_bytes,
       'cache_aliased': int(memory.alias_size_in_bytes) >= kv_cache_bytes,
-      'write_accounting': write}
+      'write_accounting': write, 'read_accounting': reads}
+
+
+def _measure_fuse(call: CostCall, model, params, rows, mesh, rules, start) -> dict:
+  """A feature draft's fc over the target's features at the verified positions (no cache)."""
+  draft = call.model
+  shape = rows + (len(draft.feature_layers), draft.target_hidden_size)
+  features = jax.ShapeDtypeStruct(shape, resolve_dtype(draft.text.dtype),
+                                  sharding=placement.batch_sharding(rows, mesh, rules))
+  fc = {'fc': params['fc']}
+  compiled = jax.jit(lambda p, f: model.apply({'params': p}, f, method='fuse')).lower(
+      fc, features).compile()
+  xla = _xla_cost(compiled)
+  weights = sum(_per_device(leaf) for leaf in jax.tree.leaves(fc))
+  ideal = {'weights': weights, 'kv_read': 0, 'kv_written': 0, 'total': weights}
+  return {
+      'call': call.name, 'tokens_per_row': call.num_tokens, 'batch_size': rows[0],
+      'live_length': call.live, 'cache_capacity': 0, 'compile_seconds': round(
+          time.time() - start, 1),
+      'xla_bytes_accessed': xla['bytes'], 'flops': xla['flops'], 'num_cache_writes': 0,
+      'cache_write_excess_bytes': 0.0, 'bytes_accessed': xla['bytes'],
+      'ideal_bytes': weights, 'ideal': ideal, 'ratio': xla['bytes'] / weights,
+      'temp_size_in_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
+      'kv_cache_bytes': 0, 'cache_aliased': True, 'write_accounting': None,
+      'read_accounting': None}
 
 
 def report(config, mesh, rules, draft_rules, layout: Layout) -> dict:
@@ -219,13 +294,13 @@ def report(config, mesh, rules, draft_rules, layout: Layout) -> dict:
             'per': 'device', 'calls': calls}
   if config.draft:
     gamma, tau = config.num_draft_tokens, config.tau
-    step, verify, draft = (c['bytes_accessed'] for c in calls)
-    ideal_step, ideal_verify, ideal_draft = (c['ideal_bytes'] for c in calls)
+    # t = bytes / bandwidth for every call, so the bandwidth cancels: one speedup for all.
+    speedup = lambda step, verify, draft, fuse=0.0: tau * step / (gamma * draft + fuse + verify)
     result.update(
-        gamma=gamma, tau=tau, formula=SPEEDUP_FORMULA,
-        # t = bytes / bandwidth for every call, so the bandwidth cancels: one speedup for all.
-        speedup=tau * step / (gamma * draft + verify),
-        ideal_speedup=tau * ideal_step / (gamma * ideal_draft + ideal_verify))
+        gamma=gamma, tau=tau,
+        formula=FEATURE_SPEEDUP_FORMULA if len(calls) == 4 else SPEEDUP_FORMULA,
+        speedup=speedup(*(c['bytes_accessed'] for c in calls)),
+        ideal_speedup=speedup(*(c['ideal_bytes'] for c in calls)))
   return result
 
 
@@ -251,10 +326,14 @@ def print_report(costs: dict) -> None:
           f"{_mib(c['ideal_bytes']):>9s} {c['ratio']:5.2f} {c['flops'] / 1e9:6.1f} "
           f"{_mib(c['temp_size_in_bytes']):>8s} {_mib(c['kv_cache_bytes']):>8s}"
           + ('' if c['cache_aliased'] else '  (cache NOT updated in place)'))
-  print('  corrected = XLA - writes; ratio = corrected / ideal; temp = temporaries, against the '
-        "call's KV cache (KV)")
+  print("  corrected = XLA - the cache writes' and reads' excess (writes MiB); ratio = corrected / "
+        "ideal; temp = temporaries, against the call's KV cache (KV)")
   for c in calls:
     w, i = c['write_accounting'], c['ideal']
+    if w is None:
+      print(f"  {c['call']}: ideal = its weights {_mib(i['weights'])} MiB, once per step (the "
+            "target's features it reads are a few KiB)")
+      continue
     print(f"  {c['call']}: ideal = weights {_mib(i['weights'])} (of the embedding table only the "
           f"rows gathered) + live KV read {_mib(i['kv_read'])} + new KV written "
           f"{_mib(i['kv_written'])} MiB")
@@ -264,6 +343,12 @@ def print_report(costs: dict) -> None:
             f"KiB in place (temporaries {w['temp_size_in_bytes'] / 1024:,.0f} KiB), yet XLA "
             f"counts {_mib(w['xla_bytes'] / 2)} MiB: {_mib(w['excess_per_write'])} MiB too many, "
             f"subtracted for each of the {c['num_cache_writes']} writes (keys, values per layer)")
+    r = c.get('read_accounting')
+    if r:
+      print(f"    reads: a lone read of the tokens' recent slots (LayerCache.gather, "
+            f"{r['read_bytes'] / 1024:,.0f} KiB) is counted as {_mib(r['xla_bytes'])} MiB (XLA "
+            f"counts a gather's whole operand): {_mib(r['excess_per_read'])} MiB too many, "
+            f"subtracted for each of the {c['num_cache_writes']} reads")
     else:
       print(f"    writes: NOT in place: a lone cache write into one device's "
             f"{_mib(w['buffer_bytes'])} MiB buffer needs {_mib(w['temp_size_in_bytes'])} MiB of "

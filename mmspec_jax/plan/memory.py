@@ -40,8 +40,8 @@ from mmspec_jax.decoding.session import eos_token_ids
 from mmspec_jax.decoding.slots import SlotPrograms
 from mmspec_jax.decoding.tree import parse_tree
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.models import (KVCache, LlavaConfig, abstract_params, build, presets,
-                               text_config)
+from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, KVCache, LlavaConfig,
+                               abstract_params, build, presets, text_config)
 from mmspec_jax.models.config import with_dtype
 from mmspec_jax.models.layout import Layout
 from mmspec_jax.training.optimizer import make_optimizer
@@ -209,7 +209,12 @@ def run(config) -> list[dict]:
   if config.slots.num_slots:
     reports.append(plan_slots(config, mesh, rules, draft_rules, layout))
   if config.draft and config.train.batch_size:
-    reports.append(plan_training(config, mesh, rules))
+    if isinstance(presets.get(config.draft), FeatureDraftConfig):
+      # Its stage (feature_distill) runs the frozen target in the step: not planned here.
+      print(f'\n(no train step planned for the feature draft {config.draft}: its training '
+            'step runs the frozen target beside it)')
+    else:
+      reports.append(plan_training(config, mesh, rules))
   for report in reports:
     report['peak_bytes'] = _peak(report)
     report['fits'] = report['peak_bytes'] <= config.memory_per_device_gib * GIB
@@ -235,24 +240,33 @@ def run(config) -> list[dict]:
 PAPER_TAU = 2.56
 
 
+def _draft_kind(config) -> str:
+  """The demo's draft of the plan's draft's kind: 'feature', 'adapter' or 'language'."""
+  draft = presets.get(config.draft) if config.draft else None
+  if isinstance(draft, FeatureDraftConfig):
+    return 'feature'
+  return 'adapter' if isinstance(draft, AdapterDraftConfig) else 'language'
+
+
 def assumed_tau(config, results_path: str | None = None) -> tuple[float, str]:
   """The tau the predicted speedup assumes, and where it comes from: config.tau when set (> 0);
-  else the mean greedy tau of `make demo`'s language-only draft at config.num_draft_tokens over
-  its tasks, when its evaluation results exist; else the paper's."""
+  else the mean greedy tau of `make demo`'s draft of the same kind (language-only, adapter or
+  feature) at config.num_draft_tokens over its tasks, when its evaluation results exist; else
+  the paper's."""
   if config.tau:
     return float(config.tau), 'config.tau'
   path = results_path or os.path.join(artifacts.results_dir(), 'results.json')
-  gamma = config.num_draft_tokens
+  gamma, kind = config.num_draft_tokens, _draft_kind(config)
   try:
     with open(path, encoding='utf-8') as f:
       cells = json.load(f)['cells']
     taus = [c['block_efficiency'] for c in cells
-            if c.get('draft') == 'language' and c.get('sampling') == 'greedy'
+            if c.get('draft') == kind and c.get('sampling') == 'greedy'
             and c.get('gamma') == gamma and not c.get('shape')]
   except (OSError, ValueError, KeyError, TypeError):
     taus = []
   if taus:
-    return sum(taus) / len(taus), (f"the mean greedy tau of make demo's language-only draft at "
+    return sum(taus) / len(taus), (f"the mean greedy tau of make demo's {kind} draft at "
                                    f'gamma {gamma} over its {len(taus)} tasks ({path}; measured '
                                    'on the offline world\'s small pair, not on LLaVA-1.5-7B)')
   return PAPER_TAU, ("the paper's: MBSU 2.37 at gamma 5 on LLaVA-1.5-7B with its 115M draft, "
