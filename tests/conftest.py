@@ -37,10 +37,11 @@ if 'MMSPEC_TEST_COMPILATION_CACHE' not in os.environ:
 _LONGEST_FIRST = (
     'test_decode_cli.py', 'test_training_restarts.py', 'test_decoding_sampling.py',
     'test_continuous_batching.py', 'test_world_training.py', 'test_serving.py',
-    'test_evaluate.py', 'test_sharded_decoding.py', 'test_pallas_attention.py',
-    'test_bfloat16.py', 'test_decoding_greedy.py', 'test_decoding_layout.py', 'test_kv_cache.py',
-    'test_training_loop.py', 'test_decoding_trees.py', 'test_data_pipeline.py',
-    'test_training_step.py', 'test_plan.py', 'test_packaging.py', 'test_conversion.py')
+    'test_evaluate.py', 'test_sharded_decoding.py', 'test_plan.py', 'test_pallas_attention.py',
+    'test_dynamic_tree.py', 'test_bfloat16.py', 'test_decoding_feature.py',
+    'test_decoding_greedy.py', 'test_decoding_layout.py', 'test_kv_cache.py',
+    'test_training_loop.py', 'test_decoding_trees.py', 'test_feature_draft.py',
+    'test_data_pipeline.py', 'test_training_step.py', 'test_packaging.py', 'test_conversion.py')
 
 
 def pytest_collection_modifyitems(session, config, items):

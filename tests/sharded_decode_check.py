@@ -21,7 +21,7 @@ from mmspec_jax.convert.loading import load_model, save_converted  # noqa: E402
 from mmspec_jax.decoding import placement  # noqa: E402
 from mmspec_jax.decoding.engine import SpeculativeDecoder  # noqa: E402
 from mmspec_jax.decoding.sampling import SamplingConfig  # noqa: E402
-from mmspec_jax.decoding.tree import DraftTree  # noqa: E402
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree  # noqa: E402
 from mmspec_jax.models import Layout, build  # noqa: E402
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -149,6 +149,19 @@ def main():
       'tokens_equal': bool((feature_result.tokens == reference.tokens).all()
                            and (feature_result.num_generated == reference.num_generated).all()),
       'accepted': int(feature_result.accepted_by_position.sum())}
+
+  # A dynamic tree on a mesh: each row's own tree attention (a batch axis in its pattern) with
+  # the batch split over data.
+  dynamic_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(feature_config, LAYOUT),
+                                       3, SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES,
+                                       draft_tree=DynamicTree(3, 2, 5))
+  dynamic_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), dynamic_decoder,
+                             target_config, target_params, feature_config,
+                             jax.tree.map(np.asarray, feature_params), inputs)
+  results['dynamic_4x2'] = {
+      'tokens_equal': bool((dynamic_result.tokens == reference.tokens).all()
+                           and (dynamic_result.num_generated == reference.num_generated).all()),
+      'accepted': int(dynamic_result.accepted_by_position.sum())}
 
   results['continuous_4x2'] = continuous_on_a_mesh(target_config, target_params, draft_config,
                                                    draft_params)

@@ -109,6 +109,18 @@ def test_cost_report(plans):
     assert set(times) == {'TPU v5e', 'TPU v5p', 'H100 SXM', 'H200'}
     assert times['TPU v5e'] > times['H200'] > 0
   assert 0 < costs['speedup'] < costs['tau'] and 0 < costs['ideal_speedup'] < costs['tau']
+  # Over tensor=4 each device does at most half of its rows' matmuls: a fused kernel flattened
+  # across its sharded axis was gathered whole on every call, and each device computed the
+  # whole MLP (475 and 2,844 kFLOP here against the bounds of 362 and 2,175).
+  text = target.text
+  matmul_params = text.num_layers * (
+      text.hidden_size * (text.num_heads + 2 * text.num_kv_heads) * text.head_dim
+      + text.num_heads * text.head_dim * text.hidden_size
+      + 3 * text.hidden_size * text.intermediate_size) + text.hidden_size * text.vocab_size
+  for call in plans[1][1][0]['costs']['calls'][:2]:
+    rows_here = 8 // 2 * call['tokens_per_row']  # batch 8 over data=2
+    assert call['flops'] < 0.5 * 2 * rows_here * matmul_params, call['call']
+    assert call['collectives']['all-reduce'] > 0
 
 
 def test_assumed_tau_comes_from_the_demo_results_or_the_paper(tmp_path):

@@ -33,6 +33,7 @@ def test_tree_decoding_on_a_mesh_equals_the_chain_on_one_device(results):
 
 def test_feature_draft_on_a_mesh_equals_the_chain_on_one_device(results):
   assert results['feature_4x2']['tokens_equal'] and results['feature_4x2']['accepted'] > 0
+  assert results['dynamic_4x2']['tokens_equal'] and results['dynamic_4x2']['accepted'] > 0
 
 
 def test_continuous_batching_on_a_mesh_equals_each_request_alone_on_one_device(results):

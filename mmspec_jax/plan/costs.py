@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 
 import flax.linen as nn
@@ -109,6 +110,17 @@ def _per_device(struct) -> int:
 
 def _shard_shape(struct) -> tuple[int, ...]:
   return tuple(struct.sharding.shard_shape(struct.shape))
+
+
+_COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def collectives(compiled) -> dict[str, int]:
+  """How many of each cross-device collective the compiled program runs (its HLO text): a
+  tensor-parallel step needs all-reduces only; an all-gather means a sharded weight was made
+  whole."""
+  text = compiled.as_text()
+  return {name: len(re.findall(rf'\s{name}(?:-start)?\(', text)) for name in _COLLECTIVES}
 
 
 def _xla_cost(compiled) -> dict:
@@ -250,7 +262,7 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
       'ideal_bytes': ideal['total'], 'ideal': ideal, 'ratio': corrected / ideal['total'],
       'temp_size_in_bytes': int(memory.temp_size_in_bytes), 'kv_cache_bytes': kv_cache_bytes,
       'cache_aliased': int(memory.alias_size_in_bytes) >= kv_cache_bytes,
-      'write_accounting': write, 'read_accounting': reads}
+      'write_accounting': write, 'read_accounting': reads, 'collectives': collectives(compiled)}
 
 
 def _measure_fuse(call: CostCall, model, params, rows, mesh, rules, start) -> dict:
@@ -274,7 +286,7 @@ def _measure_fuse(call: CostCall, model, params, rows, mesh, rules, start) -> di
       'ideal_bytes': weights, 'ideal': ideal, 'ratio': xla['bytes'] / weights,
       'temp_size_in_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
       'kv_cache_bytes': 0, 'cache_aliased': True, 'write_accounting': None,
-      'read_accounting': None}
+      'read_accounting': None, 'collectives': collectives(compiled)}
 
 
 def report(config, mesh, rules, draft_rules, layout: Layout) -> dict:
@@ -330,6 +342,8 @@ def print_report(costs: dict) -> None:
         "ideal; temp = temporaries, against the call's KV cache (KV)")
   for c in calls:
     w, i = c['write_accounting'], c['ideal']
+    ran = ', '.join(f'{n} {name}' for name, n in c['collectives'].items() if n)
+    print(f"  {c['call']}: collectives {ran or 'none'}")
     if w is None:
       print(f"  {c['call']}: ideal = its weights {_mib(i['weights'])} MiB, once per step (the "
             "target's features it reads are a few KiB)")
