@@ -126,42 +126,27 @@ def main():
                                  == reference.reached_by_position).all()),
         'q_proj_spec': spec}
 
-  # A tree decoder on a mesh: the same greedy tokens as the chain on one device.
-  tree_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(draft_config, LAYOUT), 3,
-                                    SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES,
-                                    draft_tree=DraftTree((2, 2, 1)))
-  tree_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), tree_decoder,
-                          target_config, target_params, draft_config, draft_params, inputs)
-  results['tree_4x2'] = {
-      'tokens_equal': bool((tree_result.tokens == reference.tokens).all()
-                           and (tree_result.num_generated == reference.num_generated).all()),
-      'accepted': int(tree_result.accepted_by_position.sum())}
+  def against_the_chain(draft, tree=None):
+    """Greedy decoding with `draft` (and `tree`) on a (4, 2) mesh against the chain on one
+    device: whether the tokens are equal, and the drafts accepted."""
+    config, params = draft
+    decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(config, LAYOUT), 3,
+                                 SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES,
+                                 draft_tree=tree)
+    result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), decoder, target_config,
+                       target_params, config, jax.tree.map(np.asarray, params), inputs)
+    return {'tokens_equal': bool((result.tokens == reference.tokens).all()
+                                 and (result.num_generated == reference.num_generated).all()),
+            'accepted': int(result.accepted_by_position.sum())}
 
+  # A tree decoder on a mesh: the same greedy tokens as the chain on one device.
+  results['tree_4x2'] = against_the_chain((draft_config, draft_params), DraftTree((2, 2, 1)))
   # The feature draft on a mesh: its pending target features [B, G + 1, K, D] ride in the
   # state with the batch split over data; greedy, so the chain's tokens on one device.
-  feature_config, feature_params = fx.feature_draft(target_config, target_params)
-  feature_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(feature_config, LAYOUT),
-                                       3, SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES)
-  feature_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), feature_decoder,
-                             target_config, target_params, feature_config,
-                             jax.tree.map(np.asarray, feature_params), inputs)
-  results['feature_4x2'] = {
-      'tokens_equal': bool((feature_result.tokens == reference.tokens).all()
-                           and (feature_result.num_generated == reference.num_generated).all()),
-      'accepted': int(feature_result.accepted_by_position.sum())}
-
-  # A dynamic tree on a mesh: each row's own tree attention (a batch axis in its pattern) with
-  # the batch split over data.
-  dynamic_decoder = SpeculativeDecoder(build(target_config, LAYOUT), build(feature_config, LAYOUT),
-                                       3, SamplingConfig(), 16, (-1,), draft_rules=DRAFT_RULES,
-                                       draft_tree=DynamicTree(3, 2, 5))
-  dynamic_result, _ = decode(sharding.make_mesh({'data': 4, 'tensor': 2}), dynamic_decoder,
-                             target_config, target_params, feature_config,
-                             jax.tree.map(np.asarray, feature_params), inputs)
-  results['dynamic_4x2'] = {
-      'tokens_equal': bool((dynamic_result.tokens == reference.tokens).all()
-                           and (dynamic_result.num_generated == reference.num_generated).all()),
-      'accepted': int(dynamic_result.accepted_by_position.sum())}
+  feature = fx.feature_draft(target_config, target_params)
+  results['feature_4x2'] = against_the_chain(feature)
+  # A dynamic tree on a mesh: each row's own tree attention (a batch axis in its pattern).
+  results['dynamic_4x2'] = against_the_chain(feature, DynamicTree(3, 2, 5))
 
   results['continuous_4x2'] = continuous_on_a_mesh(target_config, target_params, draft_config,
                                                    draft_params)
