@@ -68,9 +68,10 @@ def speculative_accept(rng: jax.Array, draft_tokens: jax.Array, draft_probs: jax
 
 # --- trees (decoding/tree.py, decoding/dynamic_tree.py) -----------------------------------------
 # Axis legend: N draft nodes, N + 1 with the root (flattened: a parent before its children, a
-# node's children consecutive, in the order drawn), D depth, P nodes with children. Each returns (int32[B] n accepted, int32[B, D + 1] emitted tokens of which the first
-# n + 1 count, int32[B, D] the accepted path: the flattened index of its node at depth j + 1,
-# or j + 1 past n, where moving the cache slot onto itself changes nothing).
+# node's children consecutive, in the order drawn), D depth, P nodes with children. Each returns
+# (int32[B] n accepted, int32[B, D + 1] emitted tokens of which the first n + 1 count,
+# int32[B, D] the accepted path: the flattened index of its node at depth j + 1, or j + 1 past
+# n, a placeholder whose slot lies past the row's new length, so moving it changes nothing kept).
 
 
 def _take(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -154,8 +155,9 @@ def recursive_tree_accept(rng: jax.Array, tree, node_tokens: jax.Array, node_val
   token is drawn from the last p, and past an accepted leaf from the target at the leaf. The
   emitted tokens are then distributed exactly as the target's.
 
-  rng: a key per row (key[B]); draft_probs float32[B, P, V] at the nodes with children (the
-  first P of the flattened order); target_probs float32[B, N + 1, V].
+  rng: a key per row (key[B]); draft_probs float32[B, P, V] at a static tree's nodes with
+  children (the first P of the flattened order), or float32[B, N + 1, V] at every node of a
+  dynamic tree (decoding/dynamic_tree.py); target_probs float32[B, N + 1, V].
   """
   tokens, valid = _with_root(node_tokens, node_valid)
   batch = tokens.shape[0]

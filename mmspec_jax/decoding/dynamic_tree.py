@@ -19,11 +19,12 @@ row must not choose x by its own probability: recursive rejection sampling is ex
 child it tries was drawn from q without replacement and the decision to try the j-th child does
 not depend on that child's token. So a sampled row scores its j-th child by value(v) * r_j,
 r_j = 1 - (the q of its earlier siblings): the mass left when it was drawn, known before the
-draw. Every candidate that depends on x's token (x's subtree, its later siblings and theirs)
-scores at most x's score, and ties go to the earlier candidate, so whether x is expanded or
-verified depends only on candidates drawn before it; its value (which a descendant's score
-uses) is clamped to its score, which keeps every parent's score at least its children's and
-the verified set a tree.
+draw (an exclusive prefix sum, and a running minimum over siblings, so that rounding keeps it
+so). Every candidate that depends on x's token (x's subtree, its later siblings and theirs)
+scores at most x's score and comes later in candidate order, where ties are broken, so whether
+x is expanded or verified depends only on the candidates that rank above it, none of which
+depends on x's token; its value (which a descendant's score uses) is clamped to its score, so a
+parent never scores below its children and the verified set is a tree.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ class RowTree:
                          mask=ancestors, path=self.path)
 
   def draft_sources(self, path: jax.Array) -> jax.Array:
-    """The accepted path (int32[B, D]) as the draft's window slots of depths 1 .. D-1; an entry
-    past the accepted nodes, or not expanded (only ever the deepest accepted), is its own slot."""
+    """The accepted path (int32[B, D]) as the draft's window slots of depths 1 .. D-1. Only the
+    entries before the deepest accepted node matter (it and the placeholders past it move onto
+    slots at or past the row's new draft length); a node not expanded (only ever the deepest
+    accepted) keeps its own slot."""
     own = jnp.arange(self.depth - 1, dtype=jnp.int32)[None, :]
     slots = _take(self.draft_slots, path[:, :-1])
     return jnp.where(slots >= 0, slots, own)
@@ -115,9 +118,13 @@ def _scores(parent_value, child_q, rows, greedy_engine: bool):
   value = parent_value[:, :, None] + jnp.log(child_q)
   if greedy_engine:
     return value, value
-  drawn_before = jnp.cumsum(child_q, axis=-1) - child_q
+  # The mass of the earlier siblings alone: an exclusive prefix sum (cumsum - q would round
+  # with the child's own q in it), and a running minimum so rounding never lifts a later
+  # sibling above an earlier one.
+  summed = jnp.cumsum(child_q, axis=-1)
+  drawn_before = jnp.concatenate([jnp.zeros_like(summed[..., :1]), summed[..., :-1]], axis=-1)
   left = jnp.clip(1.0 - drawn_before, jnp.finfo(jnp.float32).tiny, 1.0)
-  score = parent_value[:, :, None] + jnp.log(left)
+  score = jax.lax.cummin(parent_value[:, :, None] + jnp.log(left), axis=child_q.ndim - 1)
   if rows is not None:
     score = jnp.where(rows.greedy[:, None, None], value, score)
   return score, jnp.minimum(value, score)

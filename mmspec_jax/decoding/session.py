@@ -41,7 +41,7 @@ from mmspec_jax.decoding.engine import SpeculativeDecoder
 from mmspec_jax.decoding.scheduler import Scheduler
 from mmspec_jax.decoding.slots import SlotPrograms
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree
 from mmspec_jax.models import (AdapterDraftConfig, FeatureDraftConfig, LlamaConfig, LlavaConfig,
                                build, parameter_count, text_config)
 from mmspec_jax.models import precision
@@ -129,7 +129,7 @@ class Decoder:
   max_new_tokens: int
   with_images: bool
   eos_token_ids: tuple[int, ...]
-  draft_tree: DraftTree | None = None
+  draft_tree: DraftTree | DynamicTree | None = None
   confidence_threshold: float = 0.0
   # Each request samples under its own settings (Request.sampling; `sampling` the default).
   per_request_sampling: bool = False
@@ -307,7 +307,7 @@ class DecodeSession:
   # --- decoders and programs ------------------------------------------------------------------
   def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
               max_new_tokens: int, requests: Sequence[inputs.Request] = (),
-              eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | None = None,
+              eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | DynamicTree | None = None,
               confidence_threshold: float = 0.0,
               per_request_sampling: bool | None = None,
               with_images: bool | None = None) -> Decoder:

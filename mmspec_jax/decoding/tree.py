@@ -51,7 +51,8 @@ def parse_shape(text: str) -> tuple[DraftTree | DynamicTree, float]:
 
 
 def shape_label(tree: DraftTree | DynamicTree, threshold: float = 0.0) -> str:
-  """parse_shape's inverse, with 'x' between the factors: '3x2x1', '1x1x1x1x1@0.4'."""
+  """parse_shape's inverse, with 'x' between a static tree's factors: '3x2x1', '1x1x1x1x1@0.4',
+  'dynamic:6,4,24'."""
   return str(tree) + (f'@{threshold:g}' if threshold else '')
 
 

@@ -35,7 +35,8 @@ PRESETS: dict[str, ModelConfig] = {
     # The paper's "compact LLaVA": the 115M draft with an adapter over CLIP-L features.
     'draft_115m_adapter': AdapterDraftConfig(text=_DRAFT_115M, vision_hidden_size=1024),
     # An EAGLE-3-style feature draft of LLaVA-1.5-7B: one Vicuna-7B decoder layer over the
-    # target's layers 1, 15 and 28, its own head over the 32000 base ids. 0.42B params.
+    # target's layers 1, 15 and 28, its own head over the 32000 base ids. 0.55B params; a draft
+    # step reads 0.37B of them (not the embedding table, only its rows; the fc once per step).
     'feature_llava_7b': FeatureDraftConfig(
         text=dataclasses.replace(_VICUNA_7B, vocab_size=32000, num_layers=1, pad_token_id=None),
         target_hidden_size=4096, feature_layers=default_feature_layers(32)),

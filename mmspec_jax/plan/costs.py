@@ -357,16 +357,16 @@ def print_report(costs: dict) -> None:
             f"KiB in place (temporaries {w['temp_size_in_bytes'] / 1024:,.0f} KiB), yet XLA "
             f"counts {_mib(w['xla_bytes'] / 2)} MiB: {_mib(w['excess_per_write'])} MiB too many, "
             f"subtracted for each of the {c['num_cache_writes']} writes (keys, values per layer)")
+    else:
+      print(f"    writes: NOT in place: a lone cache write into one device's "
+            f"{_mib(w['buffer_bytes'])} MiB buffer needs {_mib(w['temp_size_in_bytes'])} MiB of "
+            f"temporaries; nothing subtracted (on CPU, use --config.cost_dtype=float32)")
     r = c.get('read_accounting')
     if r:
       print(f"    reads: a lone read of the tokens' recent slots (LayerCache.gather, "
             f"{r['read_bytes'] / 1024:,.0f} KiB) is counted as {_mib(r['xla_bytes'])} MiB (XLA "
             f"counts a gather's whole operand): {_mib(r['excess_per_read'])} MiB too many, "
             f"subtracted for each of the {c['num_cache_writes']} reads")
-    else:
-      print(f"    writes: NOT in place: a lone cache write into one device's "
-            f"{_mib(w['buffer_bytes'])} MiB buffer needs {_mib(w['temp_size_in_bytes'])} MiB of "
-            f"temporaries; nothing subtracted (on CPU, use --config.cost_dtype=float32)")
   names = [name for name, _ in HBM_BANDWIDTH]
   print(f"  predicted time per call in {costs['plan_dtype']} (bytes / HBM bandwidth), ms:")
   print('  ' + ' ' * 13 + ''.join(f'{name:>10s}' for name in names))
