@@ -132,6 +132,12 @@ def ragged_batch(config, seed=0):
   return (*pad_rows(rows), images)
 
 
+def generated_rows(result):
+  """Each row's new tokens of a DecodeResult, as lists."""
+  return [np.asarray(result.tokens)[b, :int(result.num_generated[b])].tolist()
+          for b in range(result.tokens.shape[0])]
+
+
 CONTINUOUS_BUDGETS = (9, 3, 12, 5, 7, 12)
 
 

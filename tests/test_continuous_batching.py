@@ -15,7 +15,7 @@ from mmspec_jax.convert.loading import save_converted
 from mmspec_jax.decoding import inputs, runner
 from mmspec_jax.decoding.sampling import SamplingConfig
 from mmspec_jax.decoding.session import DecodeSession
-from mmspec_jax.decoding.tree import DraftTree
+from mmspec_jax.decoding.tree import DraftTree, DynamicTree
 from mmspec_jax.models import AdapterDraftConfig, LlamaConfig, init_params
 from mmspec_jax.testing import tiny_hf as hf_builders
 
@@ -47,6 +47,7 @@ CASES = {
     'autoregressive': (None, 0, None),
     'chain': ('language', 3, None),
     'tree': ('language', 3, DraftTree((2, 2, 1))),
+    'dynamic': ('language', 3, DynamicTree(3, 2, 5)),  # Each row's own tree (EAGLE-2).
     'adapter': ('adapter', 2, None),
 }
 
@@ -110,7 +111,7 @@ OWN_SAMPLING = (SamplingConfig(), SamplingConfig(temperature=1.0),
                 SamplingConfig(temperature=1.3))
 
 
-@pytest.mark.parametrize('case', ['chain', 'tree'])
+@pytest.mark.parametrize('case', ['chain', 'tree', 'dynamic'])
 def test_greedy_and_sampled_requests_share_a_batch(session, case):
   """Each request, among others with other settings, gets the tokens a decoder of its own
   settings alone gives it: greedy rows are greedy, sampled rows are the (statistically tested)

@@ -26,10 +26,6 @@ MAX_NEW_TOKENS = 24
 NO_EOS = (-1,)
 
 
-def _rows(result):
-  return [np.asarray(result.tokens)[b, :int(result.num_generated[b])].tolist()
-          for b in range(result.tokens.shape[0])]
-
 
 @pytest.fixture(scope='module')
 def setting():
@@ -61,7 +57,7 @@ def test_greedy_feature_drafting_equals_autoregressive(setting, shape):
                                confidence_threshold=threshold)
   assert decoder.draft_prompt_length([[1, 2]], 8) is None  # It reads every position, images too.
   result = decoder.generate(target_params, draft_params, *batch, jax.random.key(0))
-  assert _rows(result) == _rows(autoregressive)
+  assert fx.generated_rows(result) == fx.generated_rows(autoregressive)
   steps = int((result.num_target_calls - 1).sum())
   accepted = int(result.num_accepted.sum())
   assert 0 < accepted < steps * gamma  # Both paths exercised.

@@ -39,10 +39,6 @@ def _decode(decoder, target_params, draft_params, inputs):
                           draft_prompt_length=draft_length)
 
 
-def _rows(result):
-  return [np.asarray(result.tokens)[b, :int(result.num_generated[b])].tolist()
-          for b in range(result.tokens.shape[0])]
-
 
 @pytest.fixture(scope='module')
 def setting():
@@ -51,7 +47,7 @@ def setting():
   autoregressive = _decode(_decoder(target_config, None, 0), target_params, None, inputs)
   drafts = {'language': fx.language_draft(target_config, target_params),
             'adapter': fx.adapter_draft(target_config, target_params)}
-  return target_config, target_params, inputs, _rows(autoregressive), drafts
+  return target_config, target_params, inputs, fx.generated_rows(autoregressive), drafts
 
 
 @pytest.fixture(scope='module')
@@ -78,7 +74,7 @@ def test_greedy_tree_decoding_equals_autoregressive(setting, chain, kind, branch
   tree = DraftTree(branching)
   result = _decode(_decoder(target_config, draft_config, tree.depth, tree, threshold),
                    target_params, draft_params, inputs)
-  assert _rows(result) == autoregressive
+  assert fx.generated_rows(result) == autoregressive
   steps = int((result.num_target_calls - 1).sum())
   accepted = int(result.num_accepted.sum())
   assert 0 < accepted < steps * tree.depth  # Accepts and rejects both happened.

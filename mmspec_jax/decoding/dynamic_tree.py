@@ -103,7 +103,7 @@ def _children(engine, logits, rows, key, top_k: int):
     greedy = rows.greedy[:, None, None]
     tokens = jnp.where(greedy, top.astype(jnp.int32), tokens)
     drawn = jnp.where(greedy, jnp.isfinite(top_scores), drawn)
-    scored = jnp.where(greedy[..., None], jax.nn.softmax(padded, axis=-1), q)
+    scored = jnp.where(greedy, jax.nn.softmax(padded, axis=-1), q)  # [B, W, V]
     return tokens, drawn, _take_last(scored, tokens), q
   return tokens, drawn, _take_last(q, tokens), q
 
