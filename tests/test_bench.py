@@ -134,12 +134,17 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
                             'prefill_calls': 8}
   results['continuous'] = {'ragged speculative': {
       'static': run(100, 0.38), 'continuous': run(210, 0.86), 'speedup': 2.1,
-      'tokens_identical': True, 'chunk_steps': {4: run(190, 0.85)}}}
+      'tokens_identical': True, 'chunk_steps': {4: run(190, 0.85)},
+      'arrival': run(180, 0.84)}}
   text = report.markdown(results)
   assert ('| ragged speculative | 100 | 210 | 2.10x | 38% / 86% (87%; 97%) | 0.100 / 0.200 | '
           '0.0100 | 90 / 8; 90 / 8 | True |') in text
   assert ('continuous over static tokens/s 2.10x (goal >= 1.8: met); slot utilization 86% '
           '(goal >= 90%: not met; this workload\'s ideal 87%)') in text
+  assert ('ragged speculative, admitted in arrival order (first come first served, a server\'s '
+          'order) instead of the largest budgets first: 180 tokens/s (1.80x static), utilization '
+          '84% (ideal 87%; 97% while waiting), 90 steps / 8 prefill calls, TTFT p50 / p99 0.100 / '
+          '0.200 s') in text
   assert 'fraction of roofline (ours, bfloat16): 0.90 (goal >= 0.9: met)' in text
   assert ('speedup over transformers (each in its fastest precision: ours bfloat16, '
           'transformers float32): 1.20 (goal >= 1.6: not met)') in text

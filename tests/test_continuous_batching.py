@@ -174,6 +174,39 @@ def test_a_chunk_ends_when_a_row_finishes_while_requests_wait(session):
   assert scheduler.utilization_while_waiting == 1.0
 
 
+def test_longest_first_admits_the_largest_budgets_first(session):
+  """admission_order='longest_first': waiting requests enter by budget, largest first (ties in
+  arrival order; a request submitted later passes smaller waiting ones), each with the tokens it
+  gets in arrival order; the lone long row at the end is gone, and with it slot-steps."""
+  session, requests = session
+  decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
+                            max_new_tokens=MAX_NEW_TOKENS, requests=requests, eos_token_ids=())
+  budgets = (3, 5, 5, 4, 12, 4)
+  runs = {}
+  for order in ('arrival', 'longest_first'):
+    scheduler = session.scheduler(decoder, num_slots=2, capacity=128, chunk_steps=50,
+                                  prefill_width=2, key=RUN_KEY, admission_order=order)
+    admitted, prefill = [], scheduler._prefill
+    scheduler._prefill = lambda group, slots: (admitted.extend(e[0] for e in group),
+                                               prefill(group, slots))
+    handles = [scheduler.submit(r, b) for r, b in zip(requests[:5], budgets)]
+    finished = {}
+    while not scheduler.idle:
+      if scheduler.chunks == 1 and len(handles) == 5:  # Arrives after the first chunk.
+        handles.append(scheduler.submit(requests[5], budgets[5]))
+      finished.update({e.handle: e.finished for e in scheduler.step() if e.finished})
+    runs[order] = ([finished[h].token_ids for h in handles], admitted, scheduler.slot_steps)
+  assert [len(t) for t in runs['arrival'][0]] == list(budgets)
+  assert runs['longest_first'][0] == runs['arrival'][0]
+  assert runs['arrival'][1] == [0, 1, 2, 3, 4, 5]
+  assert runs['longest_first'][1] == [4, 1, 2, 3, 5, 0]
+  # Steps after each prefill's token: arrival ends with the 12 alone (17 steps of 2 slots);
+  # longest first runs it beside the rest (14).
+  assert (runs['arrival'][2], runs['longest_first'][2]) == (34, 28)
+  with pytest.raises(ValueError, match='admission_order must be one of'):
+    session.scheduler(decoder, num_slots=2, capacity=128, admission_order='shortest')
+
+
 def test_cancel_frees_the_slot(session):
   session, requests = session
   decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),

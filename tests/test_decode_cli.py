@@ -307,6 +307,9 @@ BAD_INPUTS = {
                         'exceeds the target.s 256 positions'),
     'bad draft tree': (lambda c: {'draft': c['draft'], 'draft_tree': '2,0'},
                        'a draft tree is a branching factor >= 1 per depth'),
+    'unknown admission order': (lambda c: {'admission_order': 'shortest_first'},
+                                r"admission_order must be one of \('arrival', 'longest_first'\), "
+                                "got 'shortest_first'"),
     'threshold without a draft': (lambda c: {'confidence_threshold': 0.5},
                                   'draft_tree and confidence_threshold need a draft'),
     'threshold 1': (lambda c: {'draft': c['draft'], 'confidence_threshold': 1.0},

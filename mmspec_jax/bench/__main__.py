@@ -139,7 +139,8 @@ def run(config):
     results['cache_capacity'] = capacity.run_section(repeats=args.repeats, log=_log)
     report.write(results, args.out_dir, final=False)
   if 6 in args.sections:
-    results['continuous'] = continuous.run_section(pair, speculative.DRAFT, log=_log)
+    results['continuous'] = continuous.run_section(pair, speculative.DRAFT,
+                                                    repeats=args.repeats, log=_log)
     report.write(results, args.out_dir, final=False)
   if 7 in args.sections:
     results['serving'] = serving_load.run_section(log=_log)

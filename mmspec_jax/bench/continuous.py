@@ -6,13 +6,14 @@ Two workloads on the demo pair, 8 slots, autoregressive and speculative (a chain
   eos: the world's held-out prompts with their real EOS (budget 64 each).
 Static batching is the same scheduler with `refill=False`: a batch of 8 enters when every slot is
 free and runs until its slowest row ends. Continuous batching refills a slot right after the step
-in which its row ends (a chunk ends early then, while requests wait). Figures: tokens/s (wall time
+in which its row ends (a chunk ends early then, while requests wait), admitting as decode.py does
+(`admission_order='longest_first'`: the largest budgets first); on the ragged workload it also
+runs in arrival order (first come first served, a server's order). Figures: tokens/s (wall time
 from the first admission to the last token, compilation excluded, after a warm-up on the first
 requests), slot utilization (active row-steps / slot-steps) overall, while requests waited, and the
-ideal for the workload (first come first served, refilled instantly: the longest requests' tail
-leaves slots empty at the end whatever the scheduler does), time to first token and time per
-output token, and whether every request's tokens are identical across the two (and, greedy, to
-the autoregressive ones). The speculative ragged case is also run at several `chunk_steps`: long
+ideal for the workload in that admission order (refilled instantly: what the longest requests'
+tail leaves of the slots at the end), time to first token and time per output token, and whether
+every request's tokens are identical across the runs (and, greedy, to the autoregressive ones). The speculative ragged case is also run at several `chunk_steps`: long
 chunks pay fewer host round trips.
 """
 
@@ -48,9 +49,9 @@ def ragged_budgets(num: int, seed: int = 0) -> list[int]:
 
 
 def ideal_utilization(steps: list[int], num_slots: int) -> float:
-  """The utilization of first-come-first-served slots refilled the instant a row ends, for
-  requests taking `steps` steps each (in submission order): the bound a workload's own tail sets
-  (slots empty at the end while the longest requests finish)."""
+  """The utilization of slots refilled the instant a row ends, for requests taking `steps` steps
+  each, admitted in this order: the bound a workload's own tail sets in that order (slots empty
+  at the end while the longest requests finish)."""
   loads = [0] * num_slots
   for count in steps:
     loads[loads.index(min(loads))] += count
@@ -58,12 +59,14 @@ def ideal_utilization(steps: list[int], num_slots: int) -> float:
 
 
 def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity: int,
-             buckets: tuple[int, ...]):
+             buckets: tuple[int, ...], admission_order: str = 'longest_first'):
   """Decodes `work` ((request, budget) pairs), after a warm-up on its first requests: figures
-  and tokens."""
+  and tokens (in `work`'s order)."""
+  admission_order = admission_order if refill else 'arrival'  # Static: batches in input order.
   scheduler = session.scheduler(
       decoder, num_slots=NUM_SLOTS, capacity=capacity, chunk_steps=chunk_steps,
-      prefill_width=NUM_SLOTS if not refill else PREFILL_WIDTH, refill=refill, buckets=buckets)
+      prefill_width=NUM_SLOTS if not refill else PREFILL_WIDTH, refill=refill, buckets=buckets,
+      admission_order=admission_order)
   compile_seconds = scheduler.compile([scheduler.bucket(r) for r, _ in work])
   for _ in scheduler.run(work[:2 * NUM_SLOTS]):  # First runs of a program are slower.
     pass
@@ -76,6 +79,9 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
       finished[event.handle] = event.finished
   seconds = time.perf_counter() - start
   done = [finished[h] for h in handles]
+  admitted = list(range(len(work)))
+  if admission_order == 'longest_first':
+    admitted.sort(key=lambda i: -work[i][1])  # Stable: ties in arrival order, as the scheduler.
   new_tokens = sum(f.num_generated for f in done)
   stats = statistics.summarize(*statistics.finished_counts(done),
                                num_draft_tokens=decoder.num_draft_tokens)
@@ -85,13 +91,20 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
       'slot_utilization': scheduler.utilization, 'chunks': scheduler.chunks,
       'steps': scheduler.slot_steps // NUM_SLOTS, 'prefill_calls': scheduler.prefills,
       'utilization_while_waiting': scheduler.utilization_while_waiting,
-      'ideal_utilization': ideal_utilization([f.num_target_calls - 1 for f in done], NUM_SLOTS),
+      'ideal_utilization': ideal_utilization([done[i].num_target_calls - 1 for i in admitted],
+                                             NUM_SLOTS),
       'requests_per_second': len(done) / seconds, 'compile_seconds': compile_seconds,
       'tau': stats.block_efficiency if decoder.num_draft_tokens else None, **latency,
   }, [f.token_ids for f in done]
 
 
-def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
+def _median_run(runs: list[dict]) -> dict:
+  """The run with the median tokens/s (the lower middle one of an even count)."""
+  ordered = sorted(runs, key=lambda r: r['tokens_per_second'])
+  return ordered[(len(ordered) - 1) // 2]
+
+
+def run_section(pair, draft_name: str, *, repeats: int, log: Callable[[str], None]) -> dict:
   session, prompts = pair.session, pair.requests
   requests = [prompts[i % len(prompts)] for i in range(NUM_REQUESTS)]
   # Repeated prompts under their own ids: each is its own request.
@@ -113,13 +126,31 @@ def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
       decoder = session.decoder(draft_name if gamma else None, num_draft_tokens=gamma,
                                 sampling=SamplingConfig(), max_new_tokens=budget,
                                 requests=[r for r, _ in work], eos_token_ids=eos)
-      static, static_tokens = run(decoder=decoder, refill=False, chunk_steps=CHUNK_STEPS)
-      continuous, tokens = run(decoder=decoder, refill=True, chunk_steps=CHUNK_STEPS)
+      modes = {'static': dict(refill=False), 'continuous': dict(refill=True)}
+      if len({b for _, b in work}) > 1:  # Budgets differ: arrival order is another schedule.
+        modes['arrival'] = dict(refill=True, admission_order='arrival')
+      # The modes interleaved, `repeats` times: a shared VM drifts, and a ratio of two runs
+      # made one after the other drifts less than the two figures apart.
+      runs, mode_tokens = {mode: [] for mode in modes}, {}
+      for _ in range(repeats):
+        for mode, settings in modes.items():
+          figures, tokens = run(decoder=decoder, chunk_steps=CHUNK_STEPS, **settings)
+          runs[mode].append(figures)
+          mode_tokens.setdefault(mode, []).append(tokens)
+      cell = {mode: _median_run(figures) for mode, figures in runs.items()}
+      ratios = [c['tokens_per_second'] / s['tokens_per_second']
+                for c, s in zip(runs['continuous'], runs['static'])]
+      cell.update(speedup=float(np.median(ratios)), speedup_range=(min(ratios), max(ratios)),
+                  repeats=repeats)
+      if 'arrival' in runs:
+        cell['arrival_speedup'] = float(np.median(
+            [a['tokens_per_second'] / s['tokens_per_second']
+             for a, s in zip(runs['arrival'], runs['static'])]))
       # Greedy: speculative tokens are the autoregressive ones too.
-      autoregressive_tokens.setdefault(name, tokens)
-      cell = {'static': static, 'continuous': continuous,
-              'speedup': continuous['tokens_per_second'] / static['tokens_per_second'],
-              'tokens_identical': tokens == static_tokens == autoregressive_tokens[name]}
+      autoregressive_tokens.setdefault(name, mode_tokens['continuous'][0])
+      cell['tokens_identical'] = all(t == autoregressive_tokens[name]
+                                     for tokens in mode_tokens.values() for t in tokens)
+      static, continuous = cell['static'], cell['continuous']
       if name == 'ragged' and gamma:
         cell['chunk_steps'] = {steps: run(decoder=decoder, refill=True, chunk_steps=steps)[0]
                                for steps in CHUNK_STEPS_SWEEP}
@@ -127,14 +158,25 @@ def run_section(pair, draft_name: str, *, log: Callable[[str], None]) -> dict:
       log(f'[6] {name} {kind}: continuous {continuous["tokens_per_second"]:.0f} tokens/s '
           f'(utilization {continuous["slot_utilization"]:.0%}) against static '
           f'{static["tokens_per_second"]:.0f} ({static["slot_utilization"]:.0%}): '
-          f'{cell["speedup"]:.2f}x, tokens identical {cell["tokens_identical"]}')
+          f'{cell["speedup"]:.2f}x (median of {repeats}), tokens identical '
+          f'{cell["tokens_identical"]}')
   jax.clear_caches()
   return results
 
 
+def _speedup(cell: dict) -> str:
+  """The median speedup, and its range over the repeats."""
+  low, high = cell.get('speedup_range', (cell['speedup'], cell['speedup']))
+  spread = f' [{low:.2f}-{high:.2f}]' if cell.get('repeats', 1) > 1 else ''
+  return f'{cell["speedup"]:.2f}x{spread}'
+
+
 def markdown(section: dict) -> list[str]:
   """The section's tables."""
-  lines = ['| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
+  repeats = max(cell.get('repeats', 1) for cell in section.values())
+  lines = [f'Each figure: the median of {repeats} runs, the modes interleaved; speedup: the '
+           'median of the runs\' ratios [their range].', '',
+           '| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
            'static / continuous (ideal; while waiting) | TTFT p50 / p99 s (continuous) | '
            'TPOT p50 s | steps / prefill calls (static; continuous) | identical |',
            '|---|---|---|---|---|---|---|---|---|']
@@ -143,7 +185,7 @@ def markdown(section: dict) -> list[str]:
     ttft, tpot = c['time_to_first_token'] or {}, c['per_token_latency'] or {}
     lines.append(
         f'| {name} | {s["tokens_per_second"]:.0f} | {c["tokens_per_second"]:.0f} | '
-        f'{cell["speedup"]:.2f}x | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} '
+        f'{_speedup(cell)} | {s["slot_utilization"]:.0%} / {c["slot_utilization"]:.0%} '
         f'({c["ideal_utilization"]:.0%}; {c["utilization_while_waiting"] or 0:.0%}) | '
         f'{ttft.get("p50", 0):.3f} / {ttft.get("p99", 0):.3f} | {tpot.get("p50", 0):.4f} | '
         f'{s["steps"]} / {s["prefill_calls"]}; {c["steps"]} / {c["prefill_calls"]} | '
@@ -156,6 +198,17 @@ def markdown(section: dict) -> list[str]:
                 f'{c["slot_utilization"]:.0%} (goal >= 90%: '
                 f'{"met" if c["slot_utilization"] >= 0.9 else "not met"}; this workload\'s '
                 f'ideal {c["ideal_utilization"]:.0%})']
+    if 'arrival' in cell:
+      a, s = cell['arrival'], cell['static']
+      ratio = cell.get('arrival_speedup', a['tokens_per_second'] / s['tokens_per_second'])
+      lines += ['', f'{name}, admitted in arrival order (first come first served, a server\'s '
+                f'order) instead of the largest budgets first: {a["tokens_per_second"]:.0f} '
+                f'tokens/s ({ratio:.2f}x static), '
+                f'utilization {a["slot_utilization"]:.0%} (ideal {a["ideal_utilization"]:.0%}; '
+                f'{a["utilization_while_waiting"] or 0:.0%} while waiting), {a["steps"]} steps / '
+                f'{a["prefill_calls"]} prefill calls, TTFT p50 / p99 '
+                f'{(a["time_to_first_token"] or {}).get("p50", 0):.3f} / '
+                f'{(a["time_to_first_token"] or {}).get("p99", 0):.3f} s']
   for name, cell in section.items():
     if 'chunk_steps' in cell:
       lines += ['', f'chunk_steps ({name}): ' + ', '.join(

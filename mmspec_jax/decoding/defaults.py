@@ -46,6 +46,10 @@ def decode_config() -> ml_collections.ConfigDict:
   # Continuous batching: positions per slot (the longest prompt + max_new_tokens a request may
   # need); 0 = what this run's requests need.
   config.slot_capacity = 0
+  # Continuous batching: which waiting request enters a free slot first. 'longest_first': the
+  # largest max_new_tokens first (every request of the file is known at the start, so the long
+  # ones run beside others instead of alone at the end) | 'arrival': input order.
+  config.admission_order = 'longest_first'
   # Continuous batching: new requests prefilled together (padded to a length bucket).
   config.prefill_width = 4
   # The run's PRNG seed. A request samples from fold_in(key(seed), hash of its id), or from

@@ -32,7 +32,7 @@ import tqdm
 from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.decoding.scheduler import output_text
+from mmspec_jax.decoding.scheduler import ADMISSION_ORDERS, output_text
 from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree, DynamicTree, parse_tree
@@ -70,6 +70,9 @@ def check_settings(config):
   check_decoding_settings(config)
   if config.batching not in BATCHING:
     raise ValueError(f'batching must be one of {BATCHING}, got {config.batching!r}')
+  if config.admission_order not in ADMISSION_ORDERS:
+    raise ValueError(f'admission_order must be one of {ADMISSION_ORDERS}, got '
+                     f'{config.admission_order!r}')
   output = os.path.abspath(config.output)
   if os.path.isdir(output):
     raise ValueError(f'output {config.output!r} is a directory; give a file path')
@@ -266,7 +269,7 @@ def _decode_continuous(config, session, decoder, requests, out, progress):
   scheduler = session.scheduler(
       decoder, num_slots=config.batch_size, capacity=capacity, chunk_steps=config.chunk_steps,
       buckets=config.length_buckets, prefill_width=config.prefill_width,
-      key=jax.random.key(config.seed))
+      key=jax.random.key(config.seed), admission_order=config.admission_order)
   for request in requests:  # All checked before anything is compiled.
     scheduler.check(request, budget(request))
   compile_seconds = scheduler.compile([scheduler.bucket(r) for r in requests])

@@ -1,9 +1,9 @@
 """The host side of continuous batching: requests wait, enter free slots, stream out, leave.
 
-Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots, first
-come first served, in prefill calls of up to `prefill_width` rows (one row alone when one is
-admitted, so that a single refill does not pay for a full prefill) padded to a length bucket; runs
-one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
+Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots (in
+arrival order, or with `admission_order='longest_first'` the largest max_new_tokens first: below)
+in prefill calls of up to `prefill_width` rows, each padded to the next of 1, 2, 4, ... rows (a
+single refill, the common case, pays for one row) and to a length bucket; runs one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
 the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
 runs per token: one device round trip per chunk.
 
@@ -11,6 +11,12 @@ runs per token: one device round trip per chunk.
     handle = scheduler.submit(request, max_new_tokens=64)
     for event in scheduler.run():        # until nothing waits or runs
       print(event.handle, event.new_tokens, event.finished)
+
+Admission order. 'arrival' (first come first served) is fair to requests that arrive over time, as
+a server's do. A batch job knows every request at the start, and there the order sets how much of
+its end is a tail of long rows with empty slots beside them: 'longest_first' (longest processing
+time first: the classic makespan rule) admits the largest budgets first, so the short requests fill
+the slots at the end. Ties keep arrival order; a request's tokens do not depend on the order.
 
 With `refill=False` a batch is closed: requests enter only when every slot is free, so the
 batch runs until its slowest row ends (static batching on the same programs, for comparison).
@@ -28,6 +34,7 @@ admission decisions: the chunk's outputs are gathered onto every host (distribut
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -42,6 +49,8 @@ from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, placement
 from mmspec_jax.decoding.sampling import RowSampling
 from mmspec_jax.decoding.slots import SlotPrograms
+
+ADMISSION_ORDERS = ('arrival', 'longest_first')
 
 # Counters the scheduler reads per slot (statistics.COUNT_FIELDS but num_generated).
 _COUNTERS = ('num_target_calls', 'accepted_by_position', 'reached_by_position', 'draft_calls')
@@ -104,11 +113,15 @@ class Scheduler:
 
   def __init__(self, session, decoder, programs: SlotPrograms, *, chunk_steps: int,
                buckets: Sequence[int], prefill_width: int, run_key: jax.Array,
-               refill: bool = True):
+               refill: bool = True, admission_order: str = 'arrival'):
     if chunk_steps < 1:
       raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
     if prefill_width < 1:
       raise ValueError(f'prefill_width must be >= 1, got {prefill_width}')
+    if admission_order not in ADMISSION_ORDERS:
+      raise ValueError(f'admission_order must be one of {ADMISSION_ORDERS}, got '
+                       f'{admission_order!r}')
+    self.admission_order = admission_order
     self.session, self.decoder, self.programs = session, decoder, programs
     self.chunk_steps, self.buckets = chunk_steps, tuple(buckets)
     self.prefill_width = min(prefill_width, programs.num_slots)
@@ -163,7 +176,12 @@ class Scheduler:
     budget = self.programs.engine.max_new_tokens if max_new_tokens is None else max_new_tokens
     self.check(request, budget)
     handle = next(self._handles)
-    self._waiting.append((handle, request, budget, time.perf_counter()))
+    entry = (handle, request, budget, time.perf_counter())
+    if self.admission_order == 'longest_first':  # After every waiting budget >= this one.
+      self._waiting.insert(bisect.bisect_right(self._waiting, -budget, key=lambda e: -e[2]),
+                           entry)
+    else:
+      self._waiting.append(entry)
     return handle
 
   def cancel(self, handle: int):
@@ -205,9 +223,16 @@ class Scheduler:
 
   @property
   def prefill_widths(self) -> tuple[int, ...]:
-    """The prefill programs' row counts: 1 (a slot refilled as its row ends, the common case) and
-    prefill_width (admissions together)."""
-    return tuple(sorted({1, self.prefill_width}))
+    """The prefill programs' row counts: 1 (a slot refilled as its row ends, the common case), the
+    powers of two below prefill_width and prefill_width (admissions together). A prefill's rows
+    cost nearly their count (a 2-row prefill of the demo pair ~1.8x a 1-row one): padding a group
+    of 2 to 4 rows would pay for 2 rows of nothing."""
+    widths = {self.prefill_width}
+    width = 1
+    while width < self.prefill_width:
+      widths.add(width)
+      width *= 2
+    return tuple(sorted(widths))
 
   def _prefill_program(self, length: int, width: int):
     program = self._compiled_prefill.get((length, width))

@@ -380,13 +380,16 @@ class DecodeSession:
 
   def scheduler(self, decoder: Decoder, *, num_slots: int, capacity: int, chunk_steps: int = 8,
                 buckets: Sequence[int] = inputs.DEFAULT_BUCKETS, prefill_width: int = 4,
-                key: jax.Array | None = None, refill: bool = True) -> Scheduler:
+                key: jax.Array | None = None, refill: bool = True,
+                admission_order: str = 'arrival') -> Scheduler:
     """Continuous batching with this decoder over `num_slots` slots of `capacity` positions
     (the longest prompt + max_new_tokens a request may bring; the decoder's max_new_tokens is the
     most any request may ask for); `chunk_steps` steps per chunk; new requests are prefilled
     `prefill_width` at a time, padded to a length bucket. `key`: the run's key, from which a
     request without a seed draws (inputs.request_keys); `refill=False`: closed batches on the
-    same programs (the benchmark's static baseline). See decoding/scheduler.py."""
+    same programs (the benchmark's static baseline); `admission_order`: 'arrival' (first come first
+    served) or 'longest_first' (the largest max_new_tokens first: a batch job's shorter tail).
+    See decoding/scheduler.py."""
     # Drafts of one config share their programs (each runs with its own params): the key names
     # a draft by its config.
     same_programs = dataclasses.replace(
@@ -398,7 +401,8 @@ class DecodeSession:
     self.load()
     return Scheduler(self, decoder, self._slot_programs[programs_key], chunk_steps=chunk_steps,
                      buckets=buckets, prefill_width=prefill_width,
-                     run_key=jax.random.key(0) if key is None else key, refill=refill)
+                     run_key=jax.random.key(0) if key is None else key, refill=refill,
+                     admission_order=admission_order)
 
   def _params(self, decoder: Decoder):
     return None if decoder.draft is None else self.draft_params[decoder.draft]

@@ -6,7 +6,9 @@ import ml_collections
 from mmspec_jax.decoding.defaults import decode_config
 
 # decode.py's settings that a server has no use for (its requests come over HTTP, one at a time).
-_BATCH_JOB_ONLY = ('prompts', 'output', 'raw_prompt', 'batching')
+# A server admits in arrival order: its requests arrive over time, and none may wait behind
+# later, longer ones.
+_BATCH_JOB_ONLY = ('prompts', 'output', 'raw_prompt', 'batching', 'admission_order')
 
 
 def serve_config() -> ml_collections.ConfigDict:
