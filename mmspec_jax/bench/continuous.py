@@ -174,8 +174,10 @@ def _speedup(cell: dict) -> str:
 def markdown(section: dict) -> list[str]:
   """The section's tables."""
   repeats = max(cell.get('repeats', 1) for cell in section.values())
-  lines = [f'Each figure: the median of {repeats} runs, the modes interleaved; speedup: the '
-           'median of the runs\' ratios [their range].', '',
+  lines = [f'tokens/s and the other figures: the median run of {repeats} (the lower middle of an '
+           'even count), the modes interleaved; speedup: the median of the runs\' paired '
+           'continuous / static ratios [their range], so not the ratio of the two medians; the '
+           'chunk_steps sweep: one run each.', '',
            '| workload | static tokens/s | continuous tokens/s | speedup | slot utilization '
            'static / continuous (ideal; while waiting) | TTFT p50 / p99 s (continuous) | '
            'TPOT p50 s | steps / prefill calls (static; continuous) | identical |',

@@ -108,6 +108,55 @@ class _Active:
   token_times: list[float] = dataclasses.field(default_factory=list)
 
 
+class _WaitingQueue:
+  """Waiting (handle, request, budget, submitted) entries in admission order: arrival, or the
+  largest budget first with ties in arrival order. One FIFO per budget, so that a batch job
+  submitting N requests costs O(N log B) for B distinct budgets, not O(N^2)."""
+
+  def __init__(self, longest_first: bool):
+    self._longest_first = longest_first
+    self._queues: dict[int, collections.deque] = {}
+    self._keys: list[int] = []  # Ascending: the first key's queue enters first.
+    self._size = 0
+
+  def _key(self, entry) -> int:
+    return -entry[2] if self._longest_first else 0
+
+  def append(self, entry):
+    key = self._key(entry)
+    if key not in self._queues:
+      self._queues[key] = collections.deque()
+      bisect.insort(self._keys, key)
+    self._queues[key].append(entry)
+    self._size += 1
+
+  @property
+  def head(self):
+    return self._queues[self._keys[0]][0]
+
+  def popleft(self):
+    queue = self._queues[self._keys[0]]
+    entry = queue.popleft()
+    if not queue:
+      del self._queues[self._keys.pop(0)]
+    self._size -= 1
+    return entry
+
+  def discard(self, handles):
+    """Drops the entries whose handle is in `handles`."""
+    kept = [entry for entry in self if entry[0] not in handles]
+    self._queues, self._keys, self._size = {}, [], 0
+    for entry in kept:
+      self.append(entry)
+
+  def __iter__(self):
+    for key in self._keys:
+      yield from self._queues[key]
+
+  def __len__(self) -> int:
+    return self._size
+
+
 class Scheduler:
   """See the module docstring. Built by DecodeSession.scheduler."""
 
@@ -127,7 +176,7 @@ class Scheduler:
     self.prefill_width = min(prefill_width, programs.num_slots)
     self.run_key, self.refill = run_key, refill
     self._handles = itertools.count()
-    self._waiting: collections.deque[tuple[int, inputs.Request, int, float]] = collections.deque()
+    self._waiting = _WaitingQueue(longest_first=admission_order == 'longest_first')
     self._active: dict[int, _Active] = {}  # slot -> the request in it
     self._cancelled: set[int] = set()
     self._pixels: dict[int, np.ndarray] = {}  # handle -> its image preprocessed ahead of entry
@@ -176,12 +225,7 @@ class Scheduler:
     budget = self.programs.engine.max_new_tokens if max_new_tokens is None else max_new_tokens
     self.check(request, budget)
     handle = next(self._handles)
-    entry = (handle, request, budget, time.perf_counter())
-    if self.admission_order == 'longest_first':  # After every waiting budget >= this one.
-      self._waiting.insert(bisect.bisect_right(self._waiting, -budget, key=lambda e: -e[2]),
-                           entry)
-    else:
-      self._waiting.append(entry)
+    self._waiting.append((handle, request, budget, time.perf_counter()))
     return handle
 
   def cancel(self, handle: int):
@@ -297,7 +341,7 @@ class Scheduler:
     returns the last events of the waiting requests that were cancelled."""
     dropped = [entry for entry in self._waiting if entry[0] in self._cancelled]
     if dropped:
-      self._waiting = collections.deque(e for e in self._waiting if e[0] not in self._cancelled)
+      self._waiting.discard(self._cancelled)
       self._cancelled.difference_update(entry[0] for entry in dropped)
       for entry in dropped:
         self._pixels.pop(entry[0], None)
@@ -319,7 +363,7 @@ class Scheduler:
     return events
 
   def _prepare_waiting(self):
-    """Work for the requests that enter next (the head of the queue: first come first served),
+    """Work for the requests that enter next (the head of the queue, in admission order),
     done while a chunk runs so that admitting them waits on none of it: their images
     preprocessed, and the head request's inputs built and placed as a one-row prefill (the common
     admission: one slot freed by a chunk that ended at a finish)."""
@@ -328,8 +372,8 @@ class Scheduler:
         if request.image is not None and handle not in self._pixels:
           self._pixels[handle] = self.session.processor.preprocess_images([request.image])[0]
     if self.refill and self._waiting and (self._staged is None
-                                           or self._staged[0] != self._waiting[0][0]):
-      head = self._waiting[0]
+                                           or self._staged[0] != self._waiting.head[0]):
+      head = self._waiting.head
       self._staged = (head[0], self._prefill_inputs([head], 1))
 
   def _prefill_inputs(self, group, width: int):
