@@ -181,9 +181,11 @@ def test_longest_first_admits_the_largest_budgets_first(session):
   session, requests = session
   decoder = session.decoder(None, num_draft_tokens=0, sampling=SamplingConfig(),
                             max_new_tokens=MAX_NEW_TOKENS, requests=requests, eos_token_ids=())
-  budgets = (3, 5, 5, 4, 12, 4)
-  runs = {}
-  for order in ('arrival', 'longest_first'):
+  budgets = (3, 5, 5, 4, 12)
+
+  def run(order, late_budget):
+    """(tokens per handle, handles in the order they entered, slot-steps); request 5 arrives
+    after the first chunk, when the head of the queue is already staged for the next prefill."""
     scheduler = session.scheduler(decoder, num_slots=2, capacity=128, chunk_steps=50,
                                   prefill_width=2, key=RUN_KEY, admission_order=order)
     admitted, prefill = [], scheduler._prefill
@@ -192,17 +194,23 @@ def test_longest_first_admits_the_largest_budgets_first(session):
     handles = [scheduler.submit(r, b) for r, b in zip(requests[:5], budgets)]
     finished = {}
     while not scheduler.idle:
-      if scheduler.chunks == 1 and len(handles) == 5:  # Arrives after the first chunk.
-        handles.append(scheduler.submit(requests[5], budgets[5]))
+      if scheduler.chunks == 1 and len(handles) == 5:
+        handles.append(scheduler.submit(requests[5], late_budget))
       finished.update({e.handle: e.finished for e in scheduler.step() if e.finished})
-    runs[order] = ([finished[h].token_ids for h in handles], admitted, scheduler.slot_steps)
-  assert [len(t) for t in runs['arrival'][0]] == list(budgets)
-  assert runs['longest_first'][0] == runs['arrival'][0]
-  assert runs['arrival'][1] == [0, 1, 2, 3, 4, 5]
-  assert runs['longest_first'][1] == [4, 1, 2, 3, 5, 0]
+    return [finished[h].token_ids for h in handles], admitted, scheduler.slot_steps
+
+  arrival, longest = run('arrival', 4), run('longest_first', 4)
+  assert [len(t) for t in arrival[0]] == list(budgets) + [4]
+  assert longest[0] == arrival[0]
+  assert arrival[1] == [0, 1, 2, 3, 4, 5]
+  assert longest[1] == [4, 1, 2, 3, 5, 0]  # The late 4 passes the waiting 3.
   # Steps after each prefill's token: arrival ends with the 12 alone (17 steps of 2 slots);
   # longest first runs it beside the rest (14).
-  assert (runs['arrival'][2], runs['longest_first'][2]) == (34, 28)
+  assert (arrival[2], longest[2]) == (34, 28)
+  # A late 12 becomes the head in place of the staged 5 (handle 2), whose inputs are not used.
+  tokens, admitted, _ = run('longest_first', 12)
+  assert admitted == [4, 1, 5, 2, 3, 0]
+  assert tokens[:5] == arrival[0][:5] and tokens[5][:4] == arrival[0][5]  # Greedy: a prefix.
   with pytest.raises(ValueError, match='admission_order must be one of'):
     session.scheduler(decoder, num_slots=2, capacity=128, admission_order='shortest')
 
