@@ -13,8 +13,9 @@ from the first admission to the last token, compilation excluded, after a warm-u
 requests), slot utilization (active row-steps / slot-steps) overall, while requests waited, and the
 ideal for the workload in that admission order (refilled instantly: what the longest requests'
 tail leaves of the slots at the end), time to first token and time per output token, and whether
-every request's tokens are identical across the runs (and, greedy, to the autoregressive ones). The speculative ragged case is also run at several `chunk_steps`: long
-chunks pay fewer host round trips.
+every request's tokens are identical across the runs (and, greedy, to the autoregressive ones).
+The speculative ragged case is also run at several `chunk_steps`: long chunks pay fewer host
+round trips.
 """
 
 from __future__ import annotations

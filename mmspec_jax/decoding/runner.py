@@ -32,7 +32,7 @@ import tqdm
 from mmspec_jax import distributed
 from mmspec_jax.decoding import inputs, statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
-from mmspec_jax.decoding.scheduler import ADMISSION_ORDERS, output_text
+from mmspec_jax.decoding.scheduler import check_admission_order, output_text
 from mmspec_jax.decoding.text_stream import TextStream
 from mmspec_jax.decoding.session import DecodeSession
 from mmspec_jax.decoding.tree import DraftTree, DynamicTree, parse_tree
@@ -70,9 +70,7 @@ def check_settings(config):
   check_decoding_settings(config)
   if config.batching not in BATCHING:
     raise ValueError(f'batching must be one of {BATCHING}, got {config.batching!r}')
-  if config.admission_order not in ADMISSION_ORDERS:
-    raise ValueError(f'admission_order must be one of {ADMISSION_ORDERS}, got '
-                     f'{config.admission_order!r}')
+  check_admission_order(config.admission_order)
   output = os.path.abspath(config.output)
   if os.path.isdir(output):
     raise ValueError(f'output {config.output!r} is a directory; give a file path')

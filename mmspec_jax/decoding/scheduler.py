@@ -3,9 +3,10 @@
 Between chunks (decoding/slots.py) the scheduler admits waiting requests into free slots (in
 arrival order, or with `admission_order='longest_first'` the largest max_new_tokens first: below)
 in prefill calls of up to `prefill_width` rows, each padded to the next of 1, 2, 4, ... rows (a
-single refill, the common case, pays for one row) and to a length bucket; runs one chunk; reads each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires
-the rows that finished or were cancelled, freeing their slots for the next admission. Nothing here
-runs per token: one device round trip per chunk.
+single refill, the common case, pays for one row) and to a length bucket; runs one chunk; reads
+each occupied slot's new tokens (`tokens[b, emitted:num_generated]`); and retires the rows that
+finished or were cancelled, freeing their slots for the next admission. Nothing here runs per
+token: one device round trip per chunk.
 
     scheduler = session.scheduler(decoder, num_slots=8, capacity=512, chunk_steps=8)
     handle = scheduler.submit(request, max_new_tokens=64)
@@ -51,6 +52,11 @@ from mmspec_jax.decoding.sampling import RowSampling
 from mmspec_jax.decoding.slots import SlotPrograms
 
 ADMISSION_ORDERS = ('arrival', 'longest_first')
+
+
+def check_admission_order(order: str):
+  if order not in ADMISSION_ORDERS:
+    raise ValueError(f'admission_order must be one of {ADMISSION_ORDERS}, got {order!r}')
 
 # Counters the scheduler reads per slot (statistics.COUNT_FIELDS but num_generated).
 _COUNTERS = ('num_target_calls', 'accepted_by_position', 'reached_by_position', 'draft_calls')
@@ -167,9 +173,7 @@ class Scheduler:
       raise ValueError(f'chunk_steps must be >= 1, got {chunk_steps}')
     if prefill_width < 1:
       raise ValueError(f'prefill_width must be >= 1, got {prefill_width}')
-    if admission_order not in ADMISSION_ORDERS:
-      raise ValueError(f'admission_order must be one of {ADMISSION_ORDERS}, got '
-                       f'{admission_order!r}')
+    check_admission_order(admission_order)
     self.admission_order = admission_order
     self.session, self.decoder, self.programs = session, decoder, programs
     self.chunk_steps, self.buckets = chunk_steps, tuple(buckets)

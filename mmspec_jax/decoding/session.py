@@ -307,7 +307,8 @@ class DecodeSession:
   # --- decoders and programs ------------------------------------------------------------------
   def decoder(self, draft: str | None, *, num_draft_tokens: int, sampling: SamplingConfig,
               max_new_tokens: int, requests: Sequence[inputs.Request] = (),
-              eos_token_ids: Sequence[int] | None = None, draft_tree: DraftTree | DynamicTree | None = None,
+              eos_token_ids: Sequence[int] | None = None,
+              draft_tree: DraftTree | DynamicTree | None = None,
               confidence_threshold: float = 0.0,
               per_request_sampling: bool | None = None,
               with_images: bool | None = None) -> Decoder:

@@ -237,8 +237,6 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
                        donate_argnums=2)
       compiled = extend.lower(params, tokens, cache).compile()
   seconds = time.time() - start
-  xla = _xla_cost(compiled)
-  memory = compiled.memory_analysis()
   text = text_config(call.model)
   write = write_accounting(_shard_shape(cache.keys), call.num_tokens, text.dtype)
   num_writes = 2 * text.num_layers  # Keys and values, per layer.
@@ -250,19 +248,10 @@ def measure(call: CostCall, batch_size: int, layout: Layout, mesh, rules) -> dic
   # A feature draft's step reads all its weights but fc (`fuse`, once per step).
   read = {k: v for k, v in params.items() if k != 'fc'} if call.kind == 'feature_extend' else params
   ideal = ideal_bytes(read, cache, call.num_tokens, call.live)
-  kv_cache_bytes = _per_device(cache.keys) + _per_device(cache.values)
-  corrected = xla['bytes'] - excess
-  return {
-      'call': call.name, 'tokens_per_row': call.num_tokens, 'batch_size': batch_size,
-      'live_length': call.live, 'cache_capacity': call.capacity,
-      'compile_seconds': round(seconds, 1),
-      'xla_bytes_accessed': xla['bytes'], 'flops': xla['flops'],
-      'num_cache_writes': num_writes, 'cache_write_excess_bytes': excess,
-      'bytes_accessed': corrected,
-      'ideal_bytes': ideal['total'], 'ideal': ideal, 'ratio': corrected / ideal['total'],
-      'temp_size_in_bytes': int(memory.temp_size_in_bytes), 'kv_cache_bytes': kv_cache_bytes,
-      'cache_aliased': int(memory.alias_size_in_bytes) >= kv_cache_bytes,
-      'write_accounting': write, 'read_accounting': reads, 'collectives': collectives(compiled)}
+  return _call_report(call, compiled, batch_size, seconds, ideal, num_writes=num_writes,
+                      excess=excess,
+                      kv_cache_bytes=_per_device(cache.keys) + _per_device(cache.values),
+                      write=write, reads=reads)
 
 
 def _measure_fuse(call: CostCall, model, params, rows, mesh, rules, start) -> dict:
@@ -274,19 +263,32 @@ def _measure_fuse(call: CostCall, model, params, rows, mesh, rules, start) -> di
   fc = {'fc': params['fc']}
   compiled = jax.jit(lambda p, f: model.apply({'params': p}, f, method='fuse')).lower(
       fc, features).compile()
-  xla = _xla_cost(compiled)
+  seconds = time.time() - start
   weights = sum(_per_device(leaf) for leaf in jax.tree.leaves(fc))
   ideal = {'weights': weights, 'kv_read': 0, 'kv_written': 0, 'total': weights}
+  return _call_report(call, compiled, rows[0], seconds, ideal)
+
+
+def _call_report(call: CostCall, compiled, batch_size: int, seconds: float, ideal: dict, *,
+                 num_writes: int = 0, excess: float = 0.0, kv_cache_bytes: int = 0,
+                 write: dict | None = None, reads: dict | None = None) -> dict:
+  """One call's figures: XLA's cost and memory analysis of `compiled`, its bytes less `excess`
+  (what XLA counts of the cache writes and recent-slot reads beyond what they move), against
+  `ideal`. A call without a cache (the feature draft's fc) passes none of the keywords."""
+  xla = _xla_cost(compiled)
+  memory = compiled.memory_analysis()
+  corrected = xla['bytes'] - excess
   return {
-      'call': call.name, 'tokens_per_row': call.num_tokens, 'batch_size': rows[0],
-      'live_length': call.live, 'cache_capacity': 0, 'compile_seconds': round(
-          time.time() - start, 1),
-      'xla_bytes_accessed': xla['bytes'], 'flops': xla['flops'], 'num_cache_writes': 0,
-      'cache_write_excess_bytes': 0.0, 'bytes_accessed': xla['bytes'],
-      'ideal_bytes': weights, 'ideal': ideal, 'ratio': xla['bytes'] / weights,
-      'temp_size_in_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
-      'kv_cache_bytes': 0, 'cache_aliased': True, 'write_accounting': None,
-      'read_accounting': None, 'collectives': collectives(compiled)}
+      'call': call.name, 'tokens_per_row': call.num_tokens, 'batch_size': batch_size,
+      'live_length': call.live, 'cache_capacity': call.capacity if kv_cache_bytes else 0,
+      'compile_seconds': round(seconds, 1),
+      'xla_bytes_accessed': xla['bytes'], 'flops': xla['flops'],
+      'num_cache_writes': num_writes, 'cache_write_excess_bytes': excess,
+      'bytes_accessed': corrected,
+      'ideal_bytes': ideal['total'], 'ideal': ideal, 'ratio': corrected / ideal['total'],
+      'temp_size_in_bytes': int(memory.temp_size_in_bytes), 'kv_cache_bytes': kv_cache_bytes,
+      'cache_aliased': int(memory.alias_size_in_bytes) >= kv_cache_bytes,
+      'write_accounting': write, 'read_accounting': reads, 'collectives': collectives(compiled)}
 
 
 def report(config, mesh, rules, draft_rules, layout: Layout) -> dict:
