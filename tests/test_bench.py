@@ -136,7 +136,19 @@ def test_markdown_reports_goals_met_and_missed(tmp_path):
       'static': run(100, 0.38), 'continuous': run(210, 0.86), 'speedup': 2.1,
       'tokens_identical': True, 'chunk_steps': {4: run(190, 0.85)},
       'arrival': run(180, 0.84)}}
+  clients = lambda rate, ratio, low, high: {
+      'tokens_per_second': rate, 'requests_per_second': 30.0, 'over_offline': ratio,
+      'over_offline_range': (low, high), 'repeats': 3,
+      'time_to_first_token': {'p50': 0.1, 'p99': 0.2}, 'inter_token_latency': {'p50': 0.01,
+                                                                             'p99': 0.05}}
+  results['serving'] = {'speculative': {
+      'offline': {'tokens_per_second': 1000.0, 'requests_per_second': 40.0},
+      'clients': {1: clients(250, 0.25, 0.2, 0.3), 16: clients(830, 0.83, 0.79, 0.88)}}}
   text = report.markdown(results)
+  assert ('| speculative | 16 | 830 | 83% [79%-88%] | 30.0 | 0.100 / 0.200 | 0.0100 / 0.0500 |'
+          in text)
+  assert ('at 16 clients the server reaches 83% of offline tokens/s (goal >= 85%: not met)'
+          in text)
   assert ('| ragged speculative | 100 | 210 | 2.10x | 38% / 86% (87%; 97%) | 0.100 / 0.200 | '
           '0.0100 | 90 / 8; 90 / 8 | True |') in text
   assert ('continuous over static tokens/s 2.10x (goal >= 1.8: met); slot utilization 86% '

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -17,6 +18,7 @@ import pytest
 
 from test_decode_cli import MAX_NEW_TOKENS, REPO, ckpt, make_config, read_jsonl  # noqa: F401
 from mmspec_jax.decoding import runner
+from mmspec_jax.serving import media
 from mmspec_jax.serving.app import Server
 from mmspec_jax.serving.defaults import serve_config
 from mmspec_jax.serving.local import free_port, httpx, serving, wait_healthy
@@ -214,6 +216,34 @@ def test_a_dropped_stream_frees_its_slot_and_metrics_move(server, client):
   assert _metric(base, 'mmspec:spec_decode_num_draft_tokens_total') > drafted
   assert _metric(base, 'mmspec:time_to_first_token_seconds_count') > 0
   assert _metric(base, 'mmspec:spec_decode_mean_acceptance_length') >= 1
+
+
+def test_a_request_being_built_holds_up_no_other(server, client, ckpt, monkeypatch):  # noqa: F811
+  """Requests are built (image decoded, prompt tokenized) off the event loop: while one request's
+  image is still being read, the server answers others, and the held request then completes."""
+  _, base = server
+  entered, release = threading.Event(), threading.Event()
+  load_image = media.load_image
+
+  def held_load_image(url, allowed_local_media_path=''):
+    entered.set()
+    assert release.wait(120)
+    return load_image(url, allowed_local_media_path)
+
+  monkeypatch.setattr(media, 'load_image', held_load_image)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    held = pool.submit(client.chat.completions.create, model=MODEL, max_tokens=2,
+                       messages=_image_message(ckpt, 'w5 w6 w7'))
+    try:
+      assert entered.wait(60)
+      # Blocked on the event loop, these would wait for the image and time out.
+      assert httpx.get(f'{base}/health', timeout=10).json() == {'status': 'ok'}
+      assert httpx.get(f'{base}/v1/models', timeout=10,
+                       headers={'Authorization': f'Bearer {API_KEY}'}).status_code == 200
+    finally:
+      release.set()
+    answer = held.result(timeout=120)
+  assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason
 
 
 class _BytesProcessor:

@@ -143,7 +143,7 @@ def run(config):
                                                     repeats=args.repeats, log=_log)
     report.write(results, args.out_dir, final=False)
   if 7 in args.sections:
-    results['serving'] = serving_load.run_section(log=_log)
+    results['serving'] = serving_load.run_section(repeats=args.repeats, log=_log)
 
   results['seconds'] = time.perf_counter() - start
   report.write(results, args.out_dir, final=True)

@@ -6,7 +6,10 @@ as a base64 data URL, greedy, 64 tokens at most) from 1, 4 and 16 concurrent str
 Offline is the same Server's scheduler run over the same requests (inputs.Request objects built by
 the server's own request builder) with no HTTP: what decode.py does. Figures: tokens/s,
 requests/s, time to first token and inter-token latency (between a stream's events; speculative
-decoding sends several tokens per event) p50/p99, and the server's tokens/s over offline's.
+decoding sends several tokens per event) p50/p99, and the server's tokens/s over offline's. Each
+client count runs `repeats` times, each run right after an offline run of its own (a shared VM
+drifts by tens of percent between minutes): the figures are the median run's, the ratio the median
+of the paired ratios, with their range.
 """
 
 from __future__ import annotations
@@ -123,7 +126,12 @@ async def _load(base: str, bodies: list[dict], clients: int) -> dict:
           'inter_token_latency': statistics.percentiles(gaps)}
 
 
-def run_section(*, log: Callable[[str], None]) -> dict:
+def _median(runs: list[dict]) -> dict:
+  """The run with the median tokens/s (the lower middle one of an even count)."""
+  return sorted(runs, key=lambda r: r['tokens_per_second'])[(len(runs) - 1) // 2]
+
+
+def run_section(*, repeats: int = 1, log: Callable[[str], None]) -> dict:
   results = {}
   for kind, gamma in (('autoregressive', 0), ('speculative', GAMMA)):
     config = serve_config()
@@ -136,7 +144,7 @@ def run_section(*, log: Callable[[str], None]) -> dict:
         served_model_name=MODEL, max_waiting=NUM_REQUESTS)
     server = Server(config)
     bodies = chat_bodies(server, NUM_REQUESTS)
-    cell = {'offline': offline(server, bodies), 'clients': {}}
+    cell, offline_runs = {'clients': {}}, []
     # The clients run in a process of their own, as real clients would: in this one they would
     # take the interpreter lock from the server's HTTP loop and engine thread.
     spawn = multiprocessing.get_context('spawn')
@@ -144,17 +152,29 @@ def run_section(*, log: Callable[[str], None]) -> dict:
           concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients_process):
       clients_process.submit(load, base, bodies[:2 * NUM_SLOTS], NUM_SLOTS).result()  # Warm-up.
       for clients in CLIENTS:
-        row = clients_process.submit(load, base, bodies, clients).result()
-        row['over_offline'] = row['tokens_per_second'] / cell['offline']['tokens_per_second']
+        runs, ratios = [], []
+        for _ in range(repeats):  # The engine idles between runs: offline runs beside it.
+          offline_runs.append(offline(server, bodies))
+          runs.append(clients_process.submit(load, base, bodies, clients).result())
+          ratios.append(runs[-1]['tokens_per_second'] / offline_runs[-1]['tokens_per_second'])
+        row = dict(_median(runs), over_offline=float(np.median(ratios)),
+                   over_offline_range=(min(ratios), max(ratios)), repeats=repeats)
         cell['clients'][clients] = row
         log(f'[7] {kind}, {clients} clients: {row["tokens_per_second"]:.0f} tokens/s, '
-            f'{row["over_offline"]:.0%} of offline {cell["offline"]["tokens_per_second"]:.0f}')
+            f'{row["over_offline"]:.0%} of offline [{min(ratios):.0%}-{max(ratios):.0%}] '
+            f'(median of {repeats})')
+    cell['offline'] = _median(offline_runs)
     results[kind] = cell
   return results
 
 
 def markdown(section: dict) -> list[str]:
-  lines = ['| decoding | clients | tokens/s | of offline | requests/s | TTFT p50 / p99 s | '
+  repeats = max((row.get('repeats', 1) for cell in section.values()
+                 for row in cell['clients'].values()), default=1)
+  lines = [f'tokens/s and the latencies: the median run of {repeats}, each run after an offline '
+           'run of its own; of offline: the median of the paired server / offline ratios [their '
+           'range]; offline: the median offline run.', '',
+           '| decoding | clients | tokens/s | of offline | requests/s | TTFT p50 / p99 s | '
            'inter-token p50 / p99 s |', '|---|---|---|---|---|---|---|']
   for kind, cell in section.items():
     off = cell['offline']
@@ -162,8 +182,11 @@ def markdown(section: dict) -> list[str]:
                  f'{off["requests_per_second"]:.1f} | | |')
     for clients, row in cell['clients'].items():
       ttft, itl = row['time_to_first_token'] or {}, row['inter_token_latency'] or {}
+      low, high = row.get('over_offline_range', (row['over_offline'], row['over_offline']))
+      spread = f' [{low:.0%}-{high:.0%}]' if row.get('repeats', 1) > 1 else ''
       lines.append(
-          f'| {kind} | {clients} | {row["tokens_per_second"]:.0f} | {row["over_offline"]:.0%} | '
+          f'| {kind} | {clients} | {row["tokens_per_second"]:.0f} | {row["over_offline"]:.0%}'
+          f'{spread} | '
           f'{row["requests_per_second"]:.1f} | {ttft.get("p50", 0):.3f} / '
           f'{ttft.get("p99", 0):.3f} | {itl.get("p50", 0):.4f} / {itl.get("p99", 0):.4f} |')
   for kind, cell in section.items():

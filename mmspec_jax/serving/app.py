@@ -12,6 +12,8 @@ with a 4xx status, never a 500; one request's failure never disturbs the others.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -87,6 +89,7 @@ class Server:
                                 compile_lengths=lengths, messages=messages)
     self.metrics = ServerMetrics(self.engine, gamma, self.session.eos_token_ids)
     self.engine.on_event = self.metrics.observe
+    self._builder = None  # The request builder's thread, while the app runs (lifespan).
     self.app = self._make_app()
 
   # --- requests --------------------------------------------------------------------------------
@@ -282,9 +285,15 @@ class Server:
     @contextlib.asynccontextmanager
     async def lifespan(app):
       del app
+      # Requests are built (image decoded, prompt templated and tokenized) off the event loop,
+      # so that a large image does not hold up every other stream; on one thread, because a
+      # tokenizer's settings are shared state.
+      self._builder = concurrent.futures.ThreadPoolExecutor(
+          max_workers=1, thread_name_prefix='mmspec-request-builder')
       self.engine.start()
       yield
       self.engine.stop()
+      self._builder.shutdown(wait=False, cancel_futures=True)
 
     app = fastapi.FastAPI(title='mmspec-jax', lifespan=lifespan)
 
@@ -333,7 +342,8 @@ class Server:
     model = protocol.ChatCompletionRequest if chat else protocol.CompletionRequest
     body = await self._body(http, model)
     build = self._chat_request if chat else self._completion_request
-    request, budget = build(body, protocol.completion_id('chatcmpl' if chat else 'cmpl'))
+    request, budget = await asyncio.get_running_loop().run_in_executor(
+        self._builder, build, body, protocol.completion_id('chatcmpl' if chat else 'cmpl'))
     if body.stream:
       include = bool(body.stream_options and body.stream_options.include_usage)
       return await self._stream(request, budget, chat, include)
