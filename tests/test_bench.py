@@ -8,7 +8,7 @@ import pytest
 
 from mmspec_jax import cli
 from mmspec_jax.bench import __main__ as bench_main
-from mmspec_jax.bench import assisted, autoregressive, report, speculative
+from mmspec_jax.bench import assisted, autoregressive, report, speculative, timing
 from mmspec_jax.bench.timing import Timing
 from mmspec_jax.decoding import inputs
 from mmspec_jax.models import initialize, presets
@@ -88,6 +88,17 @@ def test_bad_settings_are_named(fields, message):
 
 def _rate(median):
   return {'median': median, 'low': median * 0.9, 'high': median * 1.1}
+
+
+def test_median_run_and_paired_ratio():
+  runs = [{'tokens_per_second': rate} for rate in (30.0, 10.0, 20.0, 40.0)]
+  assert timing.median_run(runs) == {'tokens_per_second': 20.0}  # The lower middle of 4.
+  assert timing.median_run(runs[:3]) == {'tokens_per_second': 20.0}
+  baselines = [{'tokens_per_second': rate} for rate in (10.0, 10.0, 10.0, 10.0)]
+  # Each run over its own baseline, not the medians' ratio.
+  assert timing.paired_ratio(runs[:3], baselines[:3]) == (2.0, (1.0, 3.0))
+  assert timing.paired_ratio(runs, [{'tokens_per_second': 20.0}] + baselines[1:]) == (
+      1.75, (1.0, 4.0))
 
 
 def test_markdown_reports_goals_met_and_missed(tmp_path):

@@ -218,9 +218,11 @@ def test_a_dropped_stream_frees_its_slot_and_metrics_move(server, client):
   assert _metric(base, 'mmspec:spec_decode_mean_acceptance_length') >= 1
 
 
-def test_a_request_being_built_holds_up_no_other(server, client, ckpt, monkeypatch):  # noqa: F811
+def test_a_request_being_built_holds_up_no_other(server, client, ckpt, decoded,  # noqa: F811
+                                                 monkeypatch):
   """Requests are built (image decoded, prompt tokenized) off the event loop: while one request's
-  image is still being read, the server answers others, and the held request then completes."""
+  image is still being read, the server answers others, and the held request then gets decode.py's
+  answer."""
   _, base = server
   entered, release = threading.Event(), threading.Event()
   load_image = media.load_image
@@ -232,8 +234,8 @@ def test_a_request_being_built_holds_up_no_other(server, client, ckpt, monkeypat
 
   monkeypatch.setattr(media, 'load_image', held_load_image)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    held = pool.submit(client.chat.completions.create, model=MODEL, max_tokens=2,
-                       messages=_image_message(ckpt, 'w5 w6 w7'))
+    held = pool.submit(client.chat.completions.create, model=MODEL, temperature=0,
+                       max_tokens=MAX_NEW_TOKENS, messages=_image_message(ckpt, 'w5 w6 w7'))
     try:
       assert entered.wait(60)
       # Blocked on the event loop, these would wait for the image and time out.
@@ -243,7 +245,8 @@ def test_a_request_being_built_holds_up_no_other(server, client, ckpt, monkeypat
     finally:
       release.set()
     answer = held.result(timeout=120)
-  assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason
+  assert answer.choices[0].message.content == decoded['image']['text']
+  assert answer.usage.completion_tokens == len(decoded['image']['token_ids'])
 
 
 class _BytesProcessor:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from mmspec_jax.bench import timing
 from mmspec_jax.decoding import statistics
 from mmspec_jax.decoding.sampling import SamplingConfig
 
@@ -99,12 +100,6 @@ def run_once(session, decoder, work, *, refill: bool, chunk_steps: int, capacity
   }, [f.token_ids for f in done]
 
 
-def _median_run(runs: list[dict]) -> dict:
-  """The run with the median tokens/s (the lower middle one of an even count)."""
-  ordered = sorted(runs, key=lambda r: r['tokens_per_second'])
-  return ordered[(len(ordered) - 1) // 2]
-
-
 def run_section(pair, draft_name: str, *, repeats: int, log: Callable[[str], None]) -> dict:
   session, prompts = pair.session, pair.requests
   requests = [prompts[i % len(prompts)] for i in range(NUM_REQUESTS)]
@@ -138,15 +133,11 @@ def run_section(pair, draft_name: str, *, repeats: int, log: Callable[[str], Non
           figures, tokens = run(decoder=decoder, chunk_steps=CHUNK_STEPS, **settings)
           runs[mode].append(figures)
           mode_tokens.setdefault(mode, []).append(tokens)
-      cell = {mode: _median_run(figures) for mode, figures in runs.items()}
-      ratios = [c['tokens_per_second'] / s['tokens_per_second']
-                for c, s in zip(runs['continuous'], runs['static'])]
-      cell.update(speedup=float(np.median(ratios)), speedup_range=(min(ratios), max(ratios)),
-                  repeats=repeats)
+      cell = {mode: timing.median_run(figures) for mode, figures in runs.items()}
+      speedup, speedup_range = timing.paired_ratio(runs['continuous'], runs['static'])
+      cell.update(speedup=speedup, speedup_range=speedup_range, repeats=repeats)
       if 'arrival' in runs:
-        cell['arrival_speedup'] = float(np.median(
-            [a['tokens_per_second'] / s['tokens_per_second']
-             for a, s in zip(runs['arrival'], runs['static'])]))
+        cell['arrival_speedup'] = timing.paired_ratio(runs['arrival'], runs['static'])[0]
       # Greedy: speculative tokens are the autoregressive ones too.
       autoregressive_tokens.setdefault(name, mode_tokens['continuous'][0])
       cell['tokens_identical'] = all(t == autoregressive_tokens[name]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mmspec_jax.bench import timing
 from mmspec_jax.demo import artifacts
 from mmspec_jax.decoding import statistics
 from mmspec_jax.evaluation import tasks as task_data
@@ -126,11 +127,6 @@ async def _load(base: str, bodies: list[dict], clients: int) -> dict:
           'inter_token_latency': statistics.percentiles(gaps)}
 
 
-def _median(runs: list[dict]) -> dict:
-  """The run with the median tokens/s (the lower middle one of an even count)."""
-  return sorted(runs, key=lambda r: r['tokens_per_second'])[(len(runs) - 1) // 2]
-
-
 def run_section(*, repeats: int = 1, log: Callable[[str], None]) -> dict:
   results = {}
   for kind, gamma in (('autoregressive', 0), ('speculative', GAMMA)):
@@ -152,18 +148,18 @@ def run_section(*, repeats: int = 1, log: Callable[[str], None]) -> dict:
           concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients_process):
       clients_process.submit(load, base, bodies[:2 * NUM_SLOTS], NUM_SLOTS).result()  # Warm-up.
       for clients in CLIENTS:
-        runs, ratios = [], []
+        runs, baselines = [], []
         for _ in range(repeats):  # The engine idles between runs: offline runs beside it.
-          offline_runs.append(offline(server, bodies))
+          baselines.append(offline(server, bodies))
           runs.append(clients_process.submit(load, base, bodies, clients).result())
-          ratios.append(runs[-1]['tokens_per_second'] / offline_runs[-1]['tokens_per_second'])
-        row = dict(_median(runs), over_offline=float(np.median(ratios)),
-                   over_offline_range=(min(ratios), max(ratios)), repeats=repeats)
+        offline_runs += baselines
+        ratio, (low, high) = timing.paired_ratio(runs, baselines)
+        row = dict(timing.median_run(runs), over_offline=ratio, over_offline_range=(low, high),
+                   repeats=repeats)
         cell['clients'][clients] = row
         log(f'[7] {kind}, {clients} clients: {row["tokens_per_second"]:.0f} tokens/s, '
-            f'{row["over_offline"]:.0%} of offline [{min(ratios):.0%}-{max(ratios):.0%}] '
-            f'(median of {repeats})')
-    cell['offline'] = _median(offline_runs)
+            f'{ratio:.0%} of offline [{low:.0%}-{high:.0%}] (median of {repeats})')
+    cell['offline'] = timing.median_run(offline_runs)
     results[kind] = cell
   return results
 

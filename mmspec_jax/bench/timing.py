@@ -41,6 +41,18 @@ class Timing:
     return dataclasses.asdict(self)
 
 
+def median_run(runs: list[dict]) -> dict:
+  """The run with the median tokens/s (the lower middle one of an even count)."""
+  return sorted(runs, key=lambda r: r['tokens_per_second'])[(len(runs) - 1) // 2]
+
+
+def paired_ratio(runs: list[dict], baselines: list[dict]) -> tuple[float, tuple[float, float]]:
+  """The median of runs[i] / baselines[i] tokens/s, and their range: pairs timed one after the
+  other, as a shared VM drifts less between two runs than over a whole section."""
+  ratios = [r['tokens_per_second'] / b['tokens_per_second'] for r, b in zip(runs, baselines)]
+  return float(np.median(ratios)), (min(ratios), max(ratios))
+
+
 def time_runs(run: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timing:
   """Times `run()` (which must block until its result is ready) `repeats` times."""
   for _ in range(warmup):
